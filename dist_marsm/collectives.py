@@ -1,0 +1,197 @@
+"""The communication that carries out an owner plan (layer 2).
+
+Per bucket of matrices, two all_to_all_single calls on the flat group: *gather* (each rank sends
+its block of every matrix to that matrix's owner, if it is in the owner's replica) and *scatter*
+(each owner sends every rank its block of the orthogonalized result). The gather of bucket k+1 is
+in flight while bucket k is orthogonalized, and scatters complete asynchronously. A rank's own
+block never travels. Bytes sent are counted from the split sizes, not estimated.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from dist_marsm.newton_schulz import newton_schulz, resolve_dtype
+from dist_marsm.owner_plan import GroupPlan, MatrixEntry, block_numel, index_len, put_block, take_block
+
+_GROUPS: dict[tuple[int, ...], object] = {}
+
+
+def flat_group(ranks: tuple[int, ...]):
+    """A process group over exactly ``ranks`` (cached); WORLD when it spans every rank."""
+    if len(ranks) == 1:
+        return None
+    if len(ranks) == dist.get_world_size() and ranks == tuple(range(len(ranks))):
+        return dist.group.WORLD
+    if ranks not in _GROUPS:
+        # Only the member ranks call this; pipeline stages with different meshes never meet here.
+        _GROUPS[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
+    return _GROUPS[ranks]
+
+
+def all_reduce_sum(values: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    return values
+
+
+def all_gather_objects(obj, group, world: int) -> list:
+    if group is None:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _orthogonalize_batched(fulls: dict[int, torch.Tensor], entries: list[MatrixEntry]) -> dict[int, torch.Tensor]:
+    """Newton-Schulz on every full matrix, stacking same-shape ones into one batched call."""
+    by_kind: dict[tuple, list[int]] = defaultdict(list)
+    for pos, full in fulls.items():
+        e = entries[pos]
+        by_kind[(tuple(full.shape), e.ns_steps, e.ns_dtype)].append(pos)
+    out = {}
+    for (shape, steps, dtype), positions in by_kind.items():
+        stacked = torch.stack([fulls[p] for p in positions]) if len(positions) > 1 else fulls[positions[0]].unsqueeze(0)
+        result = newton_schulz(stacked, steps, resolve_dtype(dtype))
+        for k, pos in enumerate(positions):
+            out[pos] = result[k]
+    return out
+
+
+class OwnerCompute:
+    """Executes one GroupPlan per step: local blocks of momentum in, local blocks of updates out."""
+
+    def __init__(self, plan: GroupPlan, wire_dtype: torch.dtype):
+        self.plan = plan
+        self.wire_dtype = wire_dtype
+        self.bytes_sent = 0
+        self.ns_matrices = 0
+
+    def run(self, local_inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """``local_inputs`` maps entry position -> this rank's block (shape of its layout block).
+
+        Returns the same positions mapped to this rank's block of Newton-Schulz(full matrix).
+        """
+        plan = self.plan
+        self.bytes_sent = 0
+        self.ns_matrices = 0
+        outputs: dict[int, torch.Tensor] = {}
+        buckets = [[p for p in b if p in local_inputs] for b in plan.buckets]
+        buckets = [b for b in buckets if b]
+        if not buckets:
+            return outputs
+        gather = self._start_gather(buckets[0], local_inputs)
+        scatters = []
+        for k, bucket in enumerate(buckets):
+            fulls = self._finish_gather(bucket, local_inputs, gather)
+            if k + 1 < len(buckets):
+                gather = self._start_gather(buckets[k + 1], local_inputs)
+            results = _orthogonalize_batched(fulls, plan.entries)
+            self.ns_matrices += sum(plan.entries[p].num_matrices for p in results)
+            scatters.append((bucket, results, self._start_scatter(bucket, results)))
+        for bucket, results, handle in scatters:
+            self._finish_scatter(bucket, results, handle, outputs)
+        return outputs
+
+    # -- gather: blocks of momentum to owners --------------------------------------------------
+    def _start_gather(self, bucket, local_inputs):
+        plan, me = self.plan, self.plan.my_rank
+        send_parts, send_sizes = [[] for _ in range(plan.world)], [0] * plan.world
+        recv_sizes = [0] * plan.world
+        for pos in bucket:
+            e = plan.entries[pos]
+            if e.owner != me and me in e.senders(e.owner):
+                send_parts[e.owner].append(local_inputs[pos].reshape(-1))
+                send_sizes[e.owner] += block_numel(e.layout.blocks[me])
+            if e.owner == me:
+                for q in e.senders(me):
+                    if q != me:
+                        recv_sizes[q] += block_numel(e.layout.blocks[q])
+        return self._exchange(send_parts, send_sizes, recv_sizes)
+
+    def _finish_gather(self, bucket, local_inputs, handle) -> dict[int, torch.Tensor]:
+        plan, me = self.plan, self.plan.my_rank
+        pieces = self._wait(handle)
+        fulls = {}
+        for pos in bucket:
+            e = plan.entries[pos]
+            if e.owner != me:
+                continue
+            full = torch.empty(e.shape, dtype=self.wire_dtype)
+            for q in e.senders(me):
+                block = e.layout.blocks[q]
+                if q == me:
+                    values = local_inputs[pos]
+                else:
+                    values = pieces[q].pop(block_numel(block))
+                put_block(full, block, values.reshape([index_len(i) for i in block]).to(self.wire_dtype))
+            fulls[pos] = full
+        return fulls
+
+    # -- scatter: blocks of results back to every rank ----------------------------------------
+    def _start_scatter(self, bucket, results):
+        plan, me = self.plan, self.plan.my_rank
+        send_parts, send_sizes = [[] for _ in range(plan.world)], [0] * plan.world
+        recv_sizes = [0] * plan.world
+        for pos in bucket:
+            e = plan.entries[pos]
+            if e.owner == me:
+                for q in range(plan.world):
+                    if q != me:
+                        send_parts[q].append(take_block(results[pos], e.layout.blocks[q]).reshape(-1))
+                        send_sizes[q] += block_numel(e.layout.blocks[q])
+            else:
+                recv_sizes[e.owner] += block_numel(e.layout.blocks[me])
+        return self._exchange(send_parts, send_sizes, recv_sizes)
+
+    def _finish_scatter(self, bucket, results, handle, outputs) -> None:
+        plan, me = self.plan, self.plan.my_rank
+        pieces = self._wait(handle)
+        for pos in bucket:
+            e = plan.entries[pos]
+            block = e.layout.blocks[me]
+            shape = [index_len(i) for i in block]
+            if e.owner == me:
+                outputs[pos] = take_block(results[pos], block).reshape(shape)
+            else:
+                outputs[pos] = pieces[e.owner].pop(block_numel(block)).reshape(shape)
+
+    # -- one all_to_all_single -------------------------------------------------------------
+    def _exchange(self, send_parts, send_sizes, recv_sizes):
+        plan = self.plan
+        if plan.world == 1 or (sum(send_sizes) == 0 and sum(recv_sizes) == 0 and plan.group is None):
+            return None, recv_sizes, None
+        flat = [t.to(self.wire_dtype) for parts in send_parts for t in parts]
+        send = torch.cat(flat) if flat else torch.empty(0, dtype=self.wire_dtype)
+        recv = torch.empty(sum(recv_sizes), dtype=self.wire_dtype)
+        self.bytes_sent += send.numel() * send.element_size()
+        work = dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=plan.group, async_op=True)
+        return work, recv_sizes, recv
+
+    @staticmethod
+    def _wait(handle) -> list["_Cursor"]:
+        work, recv_sizes, recv = handle
+        if work is not None:
+            work.wait()
+        cursors, offset = [], 0
+        for n in recv_sizes:
+            cursors.append(_Cursor(recv[offset: offset + n] if recv is not None else None))
+            offset += n
+        return cursors
+
+
+class _Cursor:
+    """Reads consecutive pieces from one source rank's part of a receive buffer."""
+
+    def __init__(self, buf):
+        self.buf, self.offset = buf, 0
+
+    def pop(self, n: int) -> torch.Tensor:
+        out = self.buf[self.offset: self.offset + n]
+        self.offset += n
+        return out
+

@@ -1,0 +1,265 @@
+"""Which rank orthogonalizes which matrix (layer 2: the plan; the communication lives in collectives.py).
+
+Everything is derived from the parameters themselves: a DTensor's mesh and placements say which
+rank holds which rows/columns; a plain tensor under torch.distributed is a full replica on every
+rank of its process group (DDP). No per-parameter layout or bucket maps are written by users.
+
+The unit of planning is a *flat group*: the ranks of one device mesh (or the DDP group) in rank
+order. Per matrix we record, for every rank of its flat group, the block it holds as one index
+set per tensor dim (a slice where contiguous), and a *replica key* (its coordinates on the mesh's
+Replicate dims). Ranks with equal replica keys hold disjoint blocks that tile the whole matrix, so
+an owner gathers from the ranks of its own replica and scatters the result to every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from dist_marsm.newton_schulz import newton_schulz_flops
+
+OWNER_POLICIES = ("largest_first", "round_robin")
+
+Index = slice | torch.Tensor  # per tensor dim: a slice, or a LongTensor of global indices
+
+
+def _as_index(idx: torch.Tensor) -> Index:
+    """Compress a sorted run of consecutive indices to a slice (cheap views instead of gathers)."""
+    n = idx.numel()
+    if n == 0:
+        return slice(0, 0)
+    start = int(idx[0])
+    if int(idx[-1]) - start + 1 == n and bool((idx.diff() == 1).all()):
+        return slice(start, start + n)
+    return idx
+
+
+def index_len(index: Index) -> int:
+    return index.stop - index.start if isinstance(index, slice) else index.numel()
+
+
+def block_numel(block: tuple[Index, ...]) -> int:
+    return math.prod(index_len(i) for i in block)
+
+
+def take_block(full: torch.Tensor, block: tuple[Index, ...]) -> torch.Tensor:
+    """The sub-tensor of ``full`` selected by one index set per dim (a copy only where needed)."""
+    out = full
+    for dim, index in enumerate(block):
+        out = out[(slice(None),) * dim + (index,)] if isinstance(index, slice) else out.index_select(dim, index)
+    return out
+
+
+def put_block(full: torch.Tensor, block: tuple[Index, ...], values: torch.Tensor) -> None:
+    """Inverse of ``take_block``: write ``values`` into the positions ``block`` selects."""
+    if all(isinstance(i, slice) for i in block):
+        full[block] = values
+        return
+    ndim = len(block)
+    grids = []
+    for dim, index in enumerate(block):
+        t = torch.arange(index.start, index.stop) if isinstance(index, slice) else index
+        grids.append(t.view((1,) * dim + (-1,) + (1,) * (ndim - dim - 1)))
+    full.index_put_(tuple(grids), values)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one parameter's logical tensor is spread over its flat group."""
+
+    ranks: tuple[int, ...]                     # global ranks of the flat group, in group order
+    blocks: tuple[tuple[Index, ...], ...]      # per group rank: index set per tensor dim
+    replica_keys: tuple[tuple[int, ...], ...]  # per group rank: coordinates on Replicate mesh dims
+    placements: str = "replicated"             # for error messages and plan reports
+
+
+def replicated_layout(shape: tuple[int, ...], ranks: tuple[int, ...]) -> Layout:
+    """A plain tensor that every rank of ``ranks`` holds in full (DDP, or one process)."""
+    full = tuple(slice(0, s) for s in shape)
+    return Layout(ranks, tuple(full for _ in ranks), tuple((r,) for r in range(len(ranks))))
+
+
+def dtensor_layout(dtensor, view_shape: tuple[int, ...] | None = None) -> Layout:
+    """Derive the layout of a DTensor from its mesh and placements, for every rank of its mesh.
+
+    Each tensor dim is split independently by the mesh dims that shard it, left to right, with
+    the placements' own split functions applied to an index range - the same code DTensor uses to
+    cut the data, so Shard, uneven chunks, empty shards and _StridedShard (FSDP+TP) all agree
+    with the local tensors by construction. ``view_shape`` (flattening conv kernels to 2-D) is only
+    allowed where it keeps every rank's block a set of whole leading rows.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh = dtensor.device_mesh
+    placements = tuple(dtensor.placements)
+    shape = tuple(dtensor.shape)
+    mesh_ranks = mesh.mesh
+    ranks = tuple(sorted(int(r) for r in mesh_ranks.flatten().tolist()))
+    blocks, keys = [], []
+    for rank in ranks:
+        coord = [int(c) for c in (mesh_ranks == rank).nonzero()[0].tolist()]
+        block = []
+        for tdim, size in enumerate(shape):
+            idx = torch.arange(size)
+            for mdim, placement in enumerate(placements):
+                if isinstance(placement, _StridedShard) and placement.dim == tdim:
+                    splitter = _StridedShard(0, split_factor=placement.split_factor)
+                elif isinstance(placement, Shard) and placement.dim == tdim:
+                    splitter = Shard(0)
+                else:
+                    continue
+                idx = splitter._split_tensor(idx, mesh.size(mdim), with_padding=False)[0][coord[mdim]]
+            block.append(_as_index(idx))
+        keys.append(tuple(coord[m] for m, p in enumerate(placements) if isinstance(p, Replicate)))
+        blocks.append(tuple(block))
+    for p in placements:
+        if not isinstance(p, (Shard, _StridedShard, Replicate)):
+            raise ValueError(f"unsupported placement {p} (parameters must be Shard or Replicate), placements {placements}")
+    if view_shape is not None and tuple(view_shape) != shape:
+        tail = math.prod(shape[1:])
+        flat = []
+        for block in blocks:
+            if any(index_len(i) != s for i, s in zip(block[1:], shape[1:])):
+                raise ValueError(
+                    f"cannot flatten a DTensor of shape {shape} with placements {placements} to a matrix: "
+                    "only dim-0 sharding keeps whole rows; use matrix_view='batch'"
+                )
+            flat.append((block[0], slice(0, tail)))
+        blocks = flat
+    return Layout(ranks, tuple(blocks), tuple(keys), str(placements))
+
+
+@dataclass
+class MatrixEntry:
+    """One parameter (a matrix, or a batch of matrices) in the plan."""
+
+    index: int                      # position in the optimizer's list of matrix parameters
+    name: str
+    shape: tuple[int, ...]          # logical shape as orthogonalized ([..., A, B])
+    layout: Layout
+    ns_steps: int
+    ns_dtype: str
+    owner: int = -1                 # group rank
+    flops: int = 0
+
+    @property
+    def num_matrices(self) -> int:
+        return math.prod(self.shape[:-2])
+
+    def senders(self, owner: int) -> list[int]:
+        """Group ranks whose blocks, together, tile the matrix for ``owner``: its own replica."""
+        key = self.layout.replica_keys[owner]
+        return [r for r, k in enumerate(self.layout.replica_keys) if k == key]
+
+
+def assign_owners(costs: list[float], world: int, policy: str) -> tuple[list[int], list[int]]:
+    """Owner rank per item and the order to process items in.
+
+    round_robin: item i -> i mod world, in the given order (the design card's baseline).
+    largest_first: items sorted by cost, largest first, each to the least-loaded rank so far
+    (the LPT rule: its makespan is within 4/3 of optimal; see benchmarks/bench_plan_balance.py).
+    """
+    if policy not in OWNER_POLICIES:
+        raise ValueError(f"owner_policy must be one of {OWNER_POLICIES}, got {policy!r}")
+    n = len(costs)
+    if policy == "round_robin":
+        return [i % world for i in range(n)], list(range(n))
+    order = sorted(range(n), key=lambda i: (-costs[i], i))
+    load = [0.0] * world
+    owners = [0] * n
+    for i in order:
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = rank
+        load[rank] += costs[i]
+    return owners, order
+
+
+def make_buckets(order: list[int], sizes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Cut ``order`` into consecutive buckets of at most ``bucket_bytes`` (at least one item each)."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i in order:
+        if current and total + sizes[i] > bucket_bytes:
+            buckets.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += sizes[i]
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+@dataclass
+class GroupPlan:
+    """The plan for the matrices of one flat group, as seen from this rank."""
+
+    ranks: tuple[int, ...]
+    my_rank: int                                   # this process's rank within the group
+    entries: list[MatrixEntry]
+    buckets: list[list[int]] = field(default_factory=list)  # positions in ``entries``
+    wire_bytes: int = 2
+    group: object = None                           # torch.distributed ProcessGroup (None: one rank)
+
+    @property
+    def world(self) -> int:
+        return len(self.ranks)
+
+    def owned(self, rank: int | None = None) -> list[MatrixEntry]:
+        rank = self.my_rank if rank is None else rank
+        return [e for e in self.entries if e.owner == rank]
+
+    def send_elements(self, rank: int) -> int:
+        """Elements ``rank`` sends per step: its blocks to owners of its replica, results it owns to everyone."""
+        total = 0
+        for e in self.entries:
+            if e.owner == rank:
+                total += sum(block_numel(e.layout.blocks[q]) for q in range(self.world) if q != rank)
+            elif rank in e.senders(e.owner):
+                total += block_numel(e.layout.blocks[rank])
+        return total
+
+    def report(self) -> list[dict]:
+        """Per rank: matrices owned, Newton-Schulz FLOPs, bytes sent per step, local matrix-shard bytes."""
+        rows = []
+        for rank in range(self.world):
+            owned = self.owned(rank)
+            rows.append({
+                "rank": self.ranks[rank],
+                "matrices_owned": sum(e.num_matrices for e in owned),
+                "ns_flops": sum(e.flops for e in owned),
+                "bytes_sent": self.send_elements(rank) * self.wire_bytes,
+                "local_shard_bytes": sum(block_numel(e.layout.blocks[rank]) for e in self.entries) * self.wire_bytes,
+            })
+        return rows
+
+
+def build_group_plan(
+    entries: list[MatrixEntry],
+    ranks: tuple[int, ...],
+    my_rank: int,
+    policy: str,
+    bucket_bytes: int,
+    wire_bytes: int,
+    group=None,
+) -> GroupPlan:
+    for e in entries:
+        e.flops = newton_schulz_flops(e.shape, e.ns_steps)
+    owners, order = assign_owners([float(e.flops) for e in entries], len(ranks), policy)
+    for e, owner in zip(entries, owners):
+        e.owner = owner
+    sizes = [math.prod(e.shape) * wire_bytes for e in entries]
+    return GroupPlan(ranks, my_rank, entries, make_buckets(order, sizes, bucket_bytes), wire_bytes, group)
+
+
+def balance_ratio(shapes: list[tuple[int, ...]], world: int, policy: str, ns_steps: int = 5) -> float:
+    """Max-rank Newton-Schulz FLOPs over the lower bound max(total / world, largest matrix)."""
+    costs = [float(newton_schulz_flops(s, ns_steps)) for s in shapes]
+    owners, _ = assign_owners(costs, world, policy)
+    load = [0.0] * world
+    for c, o in zip(costs, owners):
+        load[o] += c
+    return max(load) / max(sum(costs) / world, max(costs))

@@ -1,0 +1,48 @@
+"""Which parameters MARS-M orthogonalizes and which go to AdamW (layer 3)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+# Token/position embeddings and the output head go to AdamW (MARS-M reference, Moonlight).
+DEFAULT_ADAMW_PATTERNS = (
+    r"(^|\.)(tok_embeddings|embed_tokens|embeddings?|wte|wpe)\.",
+    r"(^|\.)(output|lm_head)\.weight$",
+)
+
+
+def build_param_groups(
+    model: torch.nn.Module,
+    adamw_patterns: tuple[str, ...] = DEFAULT_ADAMW_PATTERNS,
+    adamw_lr: float | None = None,
+    adamw_weight_decay: float | None = None,
+) -> list[dict]:
+    """Two param groups: matrices for MARS-M (``use_mars=True``) and the rest for AdamW.
+
+    A parameter goes to AdamW if it has ndim < 2, belongs to an ``nn.Embedding``, or its name
+    matches one of ``adamw_patterns`` (regular expressions, searched in the full name). Names
+    are kept in ``param_names`` so errors and plans can name parameters.
+    """
+    compiled = [re.compile(p) for p in adamw_patterns]
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    mars, adamw = ([], []), ([], [])
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        to_adamw = p.ndim < 2 or id(p) in embedding_params or any(c.search(name) for c in compiled)
+        target = adamw if to_adamw else mars
+        target[0].append(p)
+        target[1].append(name)
+    groups = []
+    if mars[0]:
+        groups.append({"params": mars[0], "param_names": mars[1], "use_mars": True})
+    if adamw[0]:
+        group = {"params": adamw[0], "param_names": adamw[1], "use_mars": False}
+        if adamw_lr is not None:
+            group["lr"] = adamw_lr
+        if adamw_weight_decay is not None:
+            group["weight_decay"] = adamw_weight_decay
+        groups.append(group)
+    return groups
