@@ -21,12 +21,17 @@ from dist_marsm.owner_plan import GroupPlan, MatrixEntry, block_numel, index_len
 _GROUPS: dict[tuple[int, ...], object] = {}
 
 
-def flat_group(ranks: tuple[int, ...]):
-    """A process group over exactly ``ranks`` (cached); WORLD when it spans every rank."""
+def flat_group(ranks: tuple[int, ...], mesh=None):
+    """A process group over exactly ``ranks`` (sorted; cached).
+
+    WORLD when it spans every rank, a 1-D mesh's own group, else a new group of the members only.
+    """
     if len(ranks) == 1:
         return None
     if len(ranks) == dist.get_world_size() and ranks == tuple(range(len(ranks))):
         return dist.group.WORLD
+    if mesh is not None and mesh.ndim == 1:
+        return mesh.get_group()
     if ranks not in _GROUPS:
         # Only the member ranks call this; pipeline stages with different meshes never meet here.
         _GROUPS[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)

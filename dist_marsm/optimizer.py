@@ -282,7 +282,7 @@ class MARSM(torch.optim.Optimizer):
         if _is_dtensor(p):
             layout = dtensor_layout(p, view) if group["use_mars"] else None
             ranks = layout.ranks if layout else tuple(sorted(int(r) for r in p.device_mesh.mesh.flatten().tolist()))
-            return ranks, ranks.index(dist.get_rank()), flat_group(ranks), layout, view
+            return ranks, ranks.index(dist.get_rank()), flat_group(ranks, p.device_mesh), layout, view
         pg = self.process_group
         if pg == "world":
             pg = dist.group.WORLD if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
