@@ -126,14 +126,12 @@ class OwnerCompute:
             e = plan.entries[pos]
             if e.owner != me:
                 continue
-            full = torch.empty(e.shape, dtype=self.wire_dtype)
+            # Assembled in the input's dtype: only blocks that travel are rounded to the wire dtype.
+            full = torch.empty(e.shape, dtype=local_inputs[pos].dtype)
             for q in e.senders(me):
                 block = e.layout.blocks[q]
-                if q == me:
-                    values = local_inputs[pos]
-                else:
-                    values = pieces[q].pop(block_numel(block))
-                put_block(full, block, values.reshape([index_len(i) for i in block]).to(self.wire_dtype))
+                values = local_inputs[pos] if q == me else pieces[q].pop(block_numel(block))
+                put_block(full, block, values.reshape([index_len(i) for i in block]).to(full.dtype))
             fulls[pos] = full
         return fulls
 
