@@ -14,4 +14,4 @@ run: install
 	$(PYTHON) -m dist_marsm.train --recipe $(RECIPE)
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -ra tests

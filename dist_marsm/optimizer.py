@@ -151,6 +151,7 @@ class MARSM(torch.optim.Optimizer):
         self.process_group = process_group
         self.nonfinite_skips = 0
         self.last_step_stats: dict = {}
+        self._allreduce_bytes = 0
         self._flat_groups: list[_FlatGroup] | None = None
         self._plan_key = None
         super().__init__(params, defaults)
@@ -230,11 +231,13 @@ class MARSM(torch.optim.Optimizer):
                 with torch.enable_grad():
                     loss = closure()
         flat_groups = self._ensure_plan()
+        self._allreduce_bytes = 0
         stats = {"ns_matrices": 0, "bytes_sent": 0, "skipped": False}
         staged = [self._stage(fg, prev_grads) for fg in flat_groups]
         if any(s is None for s in staged):
             self.nonfinite_skips += 1
-            stats.update(skipped=True, nonfinite_skips=self.nonfinite_skips, step_time_s=time.perf_counter() - start)
+            stats.update(skipped=True, nonfinite_skips=self.nonfinite_skips, allreduce_bytes=self._allreduce_bytes,
+                         step_time_s=time.perf_counter() - start)
             self.last_step_stats = stats
             return loss
         for fg, s in zip(flat_groups, staged):
@@ -242,7 +245,8 @@ class MARSM(torch.optim.Optimizer):
             stats["ns_matrices"] += fg.engine.ns_matrices
             stats["bytes_sent"] += fg.engine.bytes_sent
             self._update_adamw([item for item in fg.others if item[0].grad is not None])
-        stats.update(nonfinite_skips=self.nonfinite_skips, step_time_s=time.perf_counter() - start)
+        stats.update(nonfinite_skips=self.nonfinite_skips, allreduce_bytes=self._allreduce_bytes,
+                     step_time_s=time.perf_counter() - start)
         self.last_step_stats = stats
         return loss
 
@@ -266,6 +270,11 @@ class MARSM(torch.optim.Optimizer):
         flat_groups = [by_ranks[k] for k in sorted(by_ranks)]
         for fg in flat_groups:
             self._check_ranks_agree(fg)
+            for p, g, name, view, layout in fg.matrices:
+                if g["normalize"] == "neuron" and any(index_len(b[-1]) != view[-1] for b in layout.blocks):
+                    raise ValueError(f"MARSM: normalize='neuron' needs whole rows on each rank; {name} is split "
+                                     f"along its columns ({layout.placements}), as a rowwise tensor-parallel "
+                                     "weight is. Put it in a group with normalize=None.")
             entries = [MatrixEntry(i, name, view, layout, g["ns_steps"], g["ns_dtype"])
                        for i, (p, g, name, view, layout) in enumerate(fg.matrices)]
             fg.plan = build_group_plan(entries, fg.ranks, fg.my_rank, self.owner_policy, self.bucket_bytes,
@@ -362,7 +371,7 @@ class MARSM(torch.optim.Optimizer):
                 values[flags + pos] = 1.0
                 if not torch.isfinite(norm):
                     values[flags + n_params + pos] = 1.0
-        all_reduce_sum(values, fg.group)
+        self._all_reduce(values, fg)
         names = [m[2] for m in fg.matrices] + [o[2] for o in fg.others]
         has_grad = values[flags: flags + n_params]
         partial = ((has_grad > 0) & (has_grad < len(fg.ranks))).nonzero().flatten().tolist()
@@ -382,6 +391,12 @@ class MARSM(torch.optim.Optimizer):
                 c = c * local_scale.view(*c.shape[:-2], 1, 1).to(c.dtype)
             staged[pos] = c
         return staged
+
+    def _all_reduce(self, values: torch.Tensor, fg: _FlatGroup) -> None:
+        """The per-step small all-reduces (norms, flags); their bytes are counted in last_step_stats."""
+        if fg.group is not None:
+            self._allreduce_bytes += values.numel() * values.element_size()
+        all_reduce_sum(values, fg.group)
 
     def _nonfinite(self, fg: _FlatGroup, bad: list[int], names: list[str]):
         step = max((int(self.state[p]["step"]) for p, *_ in fg.matrices + fg.others if "step" in self.state[p]),
@@ -446,9 +461,6 @@ class MARSM(torch.optim.Optimizer):
         normalized = {}
         for pos in positions:
             p, group, name, view, layout = fg.matrices[pos]
-            if any(index_len(i) != s for i, s in zip(layout.blocks[fg.my_rank][-1:], view[-1:])):
-                raise ValueError(f"MARSM: normalize='neuron' needs whole rows on each rank; {name} is sharded "
-                                 f"along columns ({layout.placements})")
             o = outputs[pos].float()
             v = _local(self.state[p]["row_second_moment"]).view(*o.shape[:-1], 1)
             o_n = mars_math.neuron_normalize(o, v, group["normuon_beta2"], 1e-8)
@@ -457,7 +469,7 @@ class MARSM(torch.optim.Optimizer):
                 idx = _leading_indices(layout, fg.my_rank, view) + offsets[pos]
                 sums[:total].index_add_(0, idx, o.square().sum(dim=(-2, -1)).reshape(-1))
                 sums[total:].index_add_(0, idx, o_n.square().sum(dim=(-2, -1)).reshape(-1))
-        all_reduce_sum(sums, fg.group)
+        self._all_reduce(sums, fg)
         ratio = (sums[:total] / sums[total:].clamp_min(1e-20)).sqrt()
         for pos, o_n in normalized.items():
             p, group, name, view, layout = fg.matrices[pos]
