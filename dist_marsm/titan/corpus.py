@@ -1,0 +1,125 @@
+"""The embedded default corpus and its locally built tokenizer (no downloads).
+
+Corpus: the Python help topics that ship with CPython itself (``pydoc_data.topics``, 79 documents,
+about 465 KB of English prose with code samples). Documents are sorted by topic name; every 10th
+starting with the 7th (index % 10 == 6; about 11% of the text) is the validation split, the rest is
+the training split.
+
+Tokenizer: a byte-level BPE trained with the ``tokenizers`` library on the *training* split only,
+with ``<|begin_of_text|>`` / ``<|end_of_text|>`` as BOS/EOS, saved as ``tokenizer.json`` +
+``tokenizer_config.json`` in a cache directory (``$DIST_MARSM_CACHE`` or ``~/.cache/dist_marsm``)
+keyed by the corpus hash and vocabulary size. torchtitan's own ``HuggingFaceTokenizer`` loads it
+from there: the recipe's ``hf_assets_path`` simply points at that directory.
+
+torchtitan hook: the two splits are registered in ``torchtitan.hf_datasets.text_datasets.DATASETS``
+(its documented extension point) as ``pydoc_topics`` and ``pydoc_topics_validation``, so the stock
+``HuggingFaceTextDataLoader`` (and its checkpointable state) is used unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+TRAIN_DATASET = "pydoc_topics"
+VALIDATION_DATASET = "pydoc_topics_validation"
+BOS_TOKEN = "<|begin_of_text|>"
+EOS_TOKEN = "<|end_of_text|>"
+_TOKENIZER_FORMAT = 1  # bump when the trainer settings below change
+
+
+def documents(split: str = "train") -> list[str]:
+    """The corpus documents of one split ("train" or "validation"), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    names = sorted(topics)
+    want_validation = split == "validation"
+    return [topics[n] for i, n in enumerate(names) if (i % 10 == 6) == want_validation]
+
+
+def corpus_digest() -> str:
+    h = hashlib.sha256()
+    for split in ("train", "validation"):
+        for doc in documents(split):
+            h.update(doc.encode())
+            h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+def cache_root() -> str:
+    return os.environ.get("DIST_MARSM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dist_marsm")
+
+
+def tokenizer_dir(vocab_size: int = 2048) -> str:
+    """Directory holding the BPE tokenizer for ``vocab_size``; trained on first use (about a second).
+
+    Concurrent callers (several ranks) are safe: each builds in a private temporary directory and
+    renames it into place; whoever loses the race uses the winner's files.
+    """
+    if not 260 <= vocab_size <= 65536:
+        raise ValueError(f"tokenizer vocab_size must be in [260, 65536], got {vocab_size}")
+    root = cache_root()
+    final = os.path.join(root, f"pydoc-bpe-v{_TOKENIZER_FORMAT}-{vocab_size}-{corpus_digest()}")
+    if os.path.exists(os.path.join(final, "tokenizer_config.json")):
+        return final
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".building-", dir=root)
+    try:
+        _train_tokenizer(tmp, vocab_size)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.exists(os.path.join(final, "tokenizer_config.json")):
+                raise
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _train_tokenizer(out_dir: str, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS_TOKEN, EOS_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(documents("train"), trainer=trainer)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    config = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "add_bos_token": True, "add_eos_token": False,
+              "model_max_length": 1 << 20, "tokenizer_class": "PreTrainedTokenizerFast",
+              "dist_marsm": {"corpus": "pydoc_data.topics", "digest": corpus_digest(), "vocab_size": vocab_size}}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def register_datasets() -> None:
+    """Register both splits with torchtitan's text dataloader (idempotent)."""
+    from torchtitan.hf_datasets import DatasetConfig
+    from torchtitan.hf_datasets.text_datasets import DATASETS
+
+    for name, split in ((TRAIN_DATASET, "train"), (VALIDATION_DATASET, "validation")):
+        if name not in DATASETS:
+            DATASETS[name] = DatasetConfig(path=f"pydoc_data.topics:{split}",
+                                           loader=lambda path, split=split: _hf_dataset(split),
+                                           sample_processor=lambda sample: sample["text"])
+
+
+def _hf_dataset(split: str):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"text": documents(split)})
+
+
+def token_count(split: str = "train", vocab_size: int = 2048) -> int:
+    """Tokens in a split (with one BOS per document) - for sizing runs and for tests."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(tokenizer_dir(vocab_size), "tokenizer.json"))
+    return sum(len(e.ids) + 1 for e in tok.encode_batch(documents(split)))
