@@ -91,6 +91,7 @@ def test_gpu_cluster_command(tmp_path):
     assert cmd[i + 1:] == ["dist_marsm.train", "--recipe", "recipes/llama3_8b.toml", *OVERRIDES]
     # One srun task per node; torchrun starts the node's ranks.
     assert srun[0] == "srun" and "--ntasks=3" in srun and "--ntasks-per-node=1" in srun and "--nodes=3" in srun
+    assert not any(a.startswith("--cpus-per-task") for a in srun)   # SLURM_CPUS_ON_NODE not set here
     assert "backend=nccl" in out and "world=24" in out
     calls = (tmp_path / "bin" / "scontrol.calls").read_text().splitlines()
     assert "show hostnames gpu[07-09]" in calls and "show node -o gpu07" in calls
@@ -98,7 +99,7 @@ def test_gpu_cluster_command(tmp_path):
 
 def test_cpu_cluster_uses_tasks_per_node_and_gloo(tmp_path):
     env = slurm_env(tmp_path, SLURM_JOB_ID=17, SLURM_JOB_NUM_NODES=2, SLURM_JOB_NODELIST="cpu[3,5]",
-                    SLURM_NTASKS_PER_NODE=2, SLURM_TASKS_PER_NODE="2(x2)", stub="fails")
+                    SLURM_NTASKS_PER_NODE=2, SLURM_TASKS_PER_NODE="2(x2)", SLURM_CPUS_ON_NODE=6, stub="fails")
     out, cmd, srun = dry_run(SBATCH, ["--recipe", "recipes/debug_cpu.toml", "--training.steps", "3"], env)
     # Without a working scontrol the script falls back to the first entry of the node list.
     assert flag(cmd, "--rdzv_endpoint") == "cpu3:29517"
@@ -106,6 +107,7 @@ def test_cpu_cluster_uses_tasks_per_node_and_gloo(tmp_path):
     assert cmd[cmd.index("-m") + 1:] == ["dist_marsm.train", "--recipe", "recipes/debug_cpu.toml",
                                          "--training.steps", "3"]
     assert "backend=gloo" in out and "world=4" in out
+    assert "--cpus-per-task=6" in srun   # the node's one task holds all CPUs the job has there
 
 
 def test_overrides_of_sizes_and_endpoint(tmp_path):

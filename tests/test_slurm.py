@@ -163,7 +163,8 @@ def test_dry_run_sees_slurm_variables(slurm_cluster, tmp):
     cmd = next(ln for ln in out.splitlines() if ln.startswith("CMD: "))
     assert "--nnodes=2 --nproc_per_node=2" in cmd and "--rdzv_endpoint=127.0.0.1:29999" in cmd, out
     assert f"--rdzv_id={jobid}-0" in cmd and cmd.rstrip().endswith("--recipe recipes/x.toml --a.b c\\ d"), out
-    assert "srun --nodes=2 --ntasks=2 --ntasks-per-node=1" in out, out
+    # 2 tasks x 1 CPU per node were allocated: the one srun task per node must hold both CPUs.
+    assert "srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=2" in out, out
 
 
 def test_two_nodes_one_rank_each(two_by_one, tmp):
