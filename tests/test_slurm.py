@@ -218,3 +218,25 @@ def test_requeue_resumes_from_checkpoint(slurm_cluster, tmp, two_by_one):
         f"resumed at step {first_resumed} (metrics steps {steps}, first attempt reached {max(before)})"
     print(f"resumed at step {first_resumed}; job took {took:.1f} s with the requeue")
     assert_close(losses(recs), two_by_one["losses"], RESUME_RTOL, "requeued+resumed vs uninterrupted")
+
+
+def test_cluster_helper_stops_only_what_it_started(slurm_cluster, tmp):
+    """A second private cluster starts beside the session one; stopping it ends its three daemons only."""
+    from slurm_cluster import SlurmCluster
+
+    other = SlurmCluster(tmp / "other_cluster")
+    (tmp / "other_cluster").mkdir()
+    try:
+        other.start()
+        pids = [p.pid for _, p in other.procs]
+        assert len(pids) == 3
+    finally:
+        other.stop()
+    assert other.procs == [], "daemons left running"
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert all(p.poll() is None for _, p in slurm_cluster.procs), "the session cluster was hit"
+    r = slurm_cluster.run(["sinfo", "-h", "-N", "-o", "%N %t"])
+    states = dict(ln.split() for ln in r.stdout.splitlines())
+    assert sorted(states) == ["n1", "n2"] and not any(s.startswith(("down", "drain", "fail")) for s in
+                                                      states.values()), r.stdout
