@@ -57,6 +57,20 @@ def build_marsm(param_groups: list[dict], **instance_kwargs: Any) -> MARSM:
     return MARSM(param_groups, **instance_kwargs)
 
 
+def build_dist_muon_owned(param_groups: list[dict], **kwargs: Any):
+    """torchtitan's DistMuon factory; when the recipe gives no FlexShard layout, each matrix is
+    orthogonalized whole by one owner rank on the FSDP axis (``Owned`` on "fsdp"), one bucket.
+    DistMuon requires CUDA parameters (it refuses CPU ones)."""
+    from torchtitan.distributed.flex_shard import BucketConfig, ComputeLayout, Owned, build_dist_muon
+
+    groups = [{k: v for k, v in g.items() if k not in _IMPL_KEYS} for g in param_groups]
+    if "compute_sharding_by_fqn" not in kwargs:
+        kwargs["compute_sharding_by_fqn"] = {n: ComputeLayout(shardings_by_mesh_axis={"fsdp": Owned()})
+                                             for g in groups for n in g["param_names"]}
+    kwargs.setdefault("bucket_configs", [BucketConfig(patterns=("*",))])
+    return build_dist_muon(groups, **kwargs)
+
+
 class _NamedView:
     """What build_param_groups reads from a model (modules(), named_parameters()), restricted to
     some parameters and using canonical names."""
@@ -98,6 +112,8 @@ class MARSMOptimizersContainer(OptimizersContainer):
     def _resolve_optimizer_factory(name: str):
         if name == OPTIMIZER_NAME:
             return build_marsm
+        if name == "DistMuon":
+            return build_dist_muon_owned
         return OptimizersContainer._resolve_optimizer_factory(name)
 
     @staticmethod
@@ -110,6 +126,27 @@ class MARSMOptimizersContainer(OptimizersContainer):
                     new_groups.append(routed)
                     new_patterns.append(f"{pattern} [{'MARS-M' if routed['use_mars'] else 'AdamW'} route]")
             groups[OPTIMIZER_NAME], patterns[OPTIMIZER_NAME] = new_groups, new_patterns
+        # DistMuon groups written by a recipe (they carry "adamw_kwargs"): the same routing, with the
+        # non-matrix parameters moved to a torch AdamW group (DistMuon takes matrices only).
+        if any("adamw_kwargs" in g for g in groups.get("DistMuon", [])):
+            muon_groups, muon_patterns = [], []
+            for group, pattern in zip(groups["DistMuon"], patterns["DistMuon"]):
+                if "adamw_kwargs" not in group:
+                    muon_groups.append(group)
+                    muon_patterns.append(pattern)
+                    continue
+                group = dict(group)
+                adamw_kwargs = group.pop("adamw_kwargs")
+                for routed in route_group(model, group):
+                    use_mars = routed.pop("use_mars")
+                    if use_mars:
+                        muon_groups.append(routed)
+                        muon_patterns.append(f"{pattern} [DistMuon route]")
+                    else:
+                        keep = {k: routed[k] for k in ("params", "param_names")}
+                        groups["AdamW"].append({**keep, **impl_kwargs, **adamw_kwargs})
+                        patterns["AdamW"].append(f"{pattern} [AdamW route]")
+            groups["DistMuon"], patterns["DistMuon"] = muon_groups, muon_patterns
         return groups, patterns
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
