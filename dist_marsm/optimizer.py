@@ -324,7 +324,7 @@ class MARSM(torch.optim.Optimizer):
             for a, b in zip(reference, theirs):
                 if a != b:
                     raise RuntimeError(f"MARSM: parameter {a[0]} differs between rank {fg.ranks[0]} and rank "
-                                       f"{fg.ranks[rank]}: {a[1:]} vs {b[1:]}")
+                                       f"{fg.ranks[rank]}: {_describe_difference(a, b)}")
 
     # -- stage: element-wise math + the one norm all-reduce ------------------------
     def _stage(self, fg: _FlatGroup, prev_grads: dict):
@@ -568,6 +568,17 @@ def _row_state_like(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return DTensor.from_local(torch.zeros(*local.shape[:-1], 1, dtype=dtype, device=local.device),
                               p.device_mesh, p.placements, run_check=False, shape=shape,
                               stride=torch.empty(shape, device="meta").stride())
+
+
+def _describe_difference(a: tuple, b: tuple) -> str:
+    """What differs between two ranks' (name, shape, dtype, hyperparameters) records of a parameter."""
+    if a[0] != b[0]:
+        return f"the parameter at this position is {b[0]} on the other rank (different parameter sets or order)"
+    if a[1] != b[1]:
+        return f"shape {a[1]} vs {b[1]}"
+    if a[2] != b[2]:
+        return f"dtype {a[2]} vs {b[2]}"
+    return ", ".join(f"{k} {va!r} vs {vb!r}" for (k, va), (_, vb) in zip(a[3], b[3]) if va != vb)
 
 
 def _has_nonfinite(grad) -> bool:

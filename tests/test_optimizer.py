@@ -404,3 +404,20 @@ def test_mars_math_units():
     assert mars_math.lr_scale((3, 12), "moonlight") == pytest.approx(0.2 * math.sqrt(12))
     assert mars_math.lr_scale((12, 3), "original") == pytest.approx(2.0)
     assert mars_math.lr_scale((3, 12), "original") == 1.0
+
+
+def test_bf16_matmul_emulation_matches_torch_bf16_matmul(monkeypatch):
+    """On CPUs without bf16 matrix units, Newton-Schulz multiplies bf16 values in float32 and rounds
+    the product to bf16 (fast); torch's own bf16 matmul (slow there) must give the same matrices.
+    Tolerance: one bf16 ulp of values below 2 (2^-7), from a different float32 summation order."""
+    import importlib
+
+    ns_module = importlib.import_module("dist_marsm.newton_schulz")
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 24)
+    monkeypatch.setattr(ns_module, "_emulate_bf16_matmul", lambda t: True)
+    emulated = ns_module.newton_schulz(x, 5, torch.bfloat16)
+    monkeypatch.setattr(ns_module, "_emulate_bf16_matmul", lambda t: False)
+    native = ns_module.newton_schulz(x, 5, torch.bfloat16)
+    assert emulated.dtype == native.dtype == torch.bfloat16
+    torch.testing.assert_close(emulated.float(), native.float(), atol=2**-7, rtol=0)
