@@ -562,29 +562,8 @@ def to_trainer_config(r: Recipe, apply_cpu_shims: bool | None = None):
     return config
 
 
-def _trainer_config_class():
-    """``Trainer.Config`` with the optimizer/metrics fields typed as our subclasses, so that tyro
-    (``python -m torchtitan.train --module dist_marsm.titan``) keeps them when it rebuilds the config."""
-    global _TRAINER_CONFIG
-    if _TRAINER_CONFIG is None:
-        from dataclasses import dataclass, field
-
-        from torchtitan.trainer import Trainer
-
-        from dist_marsm.titan.metrics import MARSMMetricsProcessor
-        from dist_marsm.titan.optimizer_container import MARSMOptimizersContainer
-
-        @dataclass(kw_only=True, slots=True)
-        class MARSMTrainerConfig(Trainer.Config):
-            optimizer: MARSMOptimizersContainer.Config = field(default_factory=MARSMOptimizersContainer.Config)
-            metrics: MARSMMetricsProcessor.Config = field(default_factory=MARSMMetricsProcessor.Config)
-
-        _TRAINER_CONFIG = MARSMTrainerConfig
-    return _TRAINER_CONFIG
-
-
-_TRAINER_CONFIG = None
-
 
 def MARSMTrainerConfig(**kwargs):  # noqa: N802 - reads like the class it builds
-    return _trainer_config_class()(**kwargs)
+    from dist_marsm.titan.config_registry import MARSMTrainerConfig as cls
+
+    return cls(**kwargs)
