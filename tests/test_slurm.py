@@ -10,8 +10,8 @@ What these tests prove (see docs/multinode.md):
   (``scontrol requeue``), released (``scontrol update starttime=now``), reruns with SLURM_RESTART_COUNT=1,
   resumes from the last complete checkpoint (its first step is checkpoint + 1, not 1) and ends with the same
   losses as the uninterrupted run.
-The trainer is the real entry point (``python -m dist_marsm.train``) with the CPU debug recipe when present;
-until it lands, tests/standin_train.py (same outside contract) stands in - the test output says which.
+The trainer is the real entry point (``python -m dist_marsm.train``) with recipes/debug_cpu.toml (llama3
+debugmodel, MARS-M, gloo), shortened by overrides.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from slurm_cluster import _free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = "launch/slurm.sbatch"
-REAL_RECIPE = REPO / "recipes" / "debug_cpu.toml"
-REAL = REAL_RECIPE.exists() and (REPO / "dist_marsm" / "train.py").exists()
+RECIPE = "recipes/debug_cpu.toml"
 
-STEPS = 6            # few steps: CI has 2 cores
+STEPS = 6            # few steps: CI has 2 cores (2x2 runs use STEPS_2X2)
+STEPS_2X2 = 4
 CKPT_INTERVAL = 2    # checkpoints at steps 2, 4, 6
 LOSS_RTOL = 1e-5     # 2 nodes x N ranks vs 1 node x 2N ranks: same math, same gloo reductions
 RESUME_RTOL = 1e-6   # resumed vs uninterrupted: checkpoint restores the full state
@@ -46,27 +46,22 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 def trainer_env(extra=None):
     env = {"TORCHRUN": f"{sys.executable} -m torch.distributed.run", "OMP_NUM_THREADS": "1",
            "RDZV_PORT": str(_free_ports(1)[0])}
-    if not REAL:
-        env["TRAIN_SCRIPT"] = str(REPO / "tests" / "standin_train.py")
-        env["STANDIN_STEP_SLEEP"] = "1.0"  # slow enough to requeue mid-run
     env.update(extra or {})
     return env
 
 
-def recipe(tmp: Path) -> str:
-    if REAL:
-        cfg = tomllib.loads(REAL_RECIPE.read_text())
-        assert cfg["optimizer"]["name"] == "MARS-M", "the CPU debug recipe must train with MARS-M"
-        return str(REAL_RECIPE)
-    p = tmp / "standin.toml"
-    p.write_text('[job]\ndump_folder = "unset"\n[training]\nsteps = 100\n'
-                 '[checkpoint]\nenable = false\nfolder = "checkpoint"\ninterval = 100\n')
-    return str(p)
+def recipe() -> str:
+    cfg = tomllib.loads((REPO / RECIPE).read_text())
+    assert cfg["optimizer"]["name"] == "MARS-M", "the CPU debug recipe must train with MARS-M"
+    return RECIPE
 
 
-def overrides(dump: Path) -> list[str]:
-    return ["--training.steps", str(STEPS), "--job.dump_folder", str(dump),
-            "--checkpoint.enable", "true", "--checkpoint.interval", str(CKPT_INTERVAL)]
+def overrides(dump: Path, steps: int = STEPS) -> list[str]:
+    """The debug recipe shortened: a few steps, warm-up within them, checkpoints every CKPT_INTERVAL steps,
+    FSDP over however many ranks the launcher starts."""
+    return ["--training.steps", str(steps), "--lr_scheduler.warmup_steps", "2", "--job.dump_folder", str(dump),
+            "--checkpoint.enable", "true", "--checkpoint.interval", str(CKPT_INTERVAL),
+            "--parallelism.data_parallel_shard_degree", "-1"]
 
 
 def read_metrics(dump: Path) -> list[dict]:
@@ -80,7 +75,7 @@ def losses(records: list[dict]) -> dict[int, float]:
 
 
 def assert_close(a: dict[int, float], b: dict[int, float], rtol: float, what: str):
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1)), (what, sorted(a), sorted(b))
+    assert sorted(a) == sorted(b) == list(range(1, max(b) + 1)), (what, sorted(a), sorted(b))
     worst = max(abs(a[s] - b[s]) / max(abs(b[s]), 1e-12) for s in a)
     print(f"{what}: max relative loss difference {worst:.3e} (tolerance {rtol:g})")
     assert worst <= rtol, f"{what}: {a} vs {b}"
@@ -92,11 +87,16 @@ def assert_loss_falls(ls: dict[int, float]):
     assert last < 0.97 * first, f"loss did not fall: {ls}"
 
 
-def submit(cluster, tmp: Path, name: str, nodes: int, per_node: int, extra_sbatch=(), env=None):
+def assert_mars_m_ran(records: list[dict]):
+    """Every step orthogonalized matrices (MARS-M's Newton-Schulz), not an AdamW fallback."""
+    assert records and all(r.get("ns_matrices", 0) > 0 for r in records), records[:2]
+
+
+def submit(cluster, tmp: Path, name: str, nodes: int, per_node: int, extra_sbatch=(), env=None, steps=STEPS):
     dump = tmp / name
     log = tmp / f"{name}-%j.log"
     args = [f"--job-name={name}", f"--nodes={nodes}", f"--ntasks-per-node={per_node}", f"--output={log}",
-            *extra_sbatch, SBATCH, recipe(tmp), *overrides(dump)]
+            *extra_sbatch, SBATCH, recipe(), *overrides(dump, steps)]
     t0 = time.time()
     jobid = cluster.sbatch(args, cwd=REPO, env=trainer_env(env))
     return jobid, dump, Path(str(log).replace("%j", str(jobid))), t0
@@ -117,16 +117,16 @@ def assert_all_took_part(text: str, nodes: int, per_node: int, restart: int = 0)
         assert re.search(rf"\[launch\] node={n} node_id={i} host=\S+ job=\d+ restart={restart}: starting", text), \
             f"node {n} did not start (attempt {restart}):\n{text[-4000:]}"
     for r in range(world):
-        assert re.search(rf"rank\W+{r}\b.*world\w*\W+{world}\b", text, re.IGNORECASE), \
+        assert re.search(rf"dist_marsm.train: rank {r} of {world} on \S+", text), \
             f"no start line for rank {r} of {world}:\n{text[-4000:]}"
 
 
-def run_local(tmp: Path, name: str, nproc: int) -> tuple[dict[int, float], float]:
+def run_local(tmp: Path, name: str, nproc: int, steps: int = STEPS) -> tuple[dict[int, float], float]:
     dump = tmp / name
     env = dict(os.environ, **trainer_env())
     env.pop("DRY_RUN", None)
     t0 = time.time()
-    r = subprocess.run(["bash", "launch/local.sh", str(nproc), recipe(tmp), *overrides(dump)], cwd=REPO,
+    r = subprocess.run(["bash", "launch/local.sh", str(nproc), recipe(), *overrides(dump, steps)], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=600)
     took = time.time() - t0
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -144,12 +144,8 @@ def two_by_one(slurm_cluster, tmp):
     """The uninterrupted 2 nodes x 1 rank job (reference for the requeue test too)."""
     jobid, dump, logf, t0 = submit(slurm_cluster, tmp, "two_by_one", 2, 1)
     info, text, took = finish(slurm_cluster, jobid, logf, t0)
-    return dict(jobid=jobid, info=info, log=text, losses=losses(read_metrics(dump)), took=took)
-
-
-def test_trainer_in_use():
-    print("trainer:", "python -m dist_marsm.train + recipes/debug_cpu.toml" if REAL else
-          "tests/standin_train.py (the real entry point has not landed)")
+    return dict(jobid=jobid, info=info, log=text, records=read_metrics(dump), losses=losses(read_metrics(dump)),
+                took=took)
 
 
 def test_dry_run_sees_slurm_variables(slurm_cluster, tmp):
@@ -171,19 +167,22 @@ def test_two_nodes_one_rank_each(two_by_one, tmp):
     assert two_by_one["info"]["NodeList"] == "n[1-2]"
     assert_all_took_part(two_by_one["log"], 2, 1)
     assert_loss_falls(two_by_one["losses"])
+    assert_mars_m_ran(two_by_one["records"])
     print("2x1 losses:", two_by_one["losses"])
     single, _ = run_local(tmp, "local2", 2)
     assert_close(two_by_one["losses"], single, LOSS_RTOL, "2 nodes x 1 rank vs 1 node x 2 ranks")
 
 
 def test_two_nodes_two_ranks_each(slurm_cluster, tmp):
-    jobid, dump, logf, t0 = submit(slurm_cluster, tmp, "two_by_two", 2, 2)
+    jobid, dump, logf, t0 = submit(slurm_cluster, tmp, "two_by_two", 2, 2, steps=STEPS_2X2)
     info, text, _ = finish(slurm_cluster, jobid, logf, t0)
     assert info["NodeList"] == "n[1-2]"
     assert_all_took_part(text, 2, 2)
     dist = losses(read_metrics(dump))
     assert_loss_falls(dist)
-    single, _ = run_local(tmp, "local4", 4)
+    assert_mars_m_ran(read_metrics(dump))
+    print("2x2 losses:", dist)
+    single, _ = run_local(tmp, "local4", 4, steps=STEPS_2X2)
     assert_close(dist, single, LOSS_RTOL, "2 nodes x 2 ranks vs 1 node x 4 ranks")
 
 
@@ -202,21 +201,27 @@ def test_requeue_resumes_from_checkpoint(slurm_cluster, tmp, two_by_one):
     info = c.wait_job(jobid, until=lambda i: i.get("JobState") == "PENDING", timeout=120)
     before = losses(read_metrics(dump))
     assert max(before) < STEPS, f"the first attempt finished before the requeue took effect: {before}"
-    print(f"requeued at step {max(before)}: {info['JobState']} Reason={info.get('Reason')}")
+    # Checkpoints complete when the first attempt was stopped (DCP writes .metadata last).
+    complete = sorted(int(d.name.split("-")[1]) for d in (dump / "checkpoint").glob("step-*")
+                      if (d / ".metadata").exists())
+    assert complete, "no complete checkpoint before the requeue"
+    print(f"requeued after step {max(before)} (complete checkpoints {complete}): {info['JobState']} "
+          f"Reason={info.get('Reason')}")
     c.run(["scontrol", "update", f"jobid={jobid}", "starttime=now"])
     info, text, took = finish(c, jobid, logf, t0)
     assert info.get("Restarts") == "1", info
-    assert_all_took_part(text, 2, 1, restart=0)
-    assert_all_took_part(text, 2, 1, restart=1)
     assert "requeued attempt 1" in text
-    # The second attempt starts right after a complete checkpoint, not from step 1.
+    first, second = text.split("restart=1 nodes=", 1)   # the launcher's header of the second attempt
+    assert_all_took_part(first, 2, 1, restart=0)
+    assert_all_took_part(second, 2, 1, restart=1)
+    # The second attempt loads the latest complete checkpoint and goes on from the step after it.
+    loaded = re.findall(r"Loading the checkpoint from \S*step-(\d+)", second)
+    assert loaded and {int(x) for x in loaded} == {complete[-1]}, (loaded, complete, second[-3000:])
+    first_step = int(re.search(r"step:\s+(\d+)\s+loss:", second).group(1))
+    assert first_step == complete[-1] + 1, f"resumed at step {first_step}, latest complete checkpoint {complete}"
+    print(f"resumed from step-{complete[-1]}, first step {first_step}; job took {took:.1f} s with the requeue")
     recs = read_metrics(dump)
-    steps = [int(r["step"]) for r in recs]
-    resets = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
-    first_resumed = steps[resets[-1]] if resets else steps[0]
-    assert first_resumed > 1 and (first_resumed - 1) % CKPT_INTERVAL == 0 and first_resumed - 1 <= max(before), \
-        f"resumed at step {first_resumed} (metrics steps {steps}, first attempt reached {max(before)})"
-    print(f"resumed at step {first_resumed}; job took {took:.1f} s with the requeue")
+    assert_mars_m_ran(recs)
     assert_close(losses(recs), two_by_one["losses"], RESUME_RTOL, "requeued+resumed vs uninterrupted")
 
 
