@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         world = int(os.environ["WORLD_SIZE"]) if under_torchrun else None
         recipe = load_recipe(args.recipe, overrides, world_size=world)
-        if not under_torchrun:
+        if not under_torchrun and not args.check:
             recipe = load_recipe(args.recipe, overrides, world_size=recipe["job"]["local_ranks"])
     except RecipeError as e:
         _error(str(e))
