@@ -42,6 +42,9 @@ def slurm_env(tmp_path, stub="answers", **extra):
     stub_path = bindir / "scontrol"
     stub_path.write_text(STUB_SCONTROL if stub == "answers" else "#!/bin/bash\nexit 1\n")
     stub_path.chmod(0o755)
+    nvsmi = bindir / "nvidia-smi"  # GPUs come from SLURM's variables here, whatever this machine has
+    nvsmi.write_text("#!/bin/bash\nexit 9\n")
+    nvsmi.chmod(0o755)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM", "NPROC", "RDZV", "TRAIN_", "TORCHRUN"))}
     env.update(PATH=f"{bindir}:{env['PATH']}", DRY_RUN="1", SLURM_SUBMIT_DIR=str(REPO))
@@ -108,6 +111,14 @@ def test_cpu_cluster_uses_tasks_per_node_and_gloo(tmp_path):
                                          "--training.steps", "3"]
     assert "backend=gloo" in out and "world=4" in out
     assert "--cpus-per-task=6" in srun   # the node's one task holds all CPUs the job has there
+
+
+def test_gpus_without_gres_counted_by_nvidia_smi(tmp_path):
+    env = slurm_env(tmp_path, SLURM_JOB_ID=8, SLURM_JOB_NUM_NODES=2, SLURM_JOB_NODELIST="gpu[07-09]")
+    (tmp_path / "bin" / "nvidia-smi").write_text(
+        "#!/bin/bash\n[ \"$1\" = -L ] && for i in 0 1 2 3; do echo \"GPU $i: NVIDIA H100 (UUID: GPU-$i)\"; done\n")
+    out, cmd, _ = dry_run(SBATCH, ["r.toml"], env)
+    assert flag(cmd, "--nproc_per_node") == "4" and "backend=nccl" in out
 
 
 def test_overrides_of_sizes_and_endpoint(tmp_path):
