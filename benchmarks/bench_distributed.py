@@ -262,19 +262,29 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def ns_single_process(shapes, ns_dtype: str, device, reps: int) -> float:
-    """Median seconds of Newton-Schulz on every matrix, stacked by shape, in this process."""
-    from dist_marsm.newton_schulz import newton_schulz
-    by_shape = defaultdict(int)
-    for s in shapes:
-        by_shape[s] += 1
-    mats = [torch.randn(n, *s, device=device) for s, n in by_shape.items()]
+def ns_single_process(shapes, ns_dtype: str, device, reps: int, kernel: str = "dist_marsm") -> float:
+    """Median seconds of Newton-Schulz on every matrix in this process.
+
+    kernel "dist_marsm": dist_marsm.newton_schulz on same-shape stacks (what MARSM and the naive Muon run);
+    "distmuon": DistMuon's own _zeropower_via_newtonschulz, one call per matrix (what its Owned layout runs).
+    """
+    if kernel == "distmuon":
+        from torchtitan.distributed.flex_shard.dist_muon import _zeropower_via_newtonschulz as distmuon_ns
+        mats = [torch.randn(*s, device=device) for s in shapes]
+        run = lambda: [distmuon_ns(m, ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps=5, eps=1e-7)  # noqa: E731
+                       for m in mats]
+    else:
+        from dist_marsm.newton_schulz import newton_schulz
+        by_shape = defaultdict(int)
+        for s in shapes:
+            by_shape[s] += 1
+        mats = [torch.randn(n, *s, device=device) for s, n in by_shape.items()]
+        run = lambda: [newton_schulz(m, 5, getattr(torch, ns_dtype)) for m in mats]  # noqa: E731
     times = []
     for _ in range(reps + 1):
         sync(device)
         t = time.perf_counter()
-        for m in mats:
-            newton_schulz(m, 5, getattr(torch, ns_dtype))
+        run()
         sync(device)
         times.append(time.perf_counter() - t)
     return median(times[1:])
@@ -311,7 +321,7 @@ def run_one(kind, config, mesh, device, args, world):
             opt_times.append(t2 - t1)
             step_times.append(t2 - t0)
     rec = {"opt": opt_times, "step": step_times, "bytes_sent": counter["bytes"], "state_bytes": state_bytes(opt),
-           "loss": float(loss)}
+           "loss": float(loss.detach())}
     inner = opt.optimizer if hasattr(opt, "optimizer") else opt
     if hasattr(inner, "last_step_stats"):
         s = inner.last_step_stats
@@ -336,6 +346,9 @@ def rank_main(rank, world, port, args, queue):
     for config in args.models:
         shapes = matrix_shapes(make_model(config))
         floor_1p = ns_single_process(shapes, args.ns_dtype, device, args.ns_reps) if rank == 0 else None
+        floor_dm = None
+        if rank == 0 and any(k.startswith("distmuon") for k in args.kinds):
+            floor_dm = ns_single_process(shapes, "bfloat16", device, 1, kernel="distmuon")
         dist.barrier()
         res = {}
         for kind in args.kinds:
@@ -349,7 +362,8 @@ def rank_main(rank, world, port, args, queue):
             res[kind] = everyone
             if rank == 0:
                 print(f"[{config}] {kind}: {time.perf_counter() - t:.1f}s", flush=True)
-        out[config] = {"shapes": shapes, "ns_single_process_s": floor_1p, "results": res}
+        out[config] = {"shapes": shapes, "ns_single_process_s": floor_1p, "ns_single_process_distmuon_s": floor_dm,
+                       "results": res}
     if rank == 0:
         queue.put(out)
     dist.barrier()
@@ -364,6 +378,7 @@ def summarize(out, args, world):
         from dist_marsm.newton_schulz import newton_schulz_flops
         ns_flops = sum(newton_schulz_flops(s) for s in shapes)
         floor = o["ns_single_process_s"] / world
+        floor_dm = o["ns_single_process_distmuon_s"] / world if o.get("ns_single_process_distmuon_s") else None
         rows, recs = [], {}
         adamw_opt = adamw_step = None
         for kind in args.kinds:
@@ -382,24 +397,29 @@ def summarize(out, args, world):
             r = recs[kind]
             label = KINDS[kind][0]
             if "error" in r:
-                rows.append([label, r["error"][:80]] + ["-"] * 7)
+                rows.append([label, r["error"][:80]] + ["-"] * 8)
                 continue
             r["opt_over_adamw"] = r["opt_s"] / adamw_opt if adamw_opt else None
             r["step_over_adamw"] = r["step_s"] / adamw_step if adamw_step else None
             r["opt_over_floor"] = r["opt_s"] / floor if kind != "adamw" else None
+            r["opt_over_own_kernel_floor"] = (r["opt_s"] / floor_dm if kind.startswith("distmuon") and floor_dm
+                                              else r["opt_over_floor"])
             rows.append([label, r["opt_s"] * 1e3, r["step_s"] * 1e3, r["opt_over_adamw"], r["step_over_adamw"],
-                         r["opt_over_floor"], human_bytes(r["state_bytes"]), human_bytes(r["bytes_sent"]),
+                         r["opt_over_floor"], r["opt_over_own_kernel_floor"], human_bytes(r["state_bytes"]), human_bytes(r["bytes_sent"]),
                          r["config_lines"]])
         head = (f"### {config} model ({MODEL_CONFIGS[config]}), {world} ranks, {args.threads} thread(s)/rank, "
                 f"NS in {args.ns_dtype} (DistMuon: always bf16)\n\n"
                 f"{len(shapes)} matrices, {ns_flops / 1e9:.1f} GFLOP of Newton-Schulz per step; single-process NS "
-                f"{o['ns_single_process_s'] * 1e3:.1f} ms -> perfect-split floor {floor * 1e3:.1f} ms. "
-                f"Median of {args.steps} steps after {args.warmup} warm-up; each step = slowest rank.\n\n")
+                f"{o['ns_single_process_s'] * 1e3:.1f} ms -> perfect-split floor {floor * 1e3:.1f} ms"
+                + (f"; DistMuon's own NS kernel (one bf16 addmm-based call per matrix) single-process "
+                   f"{o['ns_single_process_distmuon_s'] * 1e3:.1f} ms -> its floor {floor_dm * 1e3:.1f} ms" if floor_dm
+                   else "") + ". Median of {args.steps} steps after {args.warmup} warm-up; each step = slowest rank.\n\n")
         table = markdown_table(["optimizer", "opt step ms", "train step ms", "opt / AdamW", "train / AdamW",
-                                "opt / floor", "state bytes/rank", "sent bytes/rank/step", "config lines"], rows)
+                                "opt / floor", "opt / own-kernel floor", "state bytes/rank", "sent bytes/rank/step", "config lines"], rows)
         tables.append(head + table)
         data["models"][config] = {"shapes": shapes, "ns_gflop": ns_flops / 1e9, "ns_single_process_s":
-                                  o["ns_single_process_s"], "floor_s": floor, "results": recs}
+                                  o["ns_single_process_s"], "floor_s": floor, "distmuon_kernel_floor_s": floor_dm,
+                                  "results": recs}
     return data, "\n\n".join(tables)
 
 
