@@ -10,8 +10,8 @@
 
 They go to torchtitan's loggers (console, TensorBoard, W&B) with the usual metrics. The writer rank
 also appends one JSON object per logged step to ``<dump_folder>/<jsonl_file>`` (keys ``step``,
-``loss``, ``max_loss``, ``grad_norm``, ``optimizer_time_s``, ``marsm_step_time_s``, ``ns_matrices``,
-``bytes_sent``, ``output_rms_inf_norm``, ``tps``, ``elapsed_s``, the learning rates, ``time``),
+``loss``, ``max_loss``, ``grad_norm``, ``optimizer_time_s``, ``marsm_step_time_s``, ``ns_matrices``
+(this rank), ``ns_matrices_total`` (all ranks, all-reduced), ``bytes_sent``, ``output_rms_inf_norm``, ``tps``, ``elapsed_s``, the learning rates, ``time``),
 validation losses to ``validation.jsonl``, and at the end draws ``<dump_folder>/<plot_file>``
 (matplotlib, Agg). The writer is global rank 0; with pipeline parallelism (where only the last stage
 sees the loss) it is torchtitan's metrics rank, the first rank of the last stage. On resume, lines
@@ -75,6 +75,13 @@ def rms_to_inf_norm(weight: torch.Tensor) -> float:
         if placement.is_shard() and placement.dim != weight.ndim - 1:
             dist.all_reduce(best, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
     return math.sqrt(d_in) * math.sqrt(float(best))
+
+
+def _comm_device() -> torch.device:
+    """Where the default process group communicates (cuda:<current> for nccl, cpu for gloo)."""
+    if dist.get_backend() == "gloo" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def marsm_stats(optimizers) -> dict[str, float]:
@@ -159,6 +166,12 @@ class MARSMMetricsProcessor(MetricsProcessor):
         stats = marsm_stats(self._optimizers)
         if self.last_optimizer_time_s is not None:
             extra["optimizer/step_time_s"] = self.last_optimizer_time_s
+        if stats and dist.is_initialized():
+            # Matrices orthogonalized by the whole job this step (each exactly once: equals the number
+            # of MARS-M matrices when every rank runs MARSM).
+            total = torch.tensor([stats["ns_matrices"]], dtype=torch.int64, device=_comm_device())
+            dist.all_reduce(total)
+            stats["ns_matrices_total"] = int(total.item())
         for key, value in stats.items():
             extra[f"optimizer/{key}"] = value
         norm = None
@@ -173,6 +186,7 @@ class MARSMMetricsProcessor(MetricsProcessor):
         record = {"step": step, "loss": global_avg_loss, "max_loss": global_max_loss, "grad_norm": grad_norm,
                   "optimizer_time_s": self.last_optimizer_time_s,
                   "marsm_step_time_s": stats.get("marsm_step_time_s"), "ns_matrices": stats.get("ns_matrices"),
+                  "ns_matrices_total": stats.get("ns_matrices_total"),
                   "bytes_sent": stats.get("bytes_sent"), "output_rms_inf_norm": norm,
                   "tps": tokens / max(elapsed * self.parallel_dims.non_data_parallel_size, 1e-9),
                   "elapsed_s": time.time() - self._start, "time": time.time()}

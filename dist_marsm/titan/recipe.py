@@ -388,7 +388,7 @@ def _check_combinations(r: Recipe, world_size: int | None) -> None:
         raise RecipeError(f"{path}: [optimizer] lr_adjust 'none' has no DistMuon equivalent "
                           "(use 'moonlight' = match_rms_adamw, or 'original')")
     t, ls = r["training"], r["lr_scheduler"]
-    if ls["warmup_steps"] > t["steps"]:
+    if ("lr_scheduler", "warmup_steps") in r.given and ls["warmup_steps"] > t["steps"]:
         raise RecipeError(f"{path}: [lr_scheduler] warmup_steps ({ls['warmup_steps']}) must be <= "
                           f"[training] steps ({t['steps']})")
     if t["validation_freq"] and t["validation_dataset"] == t["dataset"]:

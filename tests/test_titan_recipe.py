@@ -1,0 +1,367 @@
+"""Recipe validation, overrides, translation of every shipped recipe, MARS-M routing inside torchtitan's
+optimizer container, the output-norm definition, the embedded corpus and the CPU shims.
+
+Single process, no Trainer (tests/test_titan_trainer.py runs the real Trainer on spawned ranks).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torchtitan")
+
+from dist_marsm.titan.recipe import SCHEMA, RecipeError, load_recipe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    # One tokenizer cache for the whole session (building it takes a few seconds).
+    monkeypatch.setenv("DIST_MARSM_CACHE", str(tmp_path_factory.getbasetemp() / "dist_marsm_cache"))
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def error_of(path, overrides=None, **kw) -> str:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides, **kw)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------ validation errors
+def test_unknown_section_names_section_and_file(tmp_path):
+    p = write(tmp_path, '[optimiser]\nname = "MARS-M"\n')
+    msg = error_of(p)
+    assert p in msg and "[optimiser]" in msg and "unknown section" in msg
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "[optimizer]\nlearning_rate = 0.1\n")
+    msg = error_of(p)
+    assert p in msg and "[optimizer] learning_rate" in msg and "unknown key" in msg
+
+
+@pytest.mark.parametrize("line,key", [('lr = "fast"', "[optimizer] lr"), ("ns_steps = 5.0", "[optimizer] ns_steps"),
+                                      ("clip = 1", "[optimizer] clip"), ("adamw_betas = 0.9", "[optimizer] adamw_betas"),
+                                      ("momentum = true", "[optimizer] momentum")])
+def test_wrong_type_names_key_and_file(tmp_path, line, key):
+    p = write(tmp_path, f"[optimizer]\n{line}\n")
+    msg = error_of(p)
+    assert p in msg and key in msg and "must be" in msg
+
+
+@pytest.mark.parametrize("section,line,key", [
+    ("optimizer", "momentum = 1.5", "[optimizer] momentum"),
+    ("optimizer", "lr = 0", "[optimizer] lr"),
+    ("optimizer", 'variant = "exact"', "[optimizer] variant"),      # needs a closure torchtitan never gives
+    ("optimizer", 'name = "SGD"', "[optimizer] name"),
+    ("optimizer", "adamw_betas = [0.9, 1.0]", "[optimizer] adamw_betas"),
+    ("optimizer", 'adamw_patterns = ["(unclosed"]', "[optimizer] adamw_patterns"),
+    ("training", "steps = 0", "[training] steps"),
+    ("parallelism", "tensor_parallel_degree = 0", "[parallelism] tensor_parallel_degree"),
+    ("lr_scheduler", "min_lr_factor = 2.0", "[lr_scheduler] min_lr_factor"),
+    ("checkpoint", "keep_latest_k = 1", "[checkpoint] keep_latest_k"),
+])
+def test_impossible_value_names_key_and_file(tmp_path, section, line, key):
+    p = write(tmp_path, f"[{section}]\n{line}\n")
+    msg = error_of(p)
+    assert p in msg and key in msg
+
+
+def test_impossible_combinations(tmp_path):
+    p = write(tmp_path, "[training]\nsteps = 10\n[lr_scheduler]\nwarmup_steps = 20\n")
+    assert "[lr_scheduler] warmup_steps" in error_of(p)
+    p = write(tmp_path, "[parallelism]\ndata_parallel_shard_degree = 2\ntensor_parallel_degree = 2\n")
+    msg = error_of(p, world_size=2)
+    assert "[parallelism]" in msg and "4" in msg and "2 ranks" in msg
+    load_recipe(p, world_size=4)  # the same recipe fits 4 ranks
+
+
+def test_nothing_starts_on_a_bad_recipe(tmp_path):
+    """The entry point stops before launching anything: exit code 2, one error line naming key and file."""
+    p = write(tmp_path, "[optimizer]\nmomentum = 2.0\n[job]\ndump_folder = " + repr(str(tmp_path / "out")) + "\n")
+    out = subprocess.run([sys.executable, "-m", "dist_marsm.train", "--recipe", p], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 2
+    assert "[optimizer] momentum" in out.stderr and p in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ overrides
+def test_overrides_use_the_recipes_types(tmp_path):
+    p = write(tmp_path, "[optimizer]\nlr = 0.01\n[training]\nsteps = 5\n")
+    r = load_recipe(p, ["--optimizer.lr", "1e-3", "--training.steps=7", "--optimizer.adamw_betas", "0.8,0.9",
+                        "--checkpoint.enable", "false", "--optimizer.adamw_lr", "none", "--optimizer.clip=off",
+                        "--optimizer.adamw_patterns", r"^layers\.0\.,norm"])
+    assert r["optimizer"]["lr"] == 1e-3 and isinstance(r["optimizer"]["lr"], float)
+    assert r["training"]["steps"] == 7 and isinstance(r["training"]["steps"], int)
+    assert r["optimizer"]["adamw_betas"] == [0.8, 0.9]
+    assert r["checkpoint"]["enable"] is False and r["optimizer"]["clip"] is False
+    assert r["optimizer"]["adamw_lr"] is None
+    assert r["optimizer"]["adamw_patterns"] == [r"^layers\.0\.", "norm"]
+    r = load_recipe(p, ["--optimizer.adamw_betas", "[0.85, 0.99]", "--optimizer.lr", "2"])
+    assert r["optimizer"]["adamw_betas"] == [0.85, 0.99] and r["optimizer"]["lr"] == 2.0
+    # Untouched keys keep the recipe's values or the schema defaults.
+    assert r["training"]["steps"] == 5 and r["optimizer"]["gamma"] == SCHEMA["optimizer"]["gamma"].default
+
+
+@pytest.mark.parametrize("args,key", [(["--training.steps", "1.5"], "[training] steps"),
+                                      (["--optimizer.lr", "fast"], "[optimizer] lr"),
+                                      (["--optimizer.momentum", "1"], "[optimizer] momentum"),
+                                      (["--optimizer.nope", "1"], "[optimizer] nope"),
+                                      (["--nosection.lr", "1"], "[nosection]")])
+def test_bad_overrides_name_the_override(tmp_path, args, key):
+    p = write(tmp_path, "[optimizer]\nlr = 0.01\n")
+    msg = error_of(p, args)
+    assert key in msg and f"override --{args[0][2:]}" in msg and p in msg
+
+
+# ------------------------------------------------------------------ every shipped recipe translates
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipe_translates(recipe):
+    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
+
+    from dist_marsm.titan import cpu_shims
+    from dist_marsm.titan.recipe import to_trainer_config
+
+    r = load_recipe(str(recipe))
+    config = to_trainer_config(r)
+    o = r["optimizer"]
+    names = [g.optimizer_name for g in config.optimizer.param_groups]
+    assert names == [o["name"]]
+    kwargs = config.optimizer.param_groups[0].optimizer_kwargs
+    assert kwargs["lr"] == o["lr"] and kwargs["weight_decay"] == o["weight_decay"]
+    assert config.training.steps == r["training"]["steps"]
+    assert config.training.seq_len == r["training"]["seq_len"]
+    assert config.dump_folder == r["job"]["dump_folder"]
+    assert config.checkpoint.enable == r["checkpoint"]["enable"]
+    assert config.checkpoint.folder == r["checkpoint"]["folder"]
+    assert config.parallelism.tensor_parallel_degree == r["parallelism"]["tensor_parallel_degree"]
+    assert config.lr_scheduler.warmup_steps == r["lr_scheduler"]["warmup_steps"]
+    n_layers = len(config.model_spec.model.layers)
+    assert n_layers == {"debugmodel": 6, "8B": 32, "70B": 80}[r["model"]["flavor"]]
+    if o["name"] == "MARS-M":
+        assert kwargs["momentum"] == o["momentum"] and kwargs["gamma"] == o["gamma"]
+        assert config.optimizer.optimizer_factory_kwargs_by_name["MARS-M"]["wire_dtype"] == o["wire_dtype"]
+    if cpu_shims.needs_cpu_shims():   # this machine: the CPU shims were applied to the config
+        assert not list(config.model_spec.model.traverse(FlexAttention.Config))
+        assert len(list(config.model_spec.model.traverse(ScaledDotProductAttention.Config))) == n_layers
+        assert config.parallelism.spmd_backend == "partial_dtensor"
+
+
+def test_config_registry_matches_recipe():
+    from dist_marsm.titan import config_registry
+
+    config = config_registry.debug_cpu()
+    assert isinstance(config, config_registry.MARSMTrainerConfig)
+    assert config.optimizer.param_groups[0].optimizer_name == "MARS-M"
+    assert config.training.steps == load_recipe(str(ROOT / "recipes/debug_cpu.toml"))["training"]["steps"]
+
+
+# ------------------------------------------------------------------ routing inside torchtitan's container
+def _debug_model(activation_checkpoint: bool):
+    from torchtitan.distributed.activation_checkpoint import SelectiveAC
+    from torchtitan.models.llama3 import model_registry
+
+    spec = model_registry("debugmodel", attn_backend="flex")
+    with torch.device("meta"):
+        model = spec.model.build()
+    if activation_checkpoint:
+        SelectiveAC.Config().build(dump_folder="/tmp").apply(model)
+    return model
+
+
+@pytest.mark.parametrize("ac", [False, True], ids=["plain", "activation_checkpointing"])
+def test_marsm_routing_in_container(ac):
+    from torchtitan.components.optimizer import ParamGroupConfig
+
+    from dist_marsm import DEFAULT_ADAMW_PATTERNS
+    from dist_marsm.titan.optimizer_container import MARSMOptimizersContainer
+
+    model = _debug_model(ac)
+    raw_names = [n for n, _ in model.named_parameters()]
+    assert any("_checkpoint_wrapped_module" in n for n in raw_names) == ac
+    # Independent facts from the model's structure: per layer wqkv, wo, w1, w2, w3 are matrices.
+    n_layers = len(model.layers)
+    patterns = (*DEFAULT_ADAMW_PATTERNS, r"^layers\.0\.attention\.")   # adamw_patterns replace the defaults
+    configs = [ParamGroupConfig(pattern=".*", optimizer_name="MARS-M",
+                                optimizer_kwargs={"lr": 1e-3, "adamw_patterns": patterns})]
+    groups, patterns = MARSMOptimizersContainer._build_param_groups(model, configs, {"fused": True, "foreach": False})
+    mars = [g for g in groups["MARS-M"] if g["use_mars"]]
+    rest = [g for g in groups["MARS-M"] if not g["use_mars"]]
+    assert len(mars) == len(rest) == 1 and len(patterns["MARS-M"]) == 2
+    mars_names, rest_names = set(mars[0]["param_names"]), set(rest[0]["param_names"])
+    assert all("_checkpoint_wrapped_module" not in n for n in mars_names | rest_names)
+    # layer 0's attention (wqkv, wo) is sent to AdamW by the canonical-name pattern, even with AC on
+    assert len(mars_names) == 5 * n_layers - 2
+    assert {"layers.0.attention.qkv_linear.wqkv.weight", "layers.0.attention.wo.weight"} <= rest_names
+    assert {"tok_embeddings.weight", "lm_head.weight", "norm.weight"} <= rest_names
+    assert "layers.1.attention.qkv_linear.wqkv.weight" in mars_names
+    assert all(p.ndim == 2 for p in mars[0]["params"])
+    assert len(rest_names) == (2 * n_layers + 1) + 2 + 2
+    for g in groups["MARS-M"]:   # routing keys and torchtitan's fused/foreach flags never reach MARSM
+        assert not {"fused", "foreach", "adamw_patterns", "adamw_lr"} & set(g)
+
+
+def test_distmuon_routing_from_recipe():
+    from dist_marsm.titan.optimizer_container import MARSMOptimizersContainer
+    from dist_marsm.titan.recipe import optimizer_config
+
+    r = load_recipe(str(ROOT / "recipes/debug_cpu_distmuon.toml"))
+    cfg = optimizer_config(r)
+    model = _debug_model(False)
+    groups, _ = MARSMOptimizersContainer._build_param_groups(model, cfg.param_groups, {"fused": False,
+                                                                                       "foreach": True})
+    muon = [n for g in groups["DistMuon"] for n in g["param_names"]]
+    adamw = [n for g in groups["AdamW"] for n in g["param_names"]]
+    assert len(muon) == 30 and len(adamw) == 15 and not set(muon) & set(adamw)
+    assert groups["AdamW"][0]["betas"] == (0.9, 0.95) and groups["AdamW"][0]["lr"] == r["optimizer"]["lr"]
+    assert all("adamw_kwargs" not in g and "adamw_patterns" not in g for g in groups["DistMuon"])
+    assert groups["DistMuon"][0]["adjust_lr_fn"] == "match_rms_adamw"
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok_embeddings = torch.nn.Embedding(11, 8)
+        self.proj = torch.nn.Linear(8, 8, bias=False)
+        self.norm = torch.nn.LayerNorm(8)
+        self.lm_head = torch.nn.Linear(8, 11, bias=False)
+
+
+def _tiny_container():
+    from dist_marsm.titan.optimizer_container import marsm_container_config
+
+    torch.manual_seed(0)
+    model = _Tiny()
+    cfg = marsm_container_config(lr=0.1, instance_kwargs={"wire_dtype": "float32"}, ns_dtype="float32")
+    return model, cfg.build(model_parts=[model])
+
+
+def test_container_builds_marsm_and_checkpoint_state_is_harmless():
+    from dist_marsm import MARSM
+
+    model, container = _tiny_container()
+    assert [type(o) for o in container.optimizers] == [MARSM]
+    routes = {g["use_mars"]: g["param_names"] for g in container.optimizers[0].param_groups}
+    assert routes[True] == ["proj.weight"]
+    assert set(routes[False]) == {"tok_embeddings.weight", "norm.weight", "norm.bias", "lm_head.weight"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sd = container.state_dict()   # torchtitan materializes state with a zero-gradient, lr = 0 step
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert "state.proj.weight.momentum" in sd and "state.lm_head.weight.exp_avg" in sd
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_container_resumes_a_checkpoint_without_a_new_group_key():
+    from torchtitan.components.optimizer import OptimizersContainer
+
+    model, container = _tiny_container()
+    x = torch.randint(0, 11, (2, 5))
+    model.lm_head(model.proj(model.norm(model.tok_embeddings(x)))).sum().backward()
+    container.step()
+    sd = container.state_dict()
+    old = {k: v for k, v in sd.items() if not k.endswith(".normuon_beta2")}   # "added later" hyperparameter
+    assert len(old) < len(sd)
+    with pytest.raises(KeyError):   # what torchtitan alone does
+        OptimizersContainer.load_state_dict(container, old)
+    _, fresh = _tiny_container()
+    fresh.load_state_dict(old)      # ours keeps the live value
+    assert fresh.optimizers[0].param_groups[0]["normuon_beta2"] == 0.95
+    assert torch.equal(fresh.optimizers[0].state[fresh.optimizers[0].param_groups[0]["params"][0]]["momentum"],
+                       sd["state.proj.weight.momentum"])
+
+
+# ------------------------------------------------------------------ metrics
+def test_rms_to_inf_norm_is_the_operator_norm():
+    from dist_marsm.titan.metrics import rms_to_inf_norm
+
+    torch.manual_seed(0)
+    w = torch.randn(13, 7, dtype=torch.float64)
+    value = rms_to_inf_norm(w)
+    rms = lambda v: v.norm() / math.sqrt(v.numel())  # noqa: E731
+    # attained: the best row, normalized to unit RMS norm
+    i = int(w.norm(dim=1).argmax())
+    x = w[i] / rms(w[i])
+    assert abs(float((w @ x).abs().max() / rms(x)) - value) < 1e-6 * value   # computed in float32
+    # never exceeded by other inputs
+    xs = torch.randn(2000, 7, dtype=torch.float64)
+    ratios = (xs @ w.T).abs().max(dim=1).values / (xs.norm(dim=1) / math.sqrt(7))
+    assert float(ratios.max()) <= value * (1 + 1e-6)
+    # bf16 weights give the same number to bf16 precision
+    assert abs(rms_to_inf_norm(w.to(torch.bfloat16)) - value) / value < 1e-2
+
+
+def test_loss_plot(tmp_path):
+    import json
+
+    from dist_marsm.titan.metrics import write_loss_plot
+
+    rows = [{"step": s, "loss": 5 - 0.1 * s, "optimizer_time_s": 0.1} for s in range(1, 11)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_loss_plot(str(tmp_path / "m.jsonl"), None, str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ corpus and tokenizer
+def test_corpus_split_and_tokenizer():
+    from pydoc_data.topics import topics
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    from dist_marsm.titan import corpus
+
+    train, val = corpus.documents("train"), corpus.documents("validation")
+    assert len(train) + len(val) == len(topics) and not set(train) & set(val)
+    assert 0.05 < sum(map(len, val)) / sum(map(len, train + val)) < 0.2
+    d = corpus.tokenizer_dir(2048)
+    assert corpus.tokenizer_dir(2048) == d   # cached
+    tok = HuggingFaceTokenizer(tokenizer_path=d)
+    assert tok.get_vocab_size() == 2048
+    text = "The for statement is used to iterate over the elements of a sequence."
+    ids = tok.encode(text, add_bos=True, add_eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and max(ids) < 2048
+    assert tok.decode(ids[1:-1]) == text
+    assert len(ids) < len(text) / 2   # a real BPE: well under one token per character on English
+
+
+def test_import_dist_marsm_does_not_import_torchtitan():
+    code = ("import sys, dist_marsm; bad = [m for m in sys.modules if m.startswith(('torchtitan', 'dist_marsm.titan',"
+            " 'matplotlib', 'tokenizers'))]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_cpu_shims_are_idempotent_and_cpu_only():
+    from dist_marsm.titan import cpu_shims
+
+    if not cpu_shims.needs_cpu_shims():
+        assert cpu_shims.apply_cpu_device_module() is False
+        return
+    assert cpu_shims.apply_cpu_device_module() is True
+    assert cpu_shims.apply_cpu_device_module() is True
+    import torchtitan.components.metrics as tt_metrics
+    import torchtitan.distributed.utils as tt_dist
+    import torchtitan.tools.utils as tt_utils
+
+    for mod in (tt_utils, tt_dist, tt_metrics):
+        assert mod.device_type == "cpu" and mod.device_module is cpu_shims.CPU_DEVICE_MODULE
+    dm = cpu_shims.CPU_DEVICE_MODULE
+    assert dm.get_device_properties(torch.device("cpu")).total_memory > 2**30
+    assert {"active_bytes.all.peak", "reserved_bytes.all.peak"} <= set(dm.memory_stats())
+    for fn in ("current_device", "reset_peak_memory_stats", "empty_cache", "synchronize", "get_device_name"):
+        getattr(dm, fn)()
+    dm.set_device(torch.device("cpu", 0))
+    assert tt_utils.get_local_device() == torch.device("cpu", 0) if "LOCAL_RANK" in os.environ else True
