@@ -413,7 +413,7 @@ def summarize(out, args, world):
                 f"{o['ns_single_process_s'] * 1e3:.1f} ms -> perfect-split floor {floor * 1e3:.1f} ms"
                 + (f"; DistMuon's own NS kernel (one bf16 addmm-based call per matrix) single-process "
                    f"{o['ns_single_process_distmuon_s'] * 1e3:.1f} ms -> its floor {floor_dm * 1e3:.1f} ms" if floor_dm
-                   else "") + ". Median of {args.steps} steps after {args.warmup} warm-up; each step = slowest rank.\n\n")
+                   else "") + f". Median of {args.steps} steps after {args.warmup} warm-up; each step = slowest rank.\n\n")
         table = markdown_table(["optimizer", "opt step ms", "train step ms", "opt / AdamW", "train / AdamW",
                                 "opt / floor", "opt / own-kernel floor", "state bytes/rank", "sent bytes/rank/step", "config lines"], rows)
         tables.append(head + table)
