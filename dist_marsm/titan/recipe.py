@@ -87,6 +87,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "flavor": K("str", "debugmodel", "model flavor in that module's registry (debugmodel, 8B, 70B, ...)"),
         "attn_backend": K("str", "flex", "attention on GPUs (on CPU: causal SDPA, see cpu_shims)",
                           choices=("flex", "flex_flash", "varlen")),
+        "fuse_qkv": K("bool", True, "llama3: one fused wqkv weight (orthogonalized as one matrix); false = "
+                      "separate wq, wk, wv weights (three matrices); same function and init distribution"),
         "hf_assets_path": K("str", "embedded", "tokenizer/HF assets folder, or 'embedded': the BPE built "
                             "locally from pydoc_data.topics with the model's vocabulary size"),
     },
@@ -479,10 +481,37 @@ def model_spec(r: Recipe):
     if flavors is not None and m["flavor"] not in flavors:
         raise RecipeError(f"{r.path}: [model] flavor must be one of {list(flavors)}, got {m['flavor']!r}")
     try:
-        return registry(m["flavor"], attn_backend=m["attn_backend"])
+        spec = registry(m["flavor"], attn_backend=m["attn_backend"])
     except (KeyError, ValueError) as e:
         raise RecipeError(f"{r.path}: [model] {m['name']} {m['flavor']} with attn_backend "
                           f"{m['attn_backend']!r}: {e}") from None
+    if not m["fuse_qkv"]:
+        if m["name"] != "llama3":
+            raise RecipeError(f"{r.path}: [model] fuse_qkv = false is only supported for llama3")
+        unfuse_qkv(spec.model)
+    return spec
+
+
+def unfuse_qkv(model_config) -> int:
+    """Replace llama3's fused wqkv projection configs by separate wq, wk, wv ones (the same blocks, the same
+    truncated-normal(0.02) init as torchtitan's llama3 linears); returns the number replaced."""
+    from torchtitan.models.common.attention import FusedQKVLinear, QKVLinear
+    from torchtitan.models.common.linear import Linear
+    from torchtitan.models.llama3 import _LINEAR_INIT
+
+    found = list(model_config.traverse(FusedQKVLinear.Config))
+    for _fqn, cfg, parent, attr in found:
+        dim = cfg.wqkv.in_features
+        new = QKVLinear.Config(
+            head_dim=cfg.head_dim,
+            wq=Linear.Config(in_features=dim, out_features=cfg.n_heads * cfg.head_dim, param_init=_LINEAR_INIT),
+            # QKVLinear builds both wk and wv from this one config
+            wkv=Linear.Config(in_features=dim, out_features=cfg.n_kv_heads * cfg.head_dim, param_init=_LINEAR_INIT))
+        if isinstance(attr, int):
+            parent[attr] = new
+        else:
+            setattr(parent, attr, new)
+    return len(found)
 
 
 def to_trainer_config(r: Recipe, apply_cpu_shims: bool | None = None):
