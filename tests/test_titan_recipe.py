@@ -365,3 +365,25 @@ def test_cpu_shims_are_idempotent_and_cpu_only():
         getattr(dm, fn)()
     dm.set_device(torch.device("cpu", 0))
     assert tt_utils.get_local_device() == torch.device("cpu", 0) if "LOCAL_RANK" in os.environ else True
+
+
+def test_dcp_resume_after_a_hyperparameter_is_added(tmp_path):
+    """Save with today's MARSM, load into a MARSM whose groups carry one more hyperparameter (a later
+    version): torch.distributed.checkpoint loads (it fails on a key the checkpoint lacks) and the new key
+    keeps its live value; the state saved matches."""
+    import torch.distributed.checkpoint as dcp
+
+    model, container = _tiny_container()
+    x = torch.randint(0, 11, (2, 5))
+    model.lm_head(model.proj(model.norm(model.tok_embeddings(x)))).sum().backward()
+    container.step()
+    dcp.save({"optimizer": container}, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    _, fresh = _tiny_container()
+    for group in fresh.optimizers[0].param_groups:
+        group["new_hyperparameter"] = 0.5
+    dcp.load({"optimizer": fresh}, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    opt, ref = fresh.optimizers[0], container.optimizers[0]
+    assert all(g["new_hyperparameter"] == 0.5 for g in opt.param_groups)
+    p, q = opt.param_groups[0]["params"][0], ref.param_groups[0]["params"][0]
+    assert torch.equal(opt.state[p]["momentum"], ref.state[q]["momentum"])
+    assert torch.equal(opt.state[p]["prev_grad"], ref.state[q]["prev_grad"])

@@ -13,9 +13,10 @@ is a small subclass that overrides three hooks and nothing else:
   segments removed), so a pattern written for the plain model also works with activation
   checkpointing on. ``fused``/``foreach`` (torchtitan's implementation flags) are dropped from
   MARS-M groups.
-* ``load_state_dict``: a param-group key that the live optimizer has but the checkpoint lacks
-  (a hyperparameter added after the checkpoint was written) keeps its live value, with a warning,
-  instead of torchtitan's ``KeyError``.
+* ``state_dict``/``load_state_dict``: MARSM param-group keys in checkpoints are frozen to
+  :data:`CHECKPOINTED_GROUP_KEYS` (format 1), so a hyperparameter added to MARSM later is not
+  expected from an older checkpoint (DCP refuses keys a checkpoint lacks); and a param-group key
+  the checkpoint lacks keeps its live value, with a warning, instead of torchtitan's ``KeyError``.
 
 Instance-wide MARSM arguments (``wire_dtype``, ``bucket_mb``, ``owner_policy``, ``nonfinite``) go in
 ``Config.optimizer_factory_kwargs_by_name["MARS-M"]``, torchtitan's channel for per-instance
@@ -47,6 +48,12 @@ ROUTING_KEYS = ("adamw_patterns", "adamw_lr", "adamw_weight_decay")
 # Instance-wide MARSM constructor arguments (Config.optimizer_factory_kwargs_by_name["MARS-M"]).
 INSTANCE_KEYS = ("wire_dtype", "bucket_mb", "owner_policy", "nonfinite")
 _IMPL_KEYS = ("fused", "foreach")
+# MARSM param-group keys saved in checkpoints: frozen at the keys of checkpoint format 1. Never add to
+# this set (older checkpoints lack new keys and DCP would refuse to load them); new hyperparameters
+# simply come from the recipe on resume. "initial_lr" is added by torch's LR schedulers.
+CHECKPOINTED_GROUP_KEYS = frozenset({
+    "lr", "initial_lr", "momentum", "gamma", "weight_decay", "variant", "clip", "ns_steps", "ns_dtype", "lr_adjust",
+    "matrix_view", "adamw_betas", "adamw_eps", "normalize", "normuon_beta2", "use_mars"})
 
 
 def build_marsm(param_groups: list[dict], **instance_kwargs: Any) -> MARSM:
@@ -148,6 +155,22 @@ class MARSMOptimizersContainer(OptimizersContainer):
                         patterns["AdamW"].append(f"{pattern} [AdamW route]")
             groups["DistMuon"], patterns["DistMuon"] = muon_groups, muon_patterns
         return groups, patterns
+
+    def state_dict(self) -> dict[str, Any]:
+        """torchtitan's flat FQN-keyed dict, with MARSM param-group keys limited to
+        :data:`CHECKPOINTED_GROUP_KEYS`. A hyperparameter added to MARSM later is then neither saved
+        nor expected when DCP loads an older checkpoint (DCP fails on a key the checkpoint lacks);
+        it keeps its live (recipe) value."""
+        result = super().state_dict()
+        for optim in self.optimizers:
+            if not isinstance(optim, MARSM):
+                continue
+            for group in optim.param_groups:
+                for fqn in group.get("param_names") or []:
+                    for key in group:
+                        if key not in CHECKPOINTED_GROUP_KEYS:
+                            result.pop(f"param_groups.{fqn}.{key}", None)
+        return result
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         missing = []
