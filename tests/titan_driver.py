@@ -110,8 +110,9 @@ def _checkpoint_test_hooks(exclude: str, verify_path: str) -> None:
 
 
 def main() -> int:
-    from dist_marsm.titan import fault_injection
+    from dist_marsm.titan import elastic, fault_injection
 
+    elastic.fresh_store_per_restart()
     argv = sys.argv[1:]
     if any(a.startswith("--parallelism.pipeline_parallel_degree") for a in argv):
         _pp_cuda_graphs_workaround()

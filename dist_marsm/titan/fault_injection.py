@@ -114,6 +114,9 @@ def install_from_env() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """``dist_marsm.train.main`` with the environment's fault installed (one rank, under torchrun)."""
+    from dist_marsm.titan import elastic
+
+    elastic.fresh_store_per_restart()
     install_from_env()
     from dist_marsm import train
 
