@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--ns-only", action="store_true", help="only the Newton-Schulz stacking table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = make_model(args.model)
@@ -93,7 +94,7 @@ def main():
 
     rows, data = [], {"args": vars(args), "shapes": shapes, "ns_gflop": ns_gflop, "optimizers": {}, "ns": {}}
     adamw_time = None
-    for name, build in optimizers(model).items():
+    for name, build in ({} if args.ns_only else optimizers(model)).items():
         opt = build()
         t = timed(opt.step, args.warmup, args.steps)
         adamw_time = adamw_time or t
@@ -103,27 +104,35 @@ def main():
         del opt
     table1 = markdown_table(["optimizer (one process)", "step ms", "/ AdamW"], rows)
 
-    by_shape = defaultdict(list)
-    for s in shapes:
-        by_shape[s].append(torch.randn(s, generator=g))
-    stacked = {s: torch.stack(ms) for s, ms in by_shape.items()}
+    # The model's matrices, and many small same-shape matrices (MoE-expert-like, 64 x [128, 64]) where the
+    # per-call overhead, not the arithmetic, dominates.
+    shape_sets = {f"{args.model} model": shapes, "64 small [128, 64]": [(128, 64)] * 64}
     rows2 = []
-    for dtype in (torch.bfloat16, torch.float32):
-        each = timed(lambda: [newton_schulz(m, 5, dtype) for ms in by_shape.values() for m in ms],
-                     args.warmup, args.steps)
-        batched = timed(lambda: [newton_schulz(b, 5, dtype) for b in stacked.values()], args.warmup, args.steps)
-        name = str(dtype).removeprefix("torch.")
-        data["ns"][name] = {"per_matrix_s": each, "stacked_s": batched}
-        rows2.append([name, len(shapes), len(stacked), each * 1e3, batched * 1e3, each / batched,
-                      ns_gflop / batched])
-        print(f"NS {name}: per matrix {each * 1e3:.1f} ms, stacked {batched * 1e3:.1f} ms", flush=True)
-    table2 = markdown_table(["NS dtype", "matrices", "stacked calls", "one call per matrix ms", "stacked ms",
-                             "speed-up from stacking", "GFLOP/s stacked"], rows2)
+    for set_name, set_shapes in shape_sets.items():
+        by_shape = defaultdict(list)
+        for s in set_shapes:
+            by_shape[s].append(torch.randn(s, generator=g))
+        stacked = {s: torch.stack(ms) for s, ms in by_shape.items()}
+        gflop = sum(newton_schulz_flops(s) for s in set_shapes) / 1e9
+        for dtype in (torch.bfloat16, torch.float32):
+            each = timed(lambda: [newton_schulz(m, 5, dtype) for ms in by_shape.values() for m in ms],
+                         args.warmup, args.steps)
+            batched = timed(lambda: [newton_schulz(torch.stack(ms), 5, dtype) for ms in by_shape.values()],
+                            args.warmup, args.steps)
+            name = str(dtype).removeprefix("torch.")
+            data["ns"][f"{set_name} {name}"] = {"per_matrix_s": each, "stacked_s": batched}
+            rows2.append([set_name, name, len(set_shapes), len(stacked), each * 1e3, batched * 1e3,
+                          f"{each / batched:.2f}", gflop / batched])
+            print(f"NS {set_name} {name}: per matrix {each * 1e3:.1f} ms, stacked {batched * 1e3:.1f} ms", flush=True)
+    table2 = markdown_table(["matrices", "NS dtype", "count", "stacked calls", "one call per matrix ms",
+                             "stacked ms (incl. torch.stack)", "speed-up from stacking", "GFLOP/s stacked"], rows2)
+    if args.ns_only:
+        table1 = "(optimizer table skipped: --ns-only)"
     md = (f"Model shapes: {args.model} {MODEL_CONFIGS[args.model]}: {len(shapes)} matrices, {ns_gflop:.1f} GFLOP "
           f"of Newton-Schulz per step; {args.threads} thread(s); median of {args.steps} steps after "
           f"{args.warmup} warm-up.\n\n" + table1 + "\n\nNewton-Schulz alone (5 iterations):\n\n" + table2)
     print("\n" + md)
-    save(f"bench_single_process_{args.model}", data, md)
+    save(f"bench_single_process_{args.model}{'_ns' if args.ns_only else ''}", data, md)
 
 
 if __name__ == "__main__":
