@@ -25,8 +25,11 @@ def fresh_store_per_restart() -> bool:
         return False
     if _installed["done"]:
         return True
+    import importlib
+
     import torch.distributed as dist
-    import torch.distributed.rendezvous as rdzv
+
+    rdzv = importlib.import_module("torch.distributed.rendezvous")  # the module, not dist.rendezvous()
 
     original = rdzv._create_c10d_store
     prefix = f"dist_marsm_attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}"
