@@ -54,7 +54,7 @@ class ModelCfg:
 
 @dataclasses.dataclass(frozen=True)
 class TrainCfg:
-    steps: int = 300
+    steps: int = 200
     batch: int = 16
     seq: int = 128
     warmup: int = 20
@@ -86,11 +86,20 @@ LABELS = {
     "marsm_neuron": "MARS-M approx + normalize=neuron",
 }
 
-FULL = dict(model=ModelCfg(), train=TrainCfg(), lrs=(3e-3, 6e-3, 1.2e-2), seeds=(0, 1, 2),
-            gammas=(0.01, 0.05, 0.1), optimizers=tuple(OPTIMIZERS), extend_edges=True, investigate=True)
+# Learning-rate grids. The published peak lr is 6e-3 for both MARS-M and Moonlight-Muon (GPT-2 small,
+# docs/../shared reference-hyperparameters.md). A smoke run showed the Muon family needing a larger lr
+# than AdamW on this tiny model (Moonlight scaling gives matrices an update RMS of 0.2 * lr, while Adam's
+# early updates are closer to lr), so its grid is one octave higher; both grids contain 6e-3 and 1.2e-2.
+ADAMW_LRS = (3e-3, 6e-3, 1.2e-2)
+MUON_LRS = (6e-3, 1.2e-2, 2.4e-2)
+FULL = dict(model=ModelCfg(), train=TrainCfg(),
+            lrs={o: (ADAMW_LRS if o == "adamw" else MUON_LRS) for o in OPTIMIZERS}, seeds=(0, 1, 2),
+            gammas=(0.01, 0.05, 0.1),
+            optimizers=("adamw", "muon", "marsm_approx", "marsm_efficient", "marsm_exact", "normuon"),
+            extend_edges=True, investigate=True)
 QUICK = dict(model=ModelCfg(dim=64, n_layers=2, n_heads=2),
              train=TrainCfg(steps=30, batch=8, seq=64, warmup=5, eval_every=10, eval_seqs=16),
-             lrs=(6e-3,), seeds=(0,), gammas=(), optimizers=tuple(OPTIMIZERS), extend_edges=False,
+             lrs={o: (6e-3,) for o in OPTIMIZERS}, seeds=(0,), gammas=(), optimizers=tuple(OPTIMIZERS), extend_edges=False,
              investigate=False)
 
 
@@ -252,7 +261,7 @@ def train_one(spec: dict) -> dict:
         else:
             loss = closure()
             opt.step()
-        loss = float(loss)
+        loss = float(loss.detach())
         if not math.isfinite(loss):
             train_losses.append(loss)
             break
@@ -322,8 +331,15 @@ def study_runs(study: dict, out: Path, allow_run: bool) -> dict:
     seed0 = study["seeds"][0]
     sweep, best = {}, {}
     # 1. lr sweep at seed 0
-    for opt in study["optimizers"]:
-        sweep[opt] = {lr: get(opt, lr, seed0) for lr in study["lrs"]}
+    # grid points interleaved across optimizers (middle, then high, then low) so that a partial study
+    # (the CPU is shared) already compares every optimizer
+    sweep = {opt: {} for opt in study["optimizers"]}
+    n_grid = max(len(v) for v in study["lrs"].values())
+    for idx in sorted(range(n_grid), key=lambda i: (i != n_grid // 2, -i)):
+        for opt in study["optimizers"]:
+            lrs = study["lrs"][opt]
+            if idx < len(lrs):
+                sweep[opt][lrs[idx]] = get(opt, lrs[idx], seed0)
     # 1b. extend the grid by one point (x2 or /2) where the best lr sits on its edge
     if study["extend_edges"]:
         for opt in study["optimizers"]:
@@ -417,7 +433,7 @@ def aggregate(study: dict, state: dict, out: Path, doc_md: Path, doc_png: Path, 
     any_run = next(iter(results.values()), None)
     summary = {
         "study": {"model": dataclasses.asdict(study["model"]), "train": dataclasses.asdict(study["train"]),
-                  "lrs": list(study["lrs"]), "seeds": list(seeds), "optimizers": list(study["optimizers"]),
+                  "lrs": {o: list(v) for o, v in study["lrs"].items()}, "seeds": list(seeds), "optimizers": list(study["optimizers"]),
                   "optimizer_settings": {k: v[1] for k, v in OPTIMIZERS.items()}},
         "machine": machine_info(results),
         "n_params": any_run["n_params"] if any_run else None,
