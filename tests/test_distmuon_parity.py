@@ -18,8 +18,8 @@ fuses the polynomial into addmm calls, MARSM evaluates a X + (b S + c S S) X wit
 and the normalizations differ (max(n, eps) vs n + eps); each rounds to bf16 at different points. The quintic's
 slope at zero (a = 3.4445, a^5 ~ 490 over 5 iterations) amplifies rounding in directions with small singular
 values, so two bf16 kernels of the same math differ by far more than 2^-8: measured on this model, MARSM bf16
-vs MARSM float32 Newton-Schulz differs by 3-4% per step, DistMuon vs MARSM by 3-4%. Tolerance: 8% (twice that
-spread). Negative controls: Nesterov on (17-18% from the second step on; the first step is the same direction
+vs MARSM float32 Newton-Schulz differs by 3.5-4.3% per step, DistMuon vs MARSM by 3.2-4.0%. Tolerance: 8%
+(about twice that spread). Negative controls: Nesterov on (17-18% from the second step on; the first step is the same direction
 by construction) and the "original" lr scale (26%) must exceed 12%, so the test tells the settings apart.
 (Free-running trajectories are not compared: the bf16 noise compounds through the gradients, and a square
 40 x 40 matrix of rank-deficient gradients makes the per-step kernel spread ~15%, as large as the controls;
