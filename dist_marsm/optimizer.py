@@ -434,7 +434,9 @@ class MARSM(torch.optim.Optimizer):
             p, group, _, view, layout = fg.matrices[pos]
             state = self.state[p]
             local_p = _local(p)
-            if group["variant"] == "approx":
+            if group["variant"] == "approx" and group["gamma"] != 0:
+                if "prev_grad" not in state:  # gamma raised from 0 mid-run: the correction starts now
+                    state["prev_grad"] = torch.zeros_like(p, dtype=_state_dtype(p))
                 _local(state["prev_grad"]).copy_(_local(p.grad))
             if group["variant"] == "exact":
                 _local(state["prev_param"]).copy_(local_p)
@@ -481,7 +483,7 @@ class MARSM(torch.optim.Optimizer):
         dtype = _state_dtype(p)
         state["step"] = torch.tensor(0.0)
         state["momentum"] = torch.zeros_like(p, dtype=dtype)
-        if group["variant"] == "approx":
+        if group["variant"] == "approx" and group["gamma"] != 0:  # gamma = 0 (Muon) never reads it
             state["prev_grad"] = torch.zeros_like(p, dtype=dtype)
         if group["normalize"] == "neuron":
             state["row_second_moment"] = _row_state_like(p, dtype)

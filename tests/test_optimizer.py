@@ -421,3 +421,18 @@ def test_bf16_matmul_emulation_matches_torch_bf16_matmul(monkeypatch):
     native = ns_module.newton_schulz(x, 5, torch.bfloat16)
     assert emulated.dtype == native.dtype == torch.bfloat16
     torch.testing.assert_close(emulated.float(), native.float(), atol=2**-7, rtol=0)
+
+
+def test_gamma_zero_keeps_one_buffer_and_matches_gamma_tiny():
+    """gamma = 0 is Muon: no previous gradient is stored (Muon's memory), and the update is the limit
+    of a tiny gamma (checked against gamma = 1e-12, whose correction is below float32 resolution)."""
+    params, tiny = make_params(), make_params()
+    opt, ref = MARSM(params, lr=0.02, gamma=0.0), MARSM(tiny, lr=0.02, gamma=1e-12)
+    for step in range(3):
+        for ps, o in ((params, opt), (tiny, ref)):
+            for p, g in zip(ps, grads_for(ps, step)):
+                p.grad = g
+            o.step()
+    for p, q in zip(params, tiny):
+        assert "prev_grad" not in opt.state[p] and "prev_grad" in ref.state[q]
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
