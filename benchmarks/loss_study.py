@@ -103,12 +103,18 @@ QUICK = dict(model=ModelCfg(dim=64, n_layers=2, n_heads=2),
              investigate=False)
 
 
-def lr_name(lr: float) -> str:
+def lr_key(lr: float) -> str:
+    """lr in cache file names (one significant digit: names only; the cache checks the exact lr)."""
     return f"{lr:.0e}".replace("e-0", "e-").replace("+0", "")
 
 
+def lr_name(lr: float) -> str:
+    """lr for tables and legends."""
+    return f"{lr:g}"
+
+
 def run_name(opt: str, lr: float, seed: int, gamma: float | None = None, schedule: str = "cosine") -> str:
-    name = f"{opt}_lr{lr_name(lr)}_s{seed}"
+    name = f"{opt}_lr{lr_key(lr)}_s{seed}"
     if gamma is not None:
         name += f"_g{gamma:g}"
     if schedule != "cosine":
@@ -440,7 +446,8 @@ def aggregate(study: dict, state: dict, out: Path, doc_md: Path, doc_png: Path, 
         "val_tokens": any_run["val_tokens"] if any_run else None,
         "adamw_target_subset": target,
         "rows": rows,
-        "sweep": {opt: {lr_name(lr): (r["final_val"] if r else None) for lr, r in sorted(s.items())}
+        "sweep": {opt: {lr_name(lr): (None if r is None else r["final_val"] if math.isfinite(r["final_val"])
+                                      else "diverged") for lr, r in sorted(s.items())}
                   for opt, s in sweep.items()},
         "investigation": _investigation_summary(state["investigation"]),
         "command": command,
@@ -568,12 +575,12 @@ def write_markdown(summary: dict, path: Path, png: Path) -> None:
     lines.append("| optimizer | " + " | ".join(all_lrs) + " |")
     lines.append("|---|" + "---|" * len(all_lrs))
     for opt, s in sweep.items():
-        bestv = min((v for v in s.values() if v is not None and math.isfinite(v)), default=None)
+        bestv = min((v for v in s.values() if isinstance(v, float)), default=None)
         cells = []
         for lr in all_lrs:
             v = s.get(lr)
-            cells.append("" if lr not in s else ("diverged" if v is None or not math.isfinite(v) else
-                                                 (f"**{v:.4f}**" if v == bestv else f"{v:.4f}")))
+            cells.append("" if lr not in s else "not run yet" if v is None else "diverged" if v == "diverged"
+                         else (f"**{v:.4f}**" if v == bestv else f"{v:.4f}"))
         lines.append(f"| {LABELS[opt]} | " + " | ".join(cells) + " |")
     inv = summary["investigation"]
     if inv:
