@@ -331,8 +331,22 @@ def run_one(kind, config, mesh, device, args, world):
     return rec
 
 
+def _owner_ns_per_matrix():
+    """A/B experiment for a proposed library change (benchmark only): the owner orthogonalizes one matrix per
+    call instead of stacking same-shape matrices. Same results; only the batching differs."""
+    import dist_marsm.collectives as collectives
+    from dist_marsm.newton_schulz import newton_schulz, resolve_dtype
+
+    def per_matrix(fulls, entries):
+        return {pos: newton_schulz(full, entries[pos].ns_steps, resolve_dtype(entries[pos].ns_dtype))
+                for pos, full in fulls.items()}
+    collectives._orthogonalize_batched = per_matrix
+
+
 def rank_main(rank, world, port, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if args.owner_ns_per_matrix:
+        _owner_ns_per_matrix()
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -437,6 +451,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ns-reps", type=int, default=3)
     ap.add_argument("--pg-timeout", type=float, default=1800)
+    ap.add_argument("--owner-ns-per-matrix", action="store_true",
+                    help="experiment: MARS-M owners orthogonalize one matrix per call (no stacking)")
     ap.add_argument("--name", default=None, help="results file stem (default bench_distributed_<ranks>r)")
     args = ap.parse_args()
     args.models = args.models.split(",")
