@@ -107,6 +107,10 @@ def _run_rank(recipe) -> int:
     ignored = ignored_optimizer_keys(recipe)
     if ignored and rank == 0:
         logger.info(f"[optimizer] keys not used by {recipe['optimizer']['name']}: {ignored}")
+    from dist_marsm.titan import elastic, fault_injection
+
+    elastic.fresh_store_per_restart()   # torchrun --max-restarts: a fresh rendezvous key space per attempt
+    fault_injection.install_from_env()  # no-op unless DIST_MARSM_FAULT is set (crash-restart tests)
     config = to_trainer_config(recipe)
     trainer = None
     try:

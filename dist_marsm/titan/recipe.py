@@ -194,6 +194,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                optional=True),
         "async_mode": K("str", "disabled", "DCP async save", choices=("disabled", "async",
                                                                        "async_with_pinned_mem")),
+        "exclude_from_loading": K("list[str]", [], "parts not restored on resume (optimizer, lr_scheduler, "
+                                  "dataloader, train_state); resuming at another data-parallel degree needs "
+                                  "[\"dataloader\"]",
+                                  check=lambda v: set(v) <= {"optimizer", "lr_scheduler", "dataloader", "train_state"},
+                                  check_doc="a subset of optimizer, lr_scheduler, dataloader, train_state"),
     },
     "metrics": {
         "log_freq": K("int", 1, "log (and append to metrics.jsonl) every N steps", check=_positive,
@@ -531,6 +536,7 @@ def to_trainer_config(r: Recipe, apply_cpu_shims: bool | None = None):
     from dist_marsm.titan.metrics import MARSMMetricsProcessor
 
     corpus.register_datasets()
+    on_accelerator = not (apply_cpu_shims or (apply_cpu_shims is None and cpu_shims.needs_cpu_shims()))
     j, m, t, p = r["job"], r["model"], r["training"], r["parallelism"]
     ls, c, mt = r["lr_scheduler"], r["checkpoint"], r["metrics"]
     for key in ("dataset", "validation_dataset"):
@@ -555,7 +561,10 @@ def to_trainer_config(r: Recipe, apply_cpu_shims: bool | None = None):
                                                   decay_type=ls["decay_type"], min_lr_factor=ls["min_lr_factor"]),
         training=TrainingConfig(local_batch_size=t["local_batch_size"], global_batch_size=t["global_batch_size"],
                                 seq_len=t["seq_len"], max_norm=t["max_norm"], steps=t["steps"], dtype=t["dtype"],
-                                mixed_precision_param=t["mixed_precision_param"], gc_freq=t["gc_freq"]),
+                                mixed_precision_param=t["mixed_precision_param"], gc_freq=t["gc_freq"],
+                                # torchtitan rejects pipeline parallelism with CUDA graphs when the config
+                                # is built; CPUs have none.
+                                disable_cuda_graphs=p["pipeline_parallel_degree"] > 1 or not on_accelerator),
         dataloader=HuggingFaceTextDataLoader.Config(dataset=t["dataset"], dataset_path=t["dataset_path"]),
         parallelism=ParallelismConfig(
             data_parallel_shard_degree=p["data_parallel_shard_degree"],
@@ -572,7 +581,8 @@ def to_trainer_config(r: Recipe, apply_cpu_shims: bool | None = None):
                                             keep_latest_k=c["keep_latest_k"],
                                             last_save_model_only=c["last_save_model_only"],
                                             load_step=c["load_step"], initial_load_path=c["initial_load_path"],
-                                            async_mode=c["async_mode"]),
+                                            async_mode=c["async_mode"],
+                                            exclude_from_loading=list(c["exclude_from_loading"])),
         activation_checkpoint=ac,
         compile=CompileConfig(enable=t["compile"]),
         metrics=MARSMMetricsProcessor.Config(log_freq=mt["log_freq"], enable_tensorboard=mt["enable_tensorboard"],
