@@ -551,16 +551,17 @@ def write_markdown(summary: dict, path: Path, png: Path) -> None:
              f"{t['warmup']} steps then cosine to {t['min_lr_frac']:.0%} of the peak, weight decay "
              f"{t['weight_decay']}, global grad-norm clip {t['grad_clip']}.",
              "",
-             "| optimizer | best lr | final val loss, mean ± std | seeds (min..max) | Δ vs Muon (paired) | Δ vs AdamW (paired) | steps to AdamW's final loss | grad evals/step | s/run |",
+             "| optimizer | lr (best of the sweep points run so far) | final val loss, mean ± std | seeds (min..max) | Δ vs Muon (paired) | Δ vs AdamW (paired) | steps to AdamW's final loss | grad evals/step | s/run |",
              "|---|---|---|---|---|---|---|---|---|"]
     order = sorted(rows, key=lambda o: rows[o]["final_val_mean"])
     for opt in order:
         r = rows[opt]
         dm, da = r.get("paired_diff_vs_muon"), r.get("paired_diff_vs_adamw")
-        pd = lambda d: "—" if not d or d["n"] == 0 else f"{d['mean']:+.4f} ± {d['std']:.4f}"
+        pd = lambda d: ("—" if not d or d["n"] == 0 else f"{d['mean']:+.4f}" +
+                       (f" ± {d['std']:.4f}" if d["n"] > 1 else " (1 seed)"))
         stp = r["steps_to_adamw"]
         stp_txt = "not reached" if stp is None else f"{stp:.0f} / {t['steps']}"
-        lines.append(f"| {LABELS[opt]} | {lr_name(r['lr'])} | {fmt(r['final_val_mean'])} ± {fmt(r['final_val_std'])} "
+        lines.append(f"| {LABELS[opt]} | {lr_name(r['lr'])} | {fmt(r['final_val_mean'])} ± {fmt(r['final_val_std']) if r['n_seeds'] > 1 else 'n/a (1 seed)'} "
                      f"| {r['n_seeds']} ({fmt(r['final_val_min'])}..{fmt(r['final_val_max'])}) | {pd(dm)} | {pd(da)} "
                      f"| {stp_txt} "
                      f"| {r['grad_evals_per_step']:.0f} | {r['train_time_s_mean']:.0f} |")
@@ -637,7 +638,7 @@ def main(argv=None) -> int:
     summary = aggregate(study, state, out, doc_md, doc_png, command)
     for opt in sorted(summary["rows"], key=lambda o: summary["rows"][o]["final_val_mean"]):
         r = summary["rows"][opt]
-        print(f"{LABELS[opt]:45s} lr {lr_name(r['lr']):6s} val {fmt(r['final_val_mean'])} ± {fmt(r['final_val_std'])} "
+        print(f"{LABELS[opt]:45s} lr {lr_name(r['lr']):6s} val {fmt(r['final_val_mean'])} ± {fmt(r['final_val_std']) if r['n_seeds'] > 1 else 'n/a (1 seed)'} "
               f"(n={r['n_seeds']}) steps->AdamW {r['steps_to_adamw']}")
     print(f"wrote {out / 'summary.json'}, {doc_md}, {doc_png}")
     return 0
