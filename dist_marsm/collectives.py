@@ -60,11 +60,21 @@ def _orthogonalize_batched(fulls: dict[int, torch.Tensor], entries: list[MatrixE
         by_kind[(tuple(full.shape), e.ns_steps, e.ns_dtype)].append(pos)
     out = {}
     for (shape, steps, dtype), positions in by_kind.items():
-        stacked = torch.stack([fulls[p] for p in positions]) if len(positions) > 1 else fulls[positions[0]].unsqueeze(0)
-        result = newton_schulz(stacked, steps, resolve_dtype(dtype))
-        for k, pos in enumerate(positions):
-            out[pos] = result[k]
+        if _stack_pays_off(fulls[positions[0]]):
+            result = newton_schulz(torch.stack([fulls[p] for p in positions]), steps, resolve_dtype(dtype))
+            for k, pos in enumerate(positions):
+                out[pos] = result[k]
+        else:
+            for pos in positions:
+                out[pos] = newton_schulz(fulls[pos], steps, resolve_dtype(dtype))
     return out
+
+
+def _stack_pays_off(matrix: torch.Tensor) -> bool:
+    """Stacking saves kernel launches (GPUs) and per-call overhead (small matrices), but on CPUs it
+    made large matrices slower: 0.68-0.84x for the debug model's 256 x 688 weights, 1.4x faster for
+    128 x 64 ones (benchmarks/bench_single_process.py)."""
+    return matrix.device.type != "cpu" or min(matrix.shape[-2:]) <= 128
 
 
 class OwnerCompute:
@@ -75,6 +85,7 @@ class OwnerCompute:
         self.wire_dtype = wire_dtype
         self.bytes_sent = 0
         self.ns_matrices = 0
+        self.device = torch.device("cpu")
 
     def run(self, local_inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """``local_inputs`` maps entry position -> this rank's block (shape of its layout block).
@@ -89,6 +100,7 @@ class OwnerCompute:
         buckets = [b for b in buckets if b]
         if not buckets:
             return outputs
+        self.device = next(iter(local_inputs.values())).device
         gather = self._start_gather(buckets[0], local_inputs)
         scatters = []
         for k, bucket in enumerate(buckets):
@@ -127,7 +139,7 @@ class OwnerCompute:
             if e.owner != me:
                 continue
             # Assembled in the input's dtype: only blocks that travel are rounded to the wire dtype.
-            full = torch.empty(e.shape, dtype=local_inputs[pos].dtype)
+            full = torch.empty(e.shape, dtype=local_inputs[pos].dtype, device=local_inputs[pos].device)
             for q in e.senders(me):
                 block = e.layout.blocks[q]
                 values = local_inputs[pos] if q == me else pieces[q].pop(block_numel(block))
@@ -169,8 +181,8 @@ class OwnerCompute:
         if plan.world == 1 or (sum(send_sizes) == 0 and sum(recv_sizes) == 0 and plan.group is None):
             return None, recv_sizes, None
         flat = [t.to(self.wire_dtype) for parts in send_parts for t in parts]
-        send = torch.cat(flat) if flat else torch.empty(0, dtype=self.wire_dtype)
-        recv = torch.empty(sum(recv_sizes), dtype=self.wire_dtype)
+        send = torch.cat(flat) if flat else torch.empty(0, dtype=self.wire_dtype, device=self.device)
+        recv = torch.empty(sum(recv_sizes), dtype=self.wire_dtype, device=self.device)
         self.bytes_sent += send.numel() * send.element_size()
         work = dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=plan.group, async_op=True)
         return work, recv_sizes, recv

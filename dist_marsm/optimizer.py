@@ -72,6 +72,7 @@ class _FlatGroup:
     others: list = field(default_factory=list)     # (param, group dict, name): AdamW-routed
     plan: GroupPlan | None = None
     engine: OwnerCompute | None = None
+    device: torch.device = torch.device("cpu")   # where the parameters' local shards live
 
 
 class MARSM(torch.optim.Optimizer):
@@ -262,7 +263,7 @@ class MARSM(torch.optim.Optimizer):
                 ranks, my_rank, pg, layout, view = self._placement(p, group)
                 fg = by_ranks.get(ranks)
                 if fg is None:
-                    fg = by_ranks[ranks] = _FlatGroup(ranks, my_rank, pg)
+                    fg = by_ranks[ranks] = _FlatGroup(ranks, my_rank, pg, device=_local(p).device)
                 if group["use_mars"]:
                     fg.matrices.append((p, group, name, view, layout))
                 else:
@@ -340,7 +341,7 @@ class MARSM(torch.optim.Optimizer):
             offsets.append(offsets[-1] + n)
         n_params = len(fg.matrices) + len(fg.others)
         # [per-matrix squared norms | has-grad per param | non-finite per param]
-        values = torch.zeros(offsets[-1] + 2 * n_params, dtype=torch.float32)
+        values = torch.zeros(offsets[-1] + 2 * n_params, dtype=torch.float32, device=fg.device)
         flags = offsets[-1]
         corrected = {}
         for pos, (p, group, name, view, layout) in enumerate(fg.matrices):
@@ -360,7 +361,7 @@ class MARSM(torch.optim.Optimizer):
             if not torch.isfinite(sq).all():
                 values[flags + n_params + pos] = 1.0
             if layout.replica_keys[fg.my_rank] == layout.replica_keys[0]:
-                idx = _leading_indices(layout, fg.my_rank, view)
+                idx = _leading_indices(layout, fg.my_rank, view, fg.device)
                 values[offsets[pos]: offsets[pos + 1]].index_add_(0, idx, sq)
             corrected[pos] = c
         others_with_grad = [(k, p) for k, (p, _, _) in enumerate(fg.others) if p.grad is not None]
@@ -387,7 +388,7 @@ class MARSM(torch.optim.Optimizer):
             group, layout, view = fg.matrices[pos][1], fg.matrices[pos][4], fg.matrices[pos][3]
             if group["clip"] and group["variant"] != "efficient":
                 scale = mars_math.unit_clip_scale(sq_norms[offsets[pos]: offsets[pos + 1]])
-                local_scale = scale[_leading_indices(layout, fg.my_rank, view)]
+                local_scale = scale[_leading_indices(layout, fg.my_rank, view, fg.device)]
                 c = c * local_scale.view(*c.shape[:-2], 1, 1).to(c.dtype)
             staged[pos] = c
         return staged
@@ -459,7 +460,7 @@ class MARSM(torch.optim.Optimizer):
         for pos in positions:
             offsets[pos] = total
             total += fg.plan.entries[pos].num_matrices
-        sums = torch.zeros(2 * total, dtype=torch.float32)
+        sums = torch.zeros(2 * total, dtype=torch.float32, device=fg.device)
         normalized = {}
         for pos in positions:
             p, group, name, view, layout = fg.matrices[pos]
@@ -468,14 +469,14 @@ class MARSM(torch.optim.Optimizer):
             o_n = mars_math.neuron_normalize(o, v, group["normuon_beta2"], 1e-8)
             normalized[pos] = o_n
             if layout.replica_keys[fg.my_rank] == layout.replica_keys[0]:
-                idx = _leading_indices(layout, fg.my_rank, view) + offsets[pos]
+                idx = _leading_indices(layout, fg.my_rank, view, fg.device) + offsets[pos]
                 sums[:total].index_add_(0, idx, o.square().sum(dim=(-2, -1)).reshape(-1))
                 sums[total:].index_add_(0, idx, o_n.square().sum(dim=(-2, -1)).reshape(-1))
         self._all_reduce(sums, fg)
         ratio = (sums[:total] / sums[total:].clamp_min(1e-20)).sqrt()
         for pos, o_n in normalized.items():
             p, group, name, view, layout = fg.matrices[pos]
-            local_ratio = ratio[_leading_indices(layout, fg.my_rank, view) + offsets[pos]]
+            local_ratio = ratio[_leading_indices(layout, fg.my_rank, view, fg.device) + offsets[pos]]
             outputs[pos] = o_n * local_ratio.view(*o_n.shape[:-2], 1, 1)
 
     def _init_mars_state(self, p: torch.Tensor, group: dict) -> None:
@@ -550,12 +551,12 @@ def _block_shape(layout: Layout, rank: int) -> list[int]:
     return [index_len(i) for i in layout.blocks[rank]]
 
 
-def _leading_indices(layout: Layout, rank: int, view: tuple[int, ...]) -> torch.Tensor:
+def _leading_indices(layout: Layout, rank: int, view: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Global positions of this rank's local matrices within the flattened leading (batch) dims."""
     lead = view[:-2]
     if not lead:
-        return torch.zeros(1, dtype=torch.long)
-    grid = torch.arange(math.prod(lead)).view(lead)
+        return torch.zeros(1, dtype=torch.long, device=device)
+    grid = torch.arange(math.prod(lead), device=device).view(lead)
     return take_block(grid, layout.blocks[rank][:-2]).reshape(-1)
 
 

@@ -48,7 +48,8 @@ def take_block(full: torch.Tensor, block: tuple[Index, ...]) -> torch.Tensor:
     """The sub-tensor of ``full`` selected by one index set per dim (a copy only where needed)."""
     out = full
     for dim, index in enumerate(block):
-        out = out[(slice(None),) * dim + (index,)] if isinstance(index, slice) else out.index_select(dim, index)
+        out = out[(slice(None),) * dim + (index,)] if isinstance(index, slice) else out.index_select(
+            dim, index.to(out.device))
     return out
 
 
@@ -60,7 +61,7 @@ def put_block(full: torch.Tensor, block: tuple[Index, ...], values: torch.Tensor
     ndim = len(block)
     grids = []
     for dim, index in enumerate(block):
-        t = torch.arange(index.start, index.stop) if isinstance(index, slice) else index
+        t = torch.arange(index.start, index.stop, device=full.device) if isinstance(index, slice) else index.to(full.device)
         grids.append(t.view((1,) * dim + (-1,) + (1,) * (ndim - dim - 1)))
     full.index_put_(tuple(grids), values)
 
@@ -160,7 +161,7 @@ def assign_owners(costs: list[float], world: int, policy: str) -> tuple[list[int
 
     round_robin: item i -> i mod world, in the given order (the design card's baseline).
     largest_first: items sorted by cost, largest first, each to the least-loaded rank so far
-    (the LPT rule: its makespan is within 4/3 of optimal; see benchmarks/bench_plan_balance.py).
+    (the LPT rule: its makespan is within 4/3 of optimal; see benchmarks/plan_balance.py).
     """
     if policy not in OWNER_POLICIES:
         raise ValueError(f"owner_policy must be one of {OWNER_POLICIES}, got {policy!r}")
