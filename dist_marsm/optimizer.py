@@ -153,6 +153,7 @@ class MARSM(torch.optim.Optimizer):
         self.nonfinite_skips = 0
         self.last_step_stats: dict = {}
         self._allreduce_bytes = 0
+        self._exact_in_use = False
         self._flat_groups: list[_FlatGroup] | None = None
         self._plan_key = None
         super().__init__(params, defaults)
@@ -219,7 +220,7 @@ class MARSM(torch.optim.Optimizer):
         at the previous iterate x_{t-1} (to get g(x_{t-1}; batch_t) for the correction) and at x_t.
         """
         start = time.perf_counter()
-        exact = any(g["use_mars"] and g["variant"] == "exact" for g in self.param_groups)
+        exact = self._exact_in_use = any(g["use_mars"] and g["variant"] == "exact" for g in self.param_groups)
         prev_grads: dict = {}
         if exact:
             if closure is None:
@@ -495,6 +496,11 @@ class MARSM(torch.optim.Optimizer):
         by_setting = defaultdict(list)
         for p, group, _ in items:
             state = self.state[p]
+            if self._exact_in_use:  # the exact variant rewinds the whole model, AdamW-routed parameters too
+                if "prev_param" not in state:
+                    state["prev_param"] = p.detach().clone()
+                else:
+                    _local(state["prev_param"]).copy_(_local(p))
             if "step" not in state:
                 dtype = _state_dtype(p)
                 state["step"] = torch.tensor(0.0)
@@ -516,18 +522,23 @@ class MARSM(torch.optim.Optimizer):
 
     # -- exact variant ---------------------------------------------------------------
     def _exact_gradients(self, closure, prev_grads: dict):
-        """Gradients at x_{t-1} on the current batch (into ``prev_grads``), then at x_t; returns the loss."""
+        """Gradients at x_{t-1} on the current batch (into ``prev_grads``), then at x_t; returns the loss.
+
+        Every parameter that has a previous iterate is rewound (the AdamW-routed ones too), so the
+        correction's gradient is taken at the whole model's x_{t-1}, not at a mix of old and new values.
+        """
         exact = [p for g in self.param_groups if g["use_mars"] and g["variant"] == "exact" for p in g["params"]
                  if "prev_param" in self.state[p]]
+        rewound = [p for g in self.param_groups for p in g["params"] if "prev_param" in self.state[p]]
         if exact:
-            current = [_local(p).clone() for p in exact]
-            for p in exact:
+            current = [_local(p).clone() for p in rewound]
+            for p in rewound:
                 _local(p).copy_(_local(self.state[p]["prev_param"]))
             with torch.enable_grad():
                 closure()
             for p in exact:
                 prev_grads[p] = _local(p.grad).clone() if p.grad is not None else torch.zeros_like(_local(p))
-            for p, saved in zip(exact, current):
+            for p, saved in zip(rewound, current):
                 _local(p).copy_(saved)
         with torch.enable_grad():
             return closure()

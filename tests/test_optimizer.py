@@ -436,3 +436,40 @@ def test_gamma_zero_keeps_one_buffer_and_matches_gamma_tiny():
     for p, q in zip(params, tiny):
         assert "prev_grad" not in opt.state[p] and "prev_grad" in ref.state[q]
         torch.testing.assert_close(p, q, atol=0, rtol=0)
+
+
+def test_exact_rewinds_the_whole_model_including_adamw_params():
+    """The exact variant's first closure call must see the whole previous iterate x_{t-1}: the MARS-M
+    matrix and the AdamW-routed vector both at their values before the previous step, and the second
+    call the current x_t. Checked by recording what the closure sees against snapshots taken here."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, requires_grad=True)
+    s = torch.randn(3, requires_grad=True)
+    x, y = torch.randn(4, 5), torch.randn(3, 5)
+    opt = MARSM([{"params": [w], "use_mars": True}, {"params": [s], "use_mars": False}], lr=0.05,
+                variant="exact", ns_dtype="float32")
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        seen.append((w.detach().clone(), s.detach().clone()))
+        loss = ((w @ x) * s[:, None] - y).square().mean()
+        loss.backward()
+        return loss
+
+    history = [(w.detach().clone(), s.detach().clone())]
+    for _ in range(3):
+        seen.clear()
+        opt.step(closure)
+        calls = list(seen)
+        history.append((w.detach().clone(), s.detach().clone()))
+        if len(history) == 2:
+            assert len(calls) == 1  # first step: no previous iterate yet
+            continue
+        assert len(calls) == 2
+        prev, cur = history[-3], history[-2]
+        for seen_t, want in zip(calls[0], prev):
+            assert torch.equal(seen_t, want), "first closure call is not at x_{t-1}"
+        for seen_t, want in zip(calls[1], cur):
+            assert torch.equal(seen_t, want), "second closure call is not at x_t"
+    assert not torch.equal(history[-1][1], history[-2][1])  # s really moves, so the check has teeth
