@@ -200,3 +200,25 @@ def save(name: str, data: dict, markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (RESULTS / f"{name}.md").write_text(header + markdown + "\n")
     print(f"\nsaved {RESULTS / (name + '.json')} and {RESULTS / (name + '.md')}")
+
+
+class Combined:
+    """Several optimizers stepped together (a Muon for matrices + AdamW for the rest)."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def state(self):
+        merged = {}
+        for o in self.optimizers:
+            merged.update(o.state)
+        return merged

@@ -39,7 +39,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import (MODEL_CONFIGS, fmt, human_bytes, lm_loss, make_model, markdown_table, matrix_shapes,  # noqa: E402
+from _common import (Combined, MODEL_CONFIGS, fmt, human_bytes, lm_loss, make_model, markdown_table, matrix_shapes,  # noqa: E402
                      median, save)
 
 # ============================================================ per-model configuration, one function each
@@ -143,28 +143,6 @@ class NaiveFSDPMuon(torch.optim.Optimizer):
                 local.mul_(1 - group["lr"] * group["weight_decay"])
                 local.add_(mine.to(local.dtype), alpha=-group["lr"] * 0.2 * math.sqrt(max(shape[-2], shape[-1])))
         return None
-
-
-class Combined:
-    """Several optimizers stepped together (a Muon for matrices + AdamW for the rest)."""
-
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
-
-    def step(self):
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none=True):
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    @property
-    def state(self):
-        merged = {}
-        for o in self.optimizers:
-            merged.update(o.state)
-        return merged
 
 
 # ============================================================ the optimizers compared

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import MODEL_CONFIGS, make_model, markdown_table, median, save  # noqa: E402
+from _common import Combined, MODEL_CONFIGS, make_model, markdown_table, median, save  # noqa: E402
 
 from dist_marsm import MARSM, build_param_groups  # noqa: E402
 from dist_marsm.newton_schulz import newton_schulz, newton_schulz_flops  # noqa: E402
@@ -52,20 +52,12 @@ def optimizers(model):
     def adamw(params):
         return torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=WD, foreach=True)
 
-    class Pair:
-        def __init__(self, *opts):
-            self.opts = opts
-
-        def step(self):
-            for o in self.opts:
-                o.step()
-
     return {
         "torch.optim.AdamW (foreach), all params": lambda: adamw(model.parameters()),
-        "torch.optim.Muon (nesterov=False, match_rms_adamw) + AdamW": lambda: Pair(
+        "torch.optim.Muon (nesterov=False, match_rms_adamw) + AdamW": lambda: Combined(
             torch.optim.Muon(mats, lr=LR, weight_decay=WD, nesterov=False, adjust_lr_fn="match_rms_adamw"),
             adamw(rest)),
-        "torch.optim.Muon default (Nesterov) + AdamW": lambda: Pair(
+        "torch.optim.Muon default (Nesterov) + AdamW": lambda: Combined(
             torch.optim.Muon(mats, lr=LR, weight_decay=WD), adamw(rest)),
         "MARSM approx (default)": lambda: MARSM(build_param_groups(model), lr=LR, weight_decay=WD),
         "MARSM efficient": lambda: MARSM(build_param_groups(model), lr=LR, weight_decay=WD, variant="efficient"),
