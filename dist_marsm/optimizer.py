@@ -392,8 +392,12 @@ class MARSM(torch.optim.Optimizer):
                     raise RuntimeError(f"MARSM: parameter {a[0]} differs between rank {fg.ranks[0]} and rank "
                                        f"{fg.ranks[rank]}: {_describe_difference(a, b)}")
             if their_settings != ref_settings:
-                raise RuntimeError(f"MARSM: settings differ between rank {fg.ranks[0]} and rank {fg.ranks[rank]}: "
-                                   f"{_describe_settings(ref_settings, their_settings)}")
+                differing = [gi for (gi, a), (_, b) in zip(ref_settings[1], their_settings[1]) if a != b]
+                first = next((m.name for m in fg.matrices if differing and m.group_index == differing[0]),
+                             next((n for _, gi, n in fg.others if differing and gi == differing[0]), None))
+                subject = f"parameter {first} differs" if first else "settings differ"
+                raise RuntimeError(f"MARSM: {subject} between rank {fg.ranks[0]} and rank {fg.ranks[rank]}: settings "
+                                   f"differ: {_describe_settings(ref_settings, their_settings)}")
 
     # -- stage: element-wise math + the one all-reduce ------------------------------
     def _stage(self, fg: _FlatGroup, prev_grads: dict):
@@ -599,7 +603,9 @@ class MARSM(torch.optim.Optimizer):
                 param_dst.append(_local(state["prev_param"]))
                 param_src.append(local_p)
             steps.append(state["step"])
-            u = outputs[pos].reshape(local_p.shape)
+            u = outputs[pos]
+            if u.shape != local_p.shape:
+                u = u.reshape(local_p.shape)
             key = (group["lr"], group["weight_decay"], m.lr_scale, u.dtype)
             update[key][0].append(local_p)
             update[key][1].append(u)
