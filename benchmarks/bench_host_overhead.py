@@ -104,7 +104,21 @@ def measure(kind: str, world: int, rank: int, steps: int) -> dict:
         row[f"{name} ops/step"] = total.count
         if isinstance(opt, MARSM):
             row["MARSM stage ops"] = counter.count
+            row["allreduce bytes/step"] = opt.last_step_stats["allreduce_bytes"]
+            row["agreement digest us/step"] = _digest_cost_us(opt)
     return row
+
+
+def _digest_cost_us(opt: MARSM, reps: int = 200) -> float:
+    """Host time of the cross-rank settings agreement per step: the digest of every flat group's settings
+    (its four float64 values ride in the step's existing all-reduce, so it adds no collective)."""
+    from dist_marsm import settings
+
+    start = time.perf_counter()
+    for _ in range(reps):
+        for fg in opt._flat_groups:
+            settings.digest(opt._agreed(fg))
+    return (time.perf_counter() - start) / reps * 1e6
 
 
 def _rank_main(rank, world, port, kinds, steps, queue):
@@ -153,11 +167,12 @@ def main():
     for world in map(int, args.ranks.split(",")):
         rows += run(kinds, world, args.steps)
     headers = ["model", "ranks", "matrices", "MARSM step", "AdamW foreach step", "MARSM / AdamW",
-               "MARSM ops/step", "of which stage", "AdamW ops/step"]
+               "MARSM ops/step", "of which stage", "AdamW ops/step", "agreement check", "all-reduce"]
     table = [[("%s x 16x16" % r["kind"]) if r["kind"] != "debug" else "debug model", r["ranks"], r["matrices"],
               f"{r['MARSM ms']:.1f} ms", f"{r['AdamW foreach ms']:.1f} ms",
               f"{r['MARSM ms'] / r['AdamW foreach ms']:.2f}x", r["MARSM ops/step"], r["MARSM stage ops"],
-              r["AdamW foreach ops/step"]] for r in rows]
+              r["AdamW foreach ops/step"], f"{r['agreement digest us/step']:.0f} us",
+              f"{r['allreduce bytes/step']} B"] for r in rows]
     md = markdown_table(headers, table)
     print(md)
     save("bench_host_overhead", {"rows": rows}, md)

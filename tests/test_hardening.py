@@ -110,8 +110,10 @@ def test_add_param_group_without_use_mars_is_routed_by_ndim_and_steps():
     a, w, b = _matrix(), _matrix(1, (5, 3)), torch.zeros(5, requires_grad=True)
     opt = MARSM([a], lr=0.01)
     opt.add_param_group({"params": [w, b]})
-    assert [g["use_mars"] for g in opt.param_groups] == [True, True, False]
-    for t in (a, w, b):
+    single = _matrix(2, (3, 3))
+    opt.add_param_group({"params": single})   # one tensor, not a list, as torch.optim accepts
+    assert [g["use_mars"] for g in opt.param_groups] == [True, True, False, True]
+    for t in (a, w, b, single):
         t.grad = torch.ones_like(t)
     opt.step()
     assert "exp_avg" in opt.state[b] and "momentum" in opt.state[w]
