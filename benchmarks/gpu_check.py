@@ -1139,7 +1139,8 @@ def write(out_dir: Path, report: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(HERE / "results" / "gpu_check"), help="folder for gpu_check.json/.md")
+    ap.add_argument("--out", default=None, help="folder for gpu_check.json/.md (default benchmarks/results/gpu_check; "
+                    "with --cpu-smoke outputs/gpu_check_smoke, which git ignores: smoke numbers are no results)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, CPU, gloo: the CI check of the code paths")
     ap.add_argument("--parts", default=",".join(n for n, _ in PARTS), help="comma-separated subset of the parts")
     ap.add_argument("--total-s", type=float, default=None, help="overall budget; later parts are skipped past it")
@@ -1157,12 +1158,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
     # A hang (a collective that never completes, say) prints every thread's stack and ends the run; the JSON of
     # the parts done so far is already written.
-    faulthandler.dump_traceback_later(cfg.total_s + 75, exit=True)
+    faulthandler.dump_traceback_later(cfg.total_s + 50, exit=True)
     wanted = args.parts.split(",")
     unknown = [w for w in wanted if w not in dict(PARTS)]
     if unknown:
         ap.error(f"unknown part(s) {unknown}; the parts are {[n for n, _ in PARTS]}")
-    out_dir = Path(args.out)
+    out_dir = Path(args.out) if args.out else (REPO / "outputs" / "gpu_check_smoke" if cfg.smoke
+                                               else HERE / "results" / "gpu_check")
     start = time.perf_counter()
     report = {"smoke": cfg.smoke, "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "tolerances": TOL,
