@@ -391,6 +391,11 @@ def ensure_process_group(cfg: Config) -> dict:
         t = time.perf_counter()
         dist.init_process_group(cfg.backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                 timeout=datetime.timedelta(seconds=120))
+        one = torch.ones(1, device=cfg.device)
+        dist.all_reduce(one)   # NCCL builds its communicator lazily: make a failure show here, first
+        sync(cfg.device)
+        if float(one) != 1.0:
+            raise RuntimeError(f"all_reduce over one rank changed 1.0 to {float(one)}")
         ensure_process_group.init_s = round(time.perf_counter() - t, 2)
     return {"backend": dist.get_backend(), "world_size": dist.get_world_size(),
             "init_s": getattr(ensure_process_group, "init_s", None)}
@@ -1110,6 +1115,21 @@ PARTS = [("environment", part_environment), ("correctness", part_correctness),
          ("training", part_training), ("owner_engine", part_owner_engine)]
 
 
+def jsonable(x):
+    """Plain JSON types all the way down (dict keys as strings, tensors and other objects as numbers or text)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if torch.is_tensor(x):
+        return x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)
+
+
 def write(out_dir: Path, report: dict) -> str:
     parts = report["parts"]
     rows = [[name, p["status"], f"{p['wall_s']:.1f}", p["budget_s"],
@@ -1132,7 +1152,7 @@ def write(out_dir: Path, report: dict) -> str:
         if p.get("error"):
             md += f"\n\nError:\n\n```\n{p['error']}\n```"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out_dir / "gpu_check.json").write_text(json.dumps(jsonable(report), indent=2) + "\n")
     (out_dir / "gpu_check.md").write_text(md + "\n")
     return md
 
