@@ -28,10 +28,12 @@ from dist_marsm.owner_plan import (
     GroupPlan,
     Layout,
     MatrixEntry,
+    block_numel,
     build_group_plan,
     dtensor_layout,
     index_len,
     replicated_layout,
+    split_units,
     take_block,
 )
 from dist_marsm.settings import GROUP_SETTINGS, OPTIMIZER_SETTINGS
@@ -72,6 +74,7 @@ class _Matrix:
     slot_list: list[int]            # the same, on the host
     contributes: bool               # this rank's block counts towards the global norms (its replica is the first)
     lr_scale: float
+    units: list = field(default_factory=list)   # (plan entry position, Unit): what the owners orthogonalize
 
 
 @dataclass
@@ -338,8 +341,19 @@ class MARSM(torch.optim.Optimizer):
                     raise ValueError(f"MARSM: normalize='neuron' needs whole rows on each rank; {m.name} is split "
                                      f"along its columns ({m.layout.placements}), as a rowwise tensor-parallel "
                                      "weight is. Put it in a group with normalize=None.")
-                entries.append(MatrixEntry(pos, m.name, m.view, m.layout, g["ns_steps"], g["ns_dtype"],
-                                           g["ns_method"], g["ns_coefficients"]))
+                try:
+                    units = split_units(m.view, m.layout, fg.my_rank, g["ns_head_dim"])
+                except ValueError as e:
+                    raise ValueError(f"MARSM: {m.name}: {e} (param group {m.group_index} ns_head_dim)") from None
+                if g["ns_head_dim"] is not None:
+                    m.lr_scale = mars_math.lr_scale((g["ns_head_dim"], m.view[-1]), g["lr_adjust"])
+                m.units = []
+                for u in units:
+                    empty = None if block_numel(u.layout.blocks[fg.my_rank]) else torch.empty(
+                        [index_len(i) for i in u.layout.blocks[fg.my_rank]], device=fg.device)
+                    m.units.append((len(entries), u, empty))
+                    entries.append(MatrixEntry(len(entries), m.name + u.label, u.shape, u.layout, g["ns_steps"],
+                                               g["ns_dtype"], g["ns_method"], g["ns_coefficients"], holder=u.holder))
             offset = 0
             for m in fg.matrices:
                 m.slots = _leading_indices(m.layout, fg.my_rank, m.view, fg.device) + offset
@@ -587,9 +601,46 @@ class MARSM(torch.optim.Optimizer):
             ns_in = mars_math.efficient_momentum_updates([m for _, m, _ in items], [c for _, _, c in items], beta, gamma)
             for (pos, _, _), x in zip(items, ns_in):
                 inputs[pos] = x
-        outputs = fg.engine.run(inputs)
+        outputs = self._assemble(fg, fg.engine.run(self._unit_inputs(fg, inputs)), staged)
         self._neuron_normalize(fg, outputs)
         self._apply(fg, staged, outputs)
+
+    @staticmethod
+    def _unit_inputs(fg: _FlatGroup, inputs: dict) -> dict:
+        """Each plan unit's block of this rank's NS inputs (a view where the unit is the whole local block)."""
+        out = {}
+        me = fg.my_rank
+        for pos, x in inputs.items():
+            for epos, u, empty in fg.matrices[pos].units:
+                if empty is not None:
+                    out[epos] = empty.to(x.dtype) if empty.dtype != x.dtype else empty
+                elif u.lead_pos is None:
+                    shape = [index_len(i) for i in u.layout.blocks[me]]
+                    out[epos] = x if list(x.shape) == shape else x.reshape(shape)
+                else:
+                    out[epos] = x.reshape(-1, *x.shape[-2:])[u.lead_pos[:, None], u.row_pos]
+        return out
+
+    @staticmethod
+    def _assemble(fg: _FlatGroup, unit_outputs: dict, staged: dict) -> dict:
+        """This rank's block of every matrix's update, put together from its units' results."""
+        outputs = {}
+        for pos in staged:
+            m = fg.matrices[pos]
+            if len(m.units) == 1 and m.units[0][1].lead_pos is None:
+                outputs[pos] = unit_outputs[m.units[0][0]]
+                continue
+            parts = [(u, unit_outputs[epos]) for epos, u, empty in m.units if empty is None]
+            if len(parts) == 1 and parts[0][0].lead_pos is None:
+                outputs[pos] = parts[0][1].reshape(m.block_shape)
+                continue
+            full = torch.empty(m.block_shape, dtype=parts[0][1].dtype if parts else fg.engine.wire_dtype,
+                               device=fg.device)
+            rows = full.view(-1, *m.block_shape[-2:])
+            for u, result in parts:
+                rows[u.lead_pos[:, None], u.row_pos] = result.to(full.dtype)
+            outputs[pos] = full
+        return outputs
 
     def _apply(self, fg: _FlatGroup, staged: dict, outputs: dict) -> None:
         """Keep what the next step reads, then W *= 1 - lr * wd; W -= lr * scale * update, grouped by value."""
