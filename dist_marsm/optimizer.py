@@ -12,6 +12,8 @@ Every setting is declared once, in :mod:`dist_marsm.settings`.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import time
 from collections import defaultdict
@@ -103,46 +105,25 @@ class MARSM(torch.optim.Optimizer):
         params: parameters or param groups. A group's ``use_mars`` flag routes it (False -> AdamW);
             a group without the flag is split in two by ndim (matrices -> MARS-M). Use
             :func:`dist_marsm.build_param_groups` to also send embeddings and the output head to AdamW.
-        lr, momentum, gamma, weight_decay, variant, clip, ns_steps, ns_dtype, lr_adjust, matrix_view,
-        adamw_betas, adamw_eps, normalize, normuon_beta2, ns_method, ns_coefficients: per-group settings (a group may override
-            each); ``wire_dtype``, ``bucket_mb``, ``owner_policy``, ``nonfinite``, ``process_group``: one
-            per optimizer. Meanings, defaults and allowed values: :data:`dist_marsm.settings.SETTINGS`.
+        **settings: keyword arguments, each declared once in :data:`dist_marsm.settings.SETTINGS` with
+            its default, allowed values and meaning (``inspect.signature(MARSM)`` lists them). Group
+            settings (lr, momentum, gamma, ...) may be overridden per param group; optimizer settings
+            (wire_dtype, bucket_mb, owner_policy, nonfinite, process_group) are one per optimizer and
+            live in ``opt.options``.
 
     Settings are checked here, in ``add_param_group`` and ``load_state_dict``, and again at the first
     step after any change (``opt.param_groups[i][key] = ...`` or ``opt.options[key] = ...``); at every
     step all ranks of a flat group must hold the same values, or every rank raises naming the difference.
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 3e-3,
-        momentum: float = 0.95,
-        gamma: float = 0.025,
-        weight_decay: float = 0.1,
-        variant: str = "approx",
-        clip: bool = True,
-        ns_steps: int = 5,
-        ns_dtype: str = "bfloat16",
-        lr_adjust: str = "moonlight",
-        matrix_view: str = "batch",
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-8,
-        normalize: str | None = None,
-        normuon_beta2: float = 0.95,
-        ns_method: str = "standard",
-        ns_coefficients="muon",
-        *,
-        wire_dtype: str = "bfloat16",
-        bucket_mb: float = 64.0,
-        owner_policy: str = "largest_first",
-        nonfinite: str = "raise",
-        process_group="world",
-    ):
-        arguments = dict(locals())
-        defaults = settings.group_defaults(**arguments)
+    def __init__(self, params, **settings_):
+        unknown = sorted(set(settings_) - {s.name for s in settings.SETTINGS if s.argument})
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], [s.name for s in settings.SETTINGS if s.argument], n=1)
+            raise TypeError(f"MARSM: unknown setting {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        defaults = settings.group_defaults(**settings_)
         settings.validate(defaults, "MARSM", names=defaults)
-        self.options = settings.canonicalize({s.name: arguments[s.name] for s in OPTIMIZER_SETTINGS})
+        self.options = settings.canonicalize({s.name: settings_.get(s.name, s.default) for s in OPTIMIZER_SETTINGS})
         settings.validate(self.options, "MARSM", scope="optimizer")
         self.nonfinite_skips = 0
         self.last_step_stats: dict = {}
@@ -782,6 +763,13 @@ class MARSM(torch.optim.Optimizer):
         return [{"ranks": fg.ranks,
                  "owners": {e.name: fg.ranks[e.owner] for e in fg.plan.entries},
                  "per_rank": fg.plan.report()} for fg in self._flat_groups]
+
+
+MARSM.__init__.__signature__ = inspect.Signature(
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+     inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=s.default) for s in settings.SETTINGS
+       if s.argument])
 
 
 # ---------------------------------------------------------------------- helpers
