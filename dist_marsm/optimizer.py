@@ -228,7 +228,15 @@ class MARSM(torch.optim.Optimizer):
         calls it twice: at the previous iterate x_{t-1} (for g(x_{t-1}; batch_t)) and at x_t.
         """
         start = time.perf_counter()
-        self._check_settings()
+        try:
+            self._check_settings()
+        except ValueError as error:
+            if self._flat_groups is None or all(fg.group is None for fg in self._flat_groups):
+                raise
+            # The other ranks are about to enter this step's collectives: take part in them, so that every
+            # rank fails at the same point (on the settings digest, or here) instead of waiting for a timeout.
+            for fg in self._flat_groups:
+                self._reduce_then_raise(fg, error)
         exact = any(g["use_mars"] and g["variant"] == "exact" for g in self.param_groups)
         prev_grads: dict = {}
         if exact:
@@ -528,6 +536,17 @@ class MARSM(torch.optim.Optimizer):
                     scales.append(f)
         if tensors:
             torch._foreach_mul_(tensors, scales)
+
+    def _reduce_then_raise(self, fg: _FlatGroup, error: ValueError) -> None:
+        """This step's all-reduce with no gradients in it, the settings check, then ``error``."""
+        values = fg.reduce_buffer
+        values.zero_()
+        digest = [float(d) for d in settings.digest(self._agreed(fg))] if fg.group is not None else [0.0, 0.0]
+        values[-4:].copy_(torch.tensor(digest + [d * d for d in digest], dtype=torch.float64))
+        self._all_reduce(values, fg)
+        reduced = values.tolist()
+        self._check_agreement(fg, reduced[-4:])
+        raise error
 
     def _check_agreement(self, fg: _FlatGroup, digest_sums: list[float]) -> None:
         if fg.group is None:
