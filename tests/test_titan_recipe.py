@@ -106,7 +106,7 @@ def test_overrides_use_the_recipes_types(tmp_path):
     """Overrides go through tyro (torchtitan's CLI): typed by the config's annotations."""
     p = write(tmp_path, "[optimizer]\nlr = 0.01\n[training]\nsteps = 5\n[lr_scheduler]\nwarmup_steps = 1\n")
     r = load_recipe(p, ["--optimizer.lr", "1e-3", "--training.steps=7", "--optimizer.adamw_betas", "0.8", "0.9",
-                        "--checkpoint.no-enable", "--optimizer.adamw_lr", "None", "--optimizer.no-clip",
+                        "--checkpoint.enable", "false", "--optimizer.adamw_lr", "None", "--optimizer.clip=False",
                         "--optimizer.adamw_patterns", r"^layers\.0\.,norm"])
     assert r.optimizer.lr == 1e-3 and isinstance(r.optimizer.lr, float)
     assert r.training.steps == 7 and isinstance(r.training.steps, int)
@@ -315,12 +315,14 @@ def test_rms_to_inf_norm_is_the_operator_norm():
 def test_loss_plot(tmp_path):
     import json
 
-    from dist_marsm.titan.metrics import write_loss_plot
+    from dist_marsm import plot
 
     rows = [{"step": s, "loss": 5 - 0.1 * s, "optimizer_time_s": 0.1} for s in range(1, 11)]
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    write_loss_plot(str(tmp_path / "m.jsonl"), None, str(tmp_path / "c.png"))
-    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows.append({"step": 10, "validation_loss": 4.2})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot.main([str(tmp_path)]) == 0
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot.main([str(tmp_path / "missing")]) == 2
 
 
 # ------------------------------------------------------------------ corpus and tokenizer
@@ -532,9 +534,10 @@ def test_help_lists_every_marsm_setting_with_its_doc():
     for text in (ours, theirs):
         for s in CONFIG_SETTINGS:
             flag = f"--optimizer.{s.name.replace('_', '-')}"
-            assert flag in text or f"--optimizer.no-{s.name.replace('_', '-')}" in text, flag
+            assert flag in text, flag
             assert " ".join(f"MARS-M: {s.doc}".split()[:6]) in text, s.name
-    assert "(default: 0.0)" in ours.split("--optimizer.gamma FLOAT", 1)[1][:200]   # the override is shown
+    # the defaults shown are the recipe's (lr 6e-3; the declaration's default is 3e-3)
+    assert "(default: 0.006)" in ours.split("--optimizer.lr FLOAT", 1)[1][:200]
 
 
 def test_a_new_setting_reaches_the_typed_config_and_the_loader(tmp_path, monkeypatch):

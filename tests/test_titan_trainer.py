@@ -36,7 +36,7 @@ def test_main_job_trains_with_marsm(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dist_marsm.train", "--recipe", "recipes/debug_cpu.toml",
            "--training.steps", "8", "--lr_scheduler.warmup_steps", "2", "--checkpoint.interval", "4",
-           "--training.validation_freq", "4", "--job.dump_folder", str(out)]
+           "--validator.freq", "4", "--dump_folder", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]

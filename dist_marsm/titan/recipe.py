@@ -328,12 +328,15 @@ def apply_overrides(config, args: list[str], where: str, prog: str):
     from torchtitan.config.manager import ConfigManager, custom_registry
 
     ConfigManager()   # registers torchtitan's tyro rules (comma lists) in its registry
+    # Booleans take a value (--checkpoint.enable false), as in the recipe; TOML spells them in lower case.
+    args = [re.sub(r"(^|=)(true|false)$", lambda m: m[1] + m[2].capitalize(), a) for a in args]
+    cli = dict(args=args, default=config, registry=custom_registry, prog=prog, config=(tyro.conf.FlagConversionOff,))
     if "--help" in args or "-h" in args:
-        return tyro.cli(type(config), args=args, default=config, registry=custom_registry, prog=prog)
+        return tyro.cli(type(config), **cli)
     text = io.StringIO()
     try:
         with contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
-            return tyro.cli(type(config), args=args, default=config, registry=custom_registry, prog=prog)
+            return tyro.cli(type(config), **cli)
     except SystemExit:
         lines = [re.sub(r"[\u2500-\u257f]|-{3,}", " ", line).strip() for line in text.getvalue().splitlines()]
         message = " ".join(line for line in lines if line and "For full helptext" not in line
