@@ -405,14 +405,17 @@ def test_metrics_file_keeps_one_line_per_step_on_resume(tmp_path):
     """A run resumed at step 4 (its checkpoint was at 3) redoes steps 4.. : their old lines are dropped."""
     import json
 
-    from dist_marsm.titan.metrics import _drop_steps_from, read_jsonl
+    from dist_marsm.titan.metrics import _drop_steps_from
+
+    def read_jsonl(p):
+        return [json.loads(line) for line in p.read_text().splitlines()]
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)))
     _drop_steps_from(str(path), 4)
-    assert [r["step"] for r in read_jsonl(str(path))] == [1, 2, 3]
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
     _drop_steps_from(str(path), 1)     # a fresh run in an old folder starts the file again
-    assert read_jsonl(str(path)) == []
+    assert read_jsonl(path) == []
 
 
 # ------------------------------------------------------------------ recipe checks (issue 14)

@@ -1,28 +1,17 @@
 """MARS-M metrics through torchtitan's MetricsProcessor and its logger backends, plus a JSON-lines backend.
 
-:class:`MARSMMetricsProcessor` is torchtitan's ``MetricsProcessor``; at every logged step it adds to
-torchtitan's metrics (which go to every backend: TensorBoard, W&B, and :class:`JsonlLogger`):
+:class:`MARSMMetricsProcessor` adds to torchtitan's metrics at every logged step (all backends get them):
+``optimizer_time_s`` (the container's ``step()``, any optimizer), ``marsm_step_time_s``, ``ns_matrices``
+(this rank), ``ns_matrices_total`` (all ranks), ``bytes_sent`` (summed over this rank's MARSM instances)
+and ``output_rms_inf_norm``. :class:`JsonlLogger` writes one JSON object per logged step to
+``<dump_folder>/<jsonl_file>`` on torchtitan's metrics rank: ``step``, ``loss``, every metric under its
+torchtitan name, and ``validation_loss`` objects for validation steps; a resumed run first drops the
+lines of steps it redoes. The console keeps torchtitan's one line per step.
 
-* ``optimizer_time_s``: wall time of the optimizer container's ``step()`` (all optimizers, measured
-  with the container's step pre/post hooks, so AdamW and DistMuon get it too);
-* ``marsm_step_time_s``, ``ns_matrices`` (this rank), ``ns_matrices_total`` (all ranks, all-reduced),
-  ``bytes_sent``: summed over this rank's MARSM instances (one per pipeline stage);
-* ``output_rms_inf_norm``: the output layer's RMS->inf operator norm (below).
-
-:class:`JsonlLogger` writes one JSON object per logged step to ``<dump_folder>/<jsonl_file>`` on
-torchtitan's metrics rank (global rank 0; with pipeline parallelism the first rank of the last stage):
-``step``, ``loss`` (torchtitan's ``loss_metrics/global_avg_loss``) and every metric under its
-torchtitan name; validation steps add objects with ``validation_loss``. On resume, lines for steps the
-restored run redoes are dropped, so the file keeps one line per step. The console keeps torchtitan's
-one line per step. ``python -m dist_marsm.plot <dump_folder>`` draws the loss curve from the file.
-
-RMS->inf operator norm. For the output (unembedding) matrix W (d_out x d_in) acting on hidden
-states measured in the RMS norm ||x||_rms = ||x||_2 / sqrt(d_in) and producing logits measured in
-the max norm,  ||W||_{RMS->inf} = max_x ||W x||_inf / ||x||_rms = sqrt(d_in) * max_i ||W[i, :]||_2
-(the largest row l2 norm, scaled by sqrt(d_in)); the norm "Optimal Scaling Needs Optimal Norm"
-(Filatov et al., 2025) tracks for the output layer (docs/hyperparameters.md). It is computed exactly on
-sharded (DTensor) weights: row sums of squares are all-reduced over mesh dims that shard columns, the
-maximum over dims that shard rows.
+RMS->inf operator norm of the output matrix W (d_out x d_in), inputs in the RMS norm, logits in the max
+norm: max_x ||W x||_inf / ||x||_rms = sqrt(d_in) * max_i ||W[i, :]||_2, the norm "Optimal Scaling Needs
+Optimal Norm" (Filatov et al., 2025) tracks (docs/hyperparameters.md). Exact on DTensor shards: row sums
+of squares are all-reduced over mesh dims that shard columns, the maximum over dims that shard rows.
 """
 
 from __future__ import annotations
@@ -86,10 +75,9 @@ def marsm_stats(optimizers) -> dict[str, float]:
     out: dict[str, float] = {}
     for opt in getattr(optimizers, "optimizers", []) or []:
         if isinstance(opt, MARSM) and opt.last_step_stats:
-            s = opt.last_step_stats
-            out["marsm_step_time_s"] = out.get("marsm_step_time_s", 0.0) + float(s.get("step_time_s", 0.0))
-            out["ns_matrices"] = out.get("ns_matrices", 0) + int(s.get("ns_matrices", 0))
-            out["bytes_sent"] = out.get("bytes_sent", 0) + int(s.get("bytes_sent", 0))
+            for key, name in (("step_time_s", "marsm_step_time_s"), ("ns_matrices", "ns_matrices"),
+                              ("bytes_sent", "bytes_sent")):
+                out[name] = out.get(name, 0) + opt.last_step_stats.get(key, 0)
     return out
 
 
@@ -181,10 +169,3 @@ def _drop_steps_from(path: str | None, first_step: int) -> None:
                 continue
     with open(path, "w") as f:
         f.writelines(keep)
-
-
-def read_jsonl(path: str) -> list[dict]:
-    if not path or not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -30,12 +30,15 @@ from typing import Annotated, Any, Literal
 import tyro
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.validate import Validator
-from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
+from torchtitan.hf_datasets.text_datasets import DATASETS, HuggingFaceTextDataLoader
 from torchtitan.trainer import Trainer
 
 from dist_marsm.titan import corpus, cpu_shims
 from dist_marsm.titan.metrics import MARSMMetricsProcessor
 from dist_marsm.titan.optimizer_container import MARSMOptimizersContainer, checkpoint_optimizer_name
+
+
+corpus.register_datasets()
 
 
 class RecipeError(ValueError):
@@ -170,6 +173,9 @@ class MARSMTrainerConfig(Trainer.Config):
         if ls.warmup_steps >= total:
             raise ValueError(f"[lr_scheduler] warmup_steps ({ls.warmup_steps}) must be < [training] steps "
                              f"({total}): the schedule needs at least one step after warm-up")
+        for name, loader in (("[dataloader]", self.dataloader), ("[validator.dataloader]", self.validator.dataloader)):
+            if (name == "[dataloader]" or self.validator.enable) and loader.dataset not in DATASETS:
+                raise ValueError(f"{name} dataset must be one of {sorted(DATASETS)}, got {loader.dataset!r}")
         if self.validator.enable and self.validator.dataloader.dataset == self.dataloader.dataset:
             raise ValueError(f"[validator.dataloader] dataset must differ from [dataloader] dataset "
                              f"({self.dataloader.dataset!r})")
