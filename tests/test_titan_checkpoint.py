@@ -161,9 +161,9 @@ def test_save_at_4_ranks_resume_at_2(tmp_path):
 
 
 def test_checkpoint_of_another_optimizer_is_refused_clearly(reference, tmp_path):
-    """Resuming the MARS-M checkpoint with [optimizer] name = "AdamW": every rank stops before training
-    with one line naming the key, the recipe and the checkpoint (not DCP's missing-key traceback), and
-    the checkpoint folder is left as it was."""
+    """Resuming the MARS-M checkpoint with [optimizer] name = "AdamW": the ranks stop before training
+    with one line naming the key and the checkpoint (not DCP's missing-key traceback), and the
+    checkpoint folder is left as it was."""
     ref_dump, _ = reference
     dump = str(tmp_path / "other_optimizer")
     copy_checkpoint(ref_dump, 3, dump)
@@ -171,7 +171,9 @@ def test_checkpoint_of_another_optimizer_is_refused_clearly(reference, tmp_path)
     rc, log = run_job(dump, 2, STEPS + ["--optimizer.name", "AdamW"], timeout=300)
     assert rc != 0
     assert "Missing key in checkpoint state_dict" not in log, log[-3000:]
-    assert log.count("dist_marsm.train: error:") == 2 and "[optimizer] name is 'AdamW'" in log, log[-3000:]
-    assert "was written by 'MARS-M'" in log and "step-3" in log
+    errors = [line for line in log.splitlines() if "dist_marsm.train: error:" in line]
+    assert errors, log[-3000:]     # torchrun may stop the other rank before it prints its own line
+    assert all("[optimizer] name is 'AdamW'" in e and "was written by 'MARS-M'" in e and "step-3" in e
+               for e in errors), errors
     assert sorted(os.listdir(os.path.join(dump, "checkpoint"))) == ["step-3"]
     assert sorted(os.listdir(os.path.join(dump, "checkpoint", "step-3"))) == before

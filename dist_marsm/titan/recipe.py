@@ -112,6 +112,27 @@ def unfuse_qkv(model_config) -> int:
 
 
 _AC = typing.get_type_hints(Trainer.Config, include_extras=True)["activation_checkpoint"]
+_STATES = {"optimizer", "lr_scheduler", "dataloader", "train_state"}
+# Limits torchtitan's own configs do not check (its __post_init__ checks run too).
+LIMITS = {
+    ("training", "steps"): (lambda v: v > 0, "> 0"),
+    ("training", "seq_len"): (lambda v: v >= 2, ">= 2"),
+    ("training", "local_batch_size"): (lambda v: v > 0, "> 0"),
+    ("training", "max_norm"): (lambda v: v > 0, "> 0"),
+    ("training", "global_batch_size"): (lambda v: v == -1 or v > 0, "-1 or > 0"),
+    ("parallelism", "data_parallel_shard_degree"): (lambda v: v == -1 or v >= 1, "-1 or >= 1"),
+    **{("parallelism", f"{k}_degree"): (lambda v: v >= 1, ">= 1")
+       for k in ("data_parallel_replicate", "tensor_parallel", "pipeline_parallel", "context_parallel")},
+    ("lr_scheduler", "warmup_steps"): (lambda v: v >= 0, ">= 0"),
+    ("lr_scheduler", "min_lr_factor"): (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("lr_scheduler", "decay_ratio"): (lambda v: v is None or 0 <= v <= 1, "in [0, 1] or none"),
+    ("checkpoint", "interval"): (lambda v: v > 0, "> 0"),
+    ("checkpoint", "keep_latest_k"): (lambda v: v == 0 or v >= 2, "0 or >= 2"),
+    ("checkpoint", "load_step"): (lambda v: v >= -1, ">= -1"),
+    ("checkpoint", "exclude_from_loading"): (lambda v: set(v) <= _STATES, f"a subset of {sorted(_STATES)}"),
+    ("metrics", "log_freq"): (lambda v: v > 0, "> 0"),
+    ("metrics", "jsonl_file"): (lambda v: os.sep not in v, "a file name inside dump_folder"),
+}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -139,36 +160,12 @@ class MARSMTrainerConfig(Trainer.Config):
         from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
         from torchtitan.models.common.config_utils import decoder_vocab_size
 
-        t, p, ls, ck = self.training, self.parallelism, self.lr_scheduler, self.checkpoint
+        t, p, ls = self.training, self.parallelism, self.lr_scheduler
+        for (section, key), (ok, expect) in LIMITS.items():
+            value = getattr(getattr(self, section), key)
+            if not ok(value):
+                raise ValueError(f"[{section}] {key} must be {expect}, got {value!r}")
         total = ls.total_steps or t.steps
-        for ok, where in [(t.steps > 0, "[training] steps must be > 0"),
-                          (t.seq_len >= 2, "[training] seq_len must be >= 2"),
-                          (t.local_batch_size > 0, "[training] local_batch_size must be > 0"),
-                          (t.max_norm > 0, "[training] max_norm must be > 0"),
-                          (t.global_batch_size == -1 or t.global_batch_size > 0,
-                           "[training] global_batch_size must be -1 or > 0"),
-                          (p.data_parallel_shard_degree == -1 or p.data_parallel_shard_degree >= 1,
-                           "[parallelism] data_parallel_shard_degree must be -1 or >= 1"),
-                          *[(getattr(p, f"{k}_degree") >= 1, f"[parallelism] {k}_degree must be >= 1")
-                            for k in ("data_parallel_replicate", "tensor_parallel", "pipeline_parallel",
-                                      "context_parallel")],
-                          (ls.warmup_steps >= 0, "[lr_scheduler] warmup_steps must be >= 0"),
-                          (0 <= ls.min_lr_factor <= 1, "[lr_scheduler] min_lr_factor must be in [0, 1]"),
-                          (ls.decay_ratio is None or 0 <= ls.decay_ratio <= 1,
-                           "[lr_scheduler] decay_ratio must be in [0, 1] or none"),
-                          (ck.interval > 0, "[checkpoint] interval must be > 0"),
-                          (ck.keep_latest_k == 0 or ck.keep_latest_k >= 2, "[checkpoint] keep_latest_k must be 0 or >= 2"),
-                          (ck.load_step >= -1, "[checkpoint] load_step must be >= -1"),
-                          (set(ck.exclude_from_loading) <= {"optimizer", "lr_scheduler", "dataloader", "train_state"},
-                           "[checkpoint] exclude_from_loading must be a subset of optimizer, lr_scheduler, "
-                           "dataloader, train_state"),
-                          (self.metrics.log_freq > 0, "[metrics] log_freq must be > 0"),
-                          (os.sep not in self.metrics.jsonl_file, "[metrics] jsonl_file must be a file name "
-                                                                  "inside dump_folder")]:
-            if not ok:
-                name = where.split(" must")[0]
-                section, key = name[1:].split("] ")
-                raise ValueError(f"{where}, got {getattr(getattr(self, section), key)!r}")
         # torchtitan's scheduler needs one decay step after warm-up (warm-up == steps fails in a step).
         if ls.warmup_steps >= total:
             raise ValueError(f"[lr_scheduler] warmup_steps ({ls.warmup_steps}) must be < [training] steps "
