@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from dist_marsm.newton_schulz import newton_schulz, resolve_dtype
+from dist_marsm.newton_schulz import orthogonalize_many, resolve_coefficients, resolve_dtype
 from dist_marsm.owner_plan import GroupPlan, MatrixEntry, block_numel, index_len, put_block, take_block
 
 _GROUPS: dict[tuple[int, ...], object] = {}
@@ -53,28 +53,20 @@ def all_gather_objects(obj, group, world: int) -> list:
 
 
 def _orthogonalize_batched(fulls: dict[int, torch.Tensor], entries: list[MatrixEntry]) -> dict[int, torch.Tensor]:
-    """Newton-Schulz on every full matrix, stacking same-shape ones into one batched call."""
-    by_kind: dict[tuple, list[int]] = defaultdict(list)
-    for pos, full in fulls.items():
+    """Newton-Schulz on every full matrix, with each entry's settings; the math layer decides how
+    (stacking same-shape matrices, method fallback)."""
+    by_settings: dict[tuple, list[int]] = defaultdict(list)
+    for pos in fulls:
         e = entries[pos]
-        by_kind[(tuple(full.shape), e.ns_steps, e.ns_dtype)].append(pos)
+        coefficients = e.ns_coefficients
+        key = coefficients if isinstance(coefficients, str) else resolve_coefficients(coefficients, e.ns_steps)
+        by_settings[(e.ns_steps, e.ns_dtype, e.ns_method, key)].append(pos)
     out = {}
-    for (shape, steps, dtype), positions in by_kind.items():
-        if _stack_pays_off(fulls[positions[0]]):
-            result = newton_schulz(torch.stack([fulls[p] for p in positions]), steps, resolve_dtype(dtype))
-            for k, pos in enumerate(positions):
-                out[pos] = result[k]
-        else:
-            for pos in positions:
-                out[pos] = newton_schulz(fulls[pos], steps, resolve_dtype(dtype))
+    for (steps, dtype, method, _), positions in by_settings.items():
+        results = orthogonalize_many([fulls[p] for p in positions], steps, resolve_dtype(dtype), method=method,
+                                     coefficients=entries[positions[0]].ns_coefficients)
+        out.update(zip(positions, results))
     return out
-
-
-def _stack_pays_off(matrix: torch.Tensor) -> bool:
-    """Stacking saves kernel launches (GPUs) and per-call overhead (small matrices), but on CPUs it
-    made large matrices slower: 0.68-0.84x for the debug model's 256 x 688 weights, 1.4x faster for
-    128 x 64 ones (benchmarks/bench_single_process.py)."""
-    return matrix.device.type != "cpu" or min(matrix.shape[-2:]) <= 128
 
 
 class OwnerCompute:
@@ -138,9 +130,13 @@ class OwnerCompute:
             e = plan.entries[pos]
             if e.owner != me:
                 continue
+            senders = e.senders(me)
+            if senders == [me]:   # this rank holds the whole matrix: nothing to assemble
+                fulls[pos] = local_inputs[pos]
+                continue
             # Assembled in the input's dtype: only blocks that travel are rounded to the wire dtype.
             full = torch.empty(e.shape, dtype=local_inputs[pos].dtype, device=local_inputs[pos].device)
-            for q in e.senders(me):
+            for q in senders:
                 block = e.layout.blocks[q]
                 values = local_inputs[pos] if q == me else pieces[q].pop(block_numel(block))
                 put_block(full, block, values.reshape([index_len(i) for i in block]).to(full.dtype))
@@ -171,7 +167,8 @@ class OwnerCompute:
             block = e.layout.blocks[me]
             shape = [index_len(i) for i in block]
             if e.owner == me:
-                outputs[pos] = take_block(results[pos], block).reshape(shape)
+                mine = results[pos] if tuple(results[pos].shape) == tuple(shape) else take_block(results[pos], block)
+                outputs[pos] = mine.reshape(shape)
             else:
                 outputs[pos] = pieces[e.owner].pop(block_numel(block)).reshape(shape)
 
@@ -180,8 +177,9 @@ class OwnerCompute:
         plan = self.plan
         if plan.world == 1 or (sum(send_sizes) == 0 and sum(recv_sizes) == 0 and plan.group is None):
             return None, recv_sizes, None
-        flat = [t.to(self.wire_dtype) for parts in send_parts for t in parts]
-        send = torch.cat(flat) if flat else torch.empty(0, dtype=self.wire_dtype, device=self.device)
+        flat = [t for parts in send_parts for t in parts]
+        # One cast after the concatenation (cat promotes mixed inputs), not one per matrix.
+        send = torch.cat(flat).to(self.wire_dtype) if flat else torch.empty(0, dtype=self.wire_dtype, device=self.device)
         recv = torch.empty(sum(recv_sizes), dtype=self.wire_dtype, device=self.device)
         self.bytes_sent += send.numel() * send.element_size()
         work = dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=plan.group, async_op=True)
