@@ -545,22 +545,22 @@ def test_help_lists_every_marsm_setting_with_its_doc():
 
 def test_a_new_setting_reaches_the_typed_config_and_the_loader(tmp_path, monkeypatch):
     """Adding a setting touches the declaration only: a config class built from the declaration has it,
-    typed (Literal choices, tuples), and the TOML loader checks it."""
+    typed (Literal choices, tuples), and the TOML loader checks it (ns_method/ns_coefficients arrived so)."""
     import typing
 
     from dist_marsm import settings
     from dist_marsm.titan import optimizer_container as oc
     from dist_marsm.titan.recipe import _coerce, _BAD
 
-    extra = (settings.Setting("ns_method", "quintic", "which iteration", "one of ('quintic', 'polar')",
+    extra = (settings.Setting("future_method", "quintic", "which iteration", "one of ('quintic', 'polar')",
                               lambda x: x in ("quintic", "polar"), ("quintic", "polar")),
-             settings.Setting("ns_coefficients", (3.4445, -4.775, 2.0315), "iteration coefficients",
+             settings.Setting("future_coefficients", (3.4445, -4.775, 2.0315), "iteration coefficients",
                               "three numbers", lambda x: isinstance(x, tuple) and len(x) == 3))
     monkeypatch.setattr(oc, "CONFIG_SETTINGS", oc.CONFIG_SETTINGS + extra)
     fields = dict((name, ann) for name, ann, _ in oc._config_fields())
     hints = {k: typing.get_args(v)[0] for k, v in fields.items()}
-    assert hints["ns_method"] == typing.Literal["quintic", "polar"]
-    assert hints["ns_coefficients"] == tuple[float, ...]
-    assert _coerce("polar", hints["ns_method"]) == "polar" and _coerce("cubic", hints["ns_method"]) is _BAD
-    assert _coerce([1, 2.5, 3], hints["ns_coefficients"]) == (1.0, 2.5, 3.0)
-    assert _coerce(["a"], hints["ns_coefficients"]) is _BAD
+    assert hints["future_method"] == typing.Literal["quintic", "polar"]
+    assert hints["future_coefficients"] == tuple[float, ...]
+    assert _coerce("polar", hints["future_method"]) == "polar" and _coerce("cubic", hints["future_method"]) is _BAD
+    assert _coerce([1, 2.5, 3], hints["future_coefficients"]) == (1.0, 2.5, 3.0)
+    assert _coerce(["a"], hints["future_coefficients"]) is _BAD
