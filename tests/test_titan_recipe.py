@@ -564,3 +564,17 @@ def test_a_new_setting_reaches_the_typed_config_and_the_loader(tmp_path, monkeyp
     assert _coerce("polar", hints["future_method"]) == "polar" and _coerce("cubic", hints["future_method"]) is _BAD
     assert _coerce([1, 2.5, 3], hints["future_coefficients"]) == (1.0, 2.5, 3.0)
     assert _coerce(["a"], hints["future_coefficients"]) is _BAD
+
+
+def test_unfused_qkv_has_the_fused_rows_as_three_matrices():
+    def attention_shapes(overrides):
+        config = load_recipe(str(ROOT / "recipes/debug_cpu.toml"), overrides)
+        with torch.device("meta"):
+            model = config.model_spec.model.build()
+        return {n.rsplit(".", 2)[-2]: tuple(p.shape) for n, p in model.named_parameters()
+                if n.startswith("layers.0.attention.qkv_linear")}
+
+    fused, unfused = attention_shapes([]), attention_shapes(["--model.fuse_qkv", "false"])
+    assert set(fused) == {"wqkv"} and set(unfused) == {"wq", "wk", "wv"}
+    assert sum(s[0] for s in unfused.values()) == fused["wqkv"][0]
+    assert {s[1] for s in unfused.values()} == {fused["wqkv"][1]}

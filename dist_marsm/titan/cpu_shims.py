@@ -53,9 +53,7 @@ CPU_DEVICE_MODULE.memory = types.SimpleNamespace(memory_stats=CPU_DEVICE_MODULE.
 
 
 def apply_cpu_device_module() -> bool:
-    """Obstacle 1. Install the CPU device type/module in torchtitan; returns False (and does nothing)
-    when an accelerator is present. Safe to call any number of times, before or after torchtitan
-    modules are imported."""
+    """Obstacle 1: the CPU device type/module in torchtitan (idempotent); False with an accelerator."""
     if not needs_cpu_shims():
         return False
     import torchtitan.tools.utils as tt_utils
@@ -72,49 +70,45 @@ def apply_cpu_device_module() -> bool:
     return True
 
 
-def _force_sum_reduction(model: torch.nn.Module) -> int:
+def _wrap_parallelize_fn(parallelize_fn):
+    """Obstacle 3: every FSDP module of the parallelized model reduces with a plain SUM."""
     from torch.distributed.fsdp import FSDPModule
 
-    count = 0
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_force_sum_reduction_for_comms(True)
-            count += 1
-    return count
-
-
-def _wrap_parallelize_fn(parallelize_fn):
     if getattr(parallelize_fn, "_dist_marsm_force_sum", False):
         return parallelize_fn
 
     @functools.wraps(parallelize_fn)
     def parallelize_with_sum_reduction(model, *args, **kwargs):
         model = parallelize_fn(model, *args, **kwargs)
-        _force_sum_reduction(model)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
         return model
 
     parallelize_with_sum_reduction._dist_marsm_force_sum = True
     return parallelize_with_sum_reduction
 
 
-def use_causal_sdpa(model_config) -> int:
-    """Obstacle 2: replace every FlexAttention config in a model config by causal SDPA; returns the count."""
-    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
-
-    found = list(model_config.traverse(FlexAttention.Config))
-    for _fqn, _cfg, parent, attr in found:
+def replace_configs(model_config, config_cls, make) -> int:
+    """Replace every ``config_cls`` config in a model config tree by ``make(old)``; returns the count."""
+    found = list(model_config.traverse(config_cls))
+    for _fqn, old, parent, attr in found:
         if isinstance(attr, int):
-            parent[attr] = ScaledDotProductAttention.Config()
+            parent[attr] = make(old)
         else:
-            setattr(parent, attr, ScaledDotProductAttention.Config())
+            setattr(parent, attr, make(old))
     return len(found)
 
 
-def adapt_trainer_config(config) -> bool:
-    """Obstacles 1-4 for one ``Trainer.Config`` (modified in place). No-op with an accelerator.
+def use_causal_sdpa(model_config) -> int:
+    """Obstacle 2: every FlexAttention config becomes causal SDPA."""
+    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
 
-    Returns True when the shims were applied.
-    """
+    return replace_configs(model_config, FlexAttention.Config, lambda old: ScaledDotProductAttention.Config())
+
+
+def adapt_trainer_config(config) -> bool:
+    """Obstacles 1-4 for one ``Trainer.Config`` (in place); False (nothing done) with an accelerator."""
     if not apply_cpu_device_module():
         return False
     spec = config.model_spec

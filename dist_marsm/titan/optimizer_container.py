@@ -75,34 +75,30 @@ def _config_fields():
 
 
 def _check(self) -> None:
-    """Each MARS-M setting against the declaration; recipe-level limits torchtitan implies."""
-    for s in CONFIG_SETTINGS:
-        value = getattr(self, s.name)
-        if isinstance(value, list):
-            value = tuple(value)
-            object.__setattr__(self, s.name, value)
-        if s.canonical is not None:
-            value = s.canonical(value)
-            object.__setattr__(self, s.name, value)
-        if not s.valid(value):
-            raise ValueError(f"{s.name} must be {s.expect}, got {value!r}")
-    if not self.lr > 0:
-        raise ValueError(f"lr must be > 0 (the peak learning rate), got {self.lr!r}")
-    if self.variant == "exact":
-        raise ValueError("variant 'exact' needs step(closure), which torchtitan's Trainer never gives; "
-                         "use 'approx' or 'efficient'")
-    if self.name == "DistMuon" and self.lr_adjust == "none":
-        raise ValueError("lr_adjust 'none' has no DistMuon equivalent (use 'moonlight' = match_rms_adamw, or "
-                         "'original')")
-    if self.adamw_lr is not None and not self.adamw_lr > 0:
-        raise ValueError(f"adamw_lr must be > 0 or None, got {self.adamw_lr!r}")
+    """Each MARS-M setting by the declaration's checks (canonical spellings stored); recipe-level limits."""
+    values = settings.canonicalize({s.name: getattr(self, s.name) for s in CONFIG_SETTINGS})
+    for name, value in values.items():
+        object.__setattr__(self, name, value)
+    for scope in ("group", "optimizer"):
+        try:
+            settings.validate(values, "", scope, names=set(values))
+        except ValueError as e:
+            raise ValueError(str(e).removeprefix(": ")) from None
+    problems = [(not self.lr > 0, f"lr must be > 0 (the peak learning rate), got {self.lr!r}"),
+                (self.variant == "exact", "variant 'exact' needs step(closure), which torchtitan's Trainer never "
+                                          "gives; use 'approx' or 'efficient'"),
+                (self.name == "DistMuon" and self.lr_adjust == "none", "lr_adjust 'none' has no DistMuon "
+                 "equivalent (use 'moonlight' = match_rms_adamw, or 'original')"),
+                (self.adamw_lr is not None and not self.adamw_lr > 0, f"adamw_lr must be > 0 or None, got "
+                                                                      f"{self.adamw_lr!r}")]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(message)
     for pattern in self.adamw_patterns:
         try:
             re.compile(pattern)
         except re.error as e:
             raise ValueError(f"adamw_patterns: {pattern!r} is not a regular expression ({e})") from None
-    settings.validate({s.name: getattr(self, s.name) for s in settings.GROUP_SETTINGS if s.argument},
-                      "optimizer", names={s.name for s in CONFIG_SETTINGS})
 
 
 def _route_view(model: torch.nn.Module, params: list, names: list[str]):

@@ -97,18 +97,14 @@ def unfuse_qkv(model_config) -> int:
     from torchtitan.models.common.linear import Linear
     from torchtitan.models.llama3 import _LINEAR_INIT
 
-    found = list(model_config.traverse(FusedQKVLinear.Config))
-    for _fqn, cfg, parent, attr in found:
-        dim = cfg.wqkv.in_features
-        new = QKVLinear.Config(   # QKVLinear builds both wk and wv from the one wkv config
-            head_dim=cfg.head_dim,
-            wq=Linear.Config(in_features=dim, out_features=cfg.n_heads * cfg.head_dim, param_init=_LINEAR_INIT),
-            wkv=Linear.Config(in_features=dim, out_features=cfg.n_kv_heads * cfg.head_dim, param_init=_LINEAR_INIT))
-        if isinstance(attr, int):
-            parent[attr] = new
-        else:
-            setattr(parent, attr, new)
-    return len(found)
+    def separate(cfg):   # QKVLinear builds both wk and wv from the one wkv config
+        dim, head = cfg.wqkv.in_features, cfg.head_dim
+        return QKVLinear.Config(head_dim=head, wq=Linear.Config(in_features=dim, out_features=cfg.n_heads * head,
+                                                                param_init=_LINEAR_INIT),
+                                wkv=Linear.Config(in_features=dim, out_features=cfg.n_kv_heads * head,
+                                                  param_init=_LINEAR_INIT))
+
+    return cpu_shims.replace_configs(model_config, FusedQKVLinear.Config, separate)
 
 
 _AC = typing.get_type_hints(Trainer.Config, include_extras=True)["activation_checkpoint"]
