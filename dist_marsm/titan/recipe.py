@@ -54,12 +54,6 @@ class JobConfig:
     threads_per_rank: int = 0
     """torch.set_num_threads per rank; 0 leaves torch's default"""
 
-    def __post_init__(self):
-        if not 1 <= self.local_ranks <= 64:
-            raise ValueError(f"local_ranks must be in [1, 64], got {self.local_ranks}")
-        if self.threads_per_rank < 0:
-            raise ValueError(f"threads_per_rank must be >= 0, got {self.threads_per_rank}")
-
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
@@ -111,6 +105,8 @@ _AC = typing.get_type_hints(Trainer.Config, include_extras=True)["activation_che
 _STATES = {"optimizer", "lr_scheduler", "dataloader", "train_state"}
 # Limits torchtitan's own configs do not check (its __post_init__ checks run too).
 LIMITS = {
+    ("job", "local_ranks"): (lambda v: 1 <= v <= 64, "in [1, 64]"),
+    ("job", "threads_per_rank"): (lambda v: v >= 0, ">= 0"),
     ("training", "steps"): (lambda v: v > 0, "> 0"),
     ("training", "seq_len"): (lambda v: v >= 2, ">= 2"),
     ("training", "local_batch_size"): (lambda v: v > 0, "> 0"),
@@ -345,7 +341,8 @@ def apply_overrides(config, args: list[str], where: str, prog: str):
     flags = [a.split("=")[0] for a in args if a.startswith("--")]
     bad = next((f for f in flags if f in message or f"{f[2:].split('.')[-1]} must" in message), None)
     label = f" ({_label(tuple(bad[2:].split('.')[:-1]), bad[2:].split('.')[-1])})" if bad else ""
-    raise RecipeError(f"{where}: override {bad or ' '.join(args)}{label}: {re.sub(' +', ' ', message)}")
+    message = re.sub(r"^Value error\s+Error parsing [\w.-]+:\s*", "", re.sub(" +", " ", message))
+    raise RecipeError(f"{where}: override {bad or ' '.join(args)}{label}: {message}")
 
 
 def check_world_size(config, world: int, where: str) -> None:
