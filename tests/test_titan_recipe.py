@@ -114,8 +114,10 @@ def test_overrides_use_the_recipes_types(tmp_path):
     assert r.checkpoint.enable is False and r.optimizer.clip is False
     assert r.optimizer.adamw_lr is None
     assert r.optimizer.adamw_patterns == [r"^layers\.0\.", "norm"]
-    r = load_recipe(p, ["--optimizer.adamw_betas", "0.85", "0.99", "--optimizer.lr", "2"])
+    r = load_recipe(p, ["--optimizer.adamw_betas", "0.85", "0.99", "--optimizer.lr", "2", "--job.dump_folder", "/x",
+                        "--parallelism.data_parallel_shard_degree", "-1"])
     assert r.optimizer.adamw_betas == (0.85, 0.99) and r.optimizer.lr == 2.0
+    assert r.dump_folder == "/x" and r.parallelism.data_parallel_shard_degree == -1   # the SLURM tests' spelling
     # Untouched keys keep the recipe's values or the declaration's defaults.
     assert r.training.steps == 5 and r.optimizer.gamma == BY_NAME["gamma"].default
 

@@ -134,7 +134,7 @@ class MARSMTrainerConfig(Trainer.Config):
 
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    dump_folder: Annotated[str, tyro.conf.arg(aliases=("--job.dump_folder",))] = "./outputs"
+    dump_folder: Annotated[str, tyro.conf.arg(aliases=("--job.dump-folder",))] = "./outputs"
     """all outputs: metrics.jsonl, checkpoints, tb"""
     hf_assets_path: str = "embedded"
     """tokenizer/HF assets folder, or 'embedded': a BPE built locally from pydoc_data.topics"""
