@@ -104,7 +104,10 @@ def test_nothing_starts_on_a_bad_recipe(tmp_path):
 # ------------------------------------------------------------------ overrides
 def test_overrides_use_the_recipes_types(tmp_path):
     """Overrides go through tyro (torchtitan's CLI): typed by the config's annotations."""
-    p = write(tmp_path, "[optimizer]\nlr = 0.01\n[training]\nsteps = 5\n[lr_scheduler]\nwarmup_steps = 1\n")
+    p = write(tmp_path, "[optimizer]\nlr = 0.01\nadamw_lr = 0.02\n[training]\nsteps = 5\n[lr_scheduler]\n"
+                        "warmup_steps = 1\n[checkpoint]\ninitial_load_path = \"none\"\n")
+    r = load_recipe(p)
+    assert r.optimizer.adamw_lr == 0.02 and r.checkpoint.initial_load_path is None   # optional fields
     r = load_recipe(p, ["--optimizer.lr", "1e-3", "--training.steps=7", "--optimizer.adamw_betas", "0.8", "0.9",
                         "--checkpoint.enable", "false", "--optimizer.adamw_lr", "None", "--optimizer.clip=False",
                         "--optimizer.adamw_patterns", r"^layers\.0\.,norm"])
