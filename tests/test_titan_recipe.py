@@ -486,23 +486,30 @@ def _step_once(model, container):
 
 
 def test_resume_recipe_settings_win_except_the_scheduled_lr(caplog):
+    def scheduled(container):   # torch LR schedulers add initial_lr (torchtitan's drive each optimizer)
+        for optim in container.optimizers:
+            torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1.0)
+        return container
+
     model, saved = _tiny_container(momentum=0.95, gamma=0.025)
+    scheduled(saved)
     _step_once(model, saved)
     sd = saved.state_dict()
     _, resumed = _tiny_container(momentum=0.5, gamma=0.5, lr=0.3)
+    scheduled(resumed)
     with caplog.at_level("INFO", logger="dist_marsm.titan.optimizer_container"):
         resumed.load_state_dict(sd)
     opt = resumed.optimizers[0]
     for group in opt.param_groups:
         assert group["momentum"] == 0.5 and group["gamma"] == 0.5   # the recipe's, not the checkpoint's
-        assert group["lr"] == 0.1                                    # the checkpoint's: the scheduler drives it
+        assert group["lr"] == group["initial_lr"] == 0.1             # the checkpoint's: the scheduler drives it
     p = opt.param_groups[0]["params"][0]
     ref = saved.optimizers[0]
     assert torch.equal(opt.state[p]["momentum"], ref.state[ref.param_groups[0]["params"][0]]["momentum"])
     lines = [r.getMessage() for r in caplog.records]
     assert sum("resume: momentum 0.95 -> 0.5" in m for m in lines) == 1, lines   # once, not once per group
     assert sum("resume: gamma 0.025 -> 0.5" in m for m in lines) == 1, lines
-    assert any("resume: lr stays 0.1" in m for m in lines), lines
+    assert sum("resume: peak lr (initial_lr) stays 0.1" in m and "0.3" in m for m in lines) == 1, lines
     assert resumed.state_dict()["param_groups.proj.weight.momentum"] == 0.5   # and saved again as such
 
 

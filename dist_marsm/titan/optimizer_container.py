@@ -249,9 +249,10 @@ class MARSMOptimizersContainer(OptimizersContainer):
                     group[key] = value
         for key, (old, new) in changed.items():
             logger.info(f"resume: {key} {old!r} -> {new!r} (the recipe's value wins over the checkpoint's)")
-        for key, (saved, recipe) in kept.items():
-            logger.info(f"resume: {key} stays {saved!r} from the checkpoint (the lr scheduler drives it; "
-                        f"the recipe gives {recipe!r})")
+        if "initial_lr" in kept:   # the scheduler's peak; "lr" itself always differs mid-schedule
+            saved, recipe = kept["initial_lr"]
+            logger.info(f"resume: peak lr (initial_lr) stays {saved!r} from the checkpoint's lr schedule; the "
+                        f"recipe gives {recipe!r} (start a new dump_folder to change it)")
 
 
 def _same(a, b) -> bool:
