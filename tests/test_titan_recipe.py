@@ -564,10 +564,14 @@ def test_a_new_setting_reaches_the_typed_config_and_the_loader(tmp_path, monkeyp
     from dist_marsm.titan import optimizer_container as oc
     from dist_marsm.titan.recipe import _coerce, _BAD
 
+    r = load_recipe(str(ROOT / "recipes/debug_cpu.toml"), ["--optimizer.ns_head_dim", "64"])
+    assert r.optimizer.ns_head_dim == 64   # a setting with a None default, settable
     extra = (settings.Setting("future_method", "quintic", "which iteration", "one of ('quintic', 'polar')",
                               lambda x: x in ("quintic", "polar"), ("quintic", "polar")),
              settings.Setting("future_coefficients", (3.4445, -4.775, 2.0315), "iteration coefficients",
-                              "three numbers", lambda x: isinstance(x, tuple) and len(x) == 3))
+                              "three numbers", lambda x: isinstance(x, tuple) and len(x) == 3),
+             settings.Setting("future_rows", None, "rows per block", "None or an int >= 1",
+                              lambda x: x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1)))
     monkeypatch.setattr(oc, "CONFIG_SETTINGS", oc.CONFIG_SETTINGS + extra)
     fields = dict((name, ann) for name, ann, _ in oc._config_fields())
     hints = {k: typing.get_args(v)[0] for k, v in fields.items()}
@@ -576,6 +580,9 @@ def test_a_new_setting_reaches_the_typed_config_and_the_loader(tmp_path, monkeyp
     assert _coerce("polar", hints["future_method"]) == "polar" and _coerce("cubic", hints["future_method"]) is _BAD
     assert _coerce([1, 2.5, 3], hints["future_coefficients"]) == (1.0, 2.5, 3.0)
     assert _coerce(["a"], hints["future_coefficients"]) is _BAD
+    # a None default carries no type: the one the declaration's check accepts (ns_head_dim is such a setting)
+    assert hints["future_rows"] == typing.Optional[int]
+    assert _coerce(64, hints["future_rows"]) == 64 and _coerce("none", hints["future_rows"]) is None
 
 
 def test_unfused_qkv_has_the_fused_rows_as_three_matrices():
