@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -117,3 +118,36 @@ def test_moe_recipe_trains_resumes_and_reshards(tmp_path):
     assert check["max_abs_diff"] == 0.0        # resharding EP 2 x FSDP 2 -> one process moves bytes only
     got = losses(one)
     assert sorted(got) == [5, 6, 7, 8] and all(math.isfinite(v) and v < ref[1] for v in got.values()), got
+
+
+def test_routing_per_parameter_kind():
+    """build_param_groups on the real deepseek_v3 MoE model (meta device): each kind on its route."""
+    import torch
+    from torchtitan.models import deepseek_v3
+
+    from dist_marsm import build_param_groups
+    from dist_marsm.titan import moe
+
+    moe.register_flavors()
+    with torch.device("meta"):
+        model = deepseek_v3.model_registry(moe.FLAVOR).model.build()
+    groups = build_param_groups(model)
+    mars = set(next(g for g in groups if g["use_mars"])["param_names"])
+    adamw = set(next(g for g in groups if not g["use_mars"])["param_names"])
+    assert mars | adamw == {n for n, _ in model.named_parameters()} and not mars & adamw
+    kinds = {
+        "routed experts": (r"\.moe\.routed_experts\.inner_experts\.w[123]_E", True),
+        "shared experts": (r"\.moe\.shared_experts\.w[123]\.weight$", True),
+        "MLA low-rank": (r"\.attention\.(wq_a|wq_b|wkv_a|wkv_b)\.weight$", True),
+        "router gate": (r"\.moe\.router\.gate\.weight$", False),
+        "MLA norms": (r"\.attention\.(q_norm|kv_norm)\.weight$", False),
+    }
+    for kind, (pattern, on_mars) in kinds.items():
+        names = [n for n in mars | adamw if re.search(pattern, n)]
+        assert len(names) == {"routed experts": 6, "shared experts": 6, "MLA low-rank": 12, "router gate": 2,
+                              "MLA norms": 6}[kind], (kind, names)
+        assert all((n in mars) == on_mars for n in names), (kind, names)
+    buffers = {n for n, _ in model.named_buffers()}
+    assert {"layers.1.moe.expert_bias_E", "layers.1.moe.tokens_per_expert_E"} <= buffers
+    assert not buffers & (mars | adamw)        # buffers are no optimizer's
+    assert len(mars) == 30
