@@ -9,6 +9,7 @@
   exp_avg/exp_avg_sq/step; step counts equal the checkpoint's step; the momentum obeys the bound
   ||m_t||_F <= 1 - beta^t that unit clipping implies (a full matrix, not a shard).
 * Another optimizer (AdamW recipe on a MARS-M checkpoint): one clear error per rank before training.
+* New settings at resume: the recipe's momentum/gamma are used and saved, the lr schedule is restored.
 * Reshard: saved at 4 ranks (FSDP 4), resumed at 2 (FSDP 2): the loaded model and optimizer state,
   gathered, equal the saved full tensors exactly (tolerance 0), and training goes on from them (the
   dataloader state is not loaded: torchtitan 0.3.0 cannot change its dp degree).
@@ -177,3 +178,24 @@ def test_checkpoint_of_another_optimizer_is_refused_clearly(reference, tmp_path)
                for e in errors), errors
     assert sorted(os.listdir(os.path.join(dump, "checkpoint"))) == ["step-3"]
     assert sorted(os.listdir(os.path.join(dump, "checkpoint", "step-3"))) == before
+
+
+def test_resume_takes_the_recipes_settings(reference, tmp_path):
+    """Resuming with --optimizer.momentum 0.5 --optimizer.gamma 0.5: the run uses and saves the recipe's
+    values (it kept and saved the checkpoint's 0.95 / 0.025 before), says so once per rank, and keeps the
+    checkpoint's lr schedule."""
+    ref_dump, ref = reference
+    dump = str(tmp_path / "new_settings")
+    copy_checkpoint(ref_dump, 3, dump)
+    rc, log = run_job(dump, 2, STEPS + ["--optimizer.momentum", "0.5", "--optimizer.gamma", "0.5"])
+    assert rc == 0, log[-4000:]
+    assert log.count("resume: momentum 0.95 -> 0.5") == 2 and log.count("resume: gamma 0.025 -> 0.5") == 2, \
+        log[-4000:]
+    saved = read_checkpoint(os.path.join(dump, "checkpoint", "step-6"))["optimizer"]
+    groups = {k: v for k, v in saved.items() if k.startswith("param_groups.")}
+    assert groups and all(v == 0.5 for k, v in groups.items() if k.endswith((".momentum", ".gamma")))
+    before = read_checkpoint(os.path.join(ref_dump, "checkpoint", "step-6"))["optimizer"]
+    lrs = [k for k in groups if k.endswith(".lr")]
+    assert lrs and all(groups[k] == before[k] for k in lrs)     # the same schedule, restored
+    assert losses(dump)[4] == ref[4]   # step 4 depends on the restored weights only; 5-6 on the new settings
+    assert losses(dump)[6] != ref[6]

@@ -104,7 +104,10 @@ def test_nothing_starts_on_a_bad_recipe(tmp_path):
 # ------------------------------------------------------------------ overrides
 def test_overrides_use_the_recipes_types(tmp_path):
     """Overrides go through tyro (torchtitan's CLI): typed by the config's annotations."""
-    p = write(tmp_path, "[optimizer]\nlr = 0.01\n[training]\nsteps = 5\n[lr_scheduler]\nwarmup_steps = 1\n")
+    p = write(tmp_path, "[optimizer]\nlr = 0.01\nadamw_lr = 0.02\n[training]\nsteps = 5\n[lr_scheduler]\n"
+                        "warmup_steps = 1\n[checkpoint]\ninitial_load_path = \"none\"\n")
+    r = load_recipe(p)
+    assert r.optimizer.adamw_lr == 0.02 and r.checkpoint.initial_load_path is None   # optional fields
     r = load_recipe(p, ["--optimizer.lr", "1e-3", "--training.steps=7", "--optimizer.adamw_betas", "0.8", "0.9",
                         "--checkpoint.enable", "false", "--optimizer.adamw_lr", "None", "--optimizer.clip=False",
                         "--optimizer.adamw_patterns", r"^layers\.0\.,norm"])
@@ -114,8 +117,10 @@ def test_overrides_use_the_recipes_types(tmp_path):
     assert r.checkpoint.enable is False and r.optimizer.clip is False
     assert r.optimizer.adamw_lr is None
     assert r.optimizer.adamw_patterns == [r"^layers\.0\.", "norm"]
-    r = load_recipe(p, ["--optimizer.adamw_betas", "0.85", "0.99", "--optimizer.lr", "2"])
+    r = load_recipe(p, ["--optimizer.adamw_betas", "0.85", "0.99", "--optimizer.lr", "2", "--job.dump_folder", "/x",
+                        "--parallelism.data_parallel_shard_degree", "-1"])
     assert r.optimizer.adamw_betas == (0.85, 0.99) and r.optimizer.lr == 2.0
+    assert r.dump_folder == "/x" and r.parallelism.data_parallel_shard_degree == -1   # the SLURM tests' spelling
     # Untouched keys keep the recipe's values or the declaration's defaults.
     assert r.training.steps == 5 and r.optimizer.gamma == BY_NAME["gamma"].default
 
@@ -481,23 +486,30 @@ def _step_once(model, container):
 
 
 def test_resume_recipe_settings_win_except_the_scheduled_lr(caplog):
+    def scheduled(container):   # torch LR schedulers add initial_lr (torchtitan's drive each optimizer)
+        for optim in container.optimizers:
+            torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1.0)
+        return container
+
     model, saved = _tiny_container(momentum=0.95, gamma=0.025)
+    scheduled(saved)
     _step_once(model, saved)
     sd = saved.state_dict()
     _, resumed = _tiny_container(momentum=0.5, gamma=0.5, lr=0.3)
+    scheduled(resumed)
     with caplog.at_level("INFO", logger="dist_marsm.titan.optimizer_container"):
         resumed.load_state_dict(sd)
     opt = resumed.optimizers[0]
     for group in opt.param_groups:
         assert group["momentum"] == 0.5 and group["gamma"] == 0.5   # the recipe's, not the checkpoint's
-        assert group["lr"] == 0.1                                    # the checkpoint's: the scheduler drives it
+        assert group["lr"] == group["initial_lr"] == 0.1             # the checkpoint's: the scheduler drives it
     p = opt.param_groups[0]["params"][0]
     ref = saved.optimizers[0]
     assert torch.equal(opt.state[p]["momentum"], ref.state[ref.param_groups[0]["params"][0]]["momentum"])
     lines = [r.getMessage() for r in caplog.records]
     assert sum("resume: momentum 0.95 -> 0.5" in m for m in lines) == 1, lines   # once, not once per group
     assert sum("resume: gamma 0.025 -> 0.5" in m for m in lines) == 1, lines
-    assert any("resume: lr stays 0.1" in m for m in lines), lines
+    assert sum("resume: peak lr (initial_lr) stays 0.1" in m and "0.3" in m for m in lines) == 1, lines
     assert resumed.state_dict()["param_groups.proj.weight.momentum"] == 0.5   # and saved again as such
 
 
@@ -552,10 +564,14 @@ def test_a_new_setting_reaches_the_typed_config_and_the_loader(tmp_path, monkeyp
     from dist_marsm.titan import optimizer_container as oc
     from dist_marsm.titan.recipe import _coerce, _BAD
 
+    r = load_recipe(str(ROOT / "recipes/debug_cpu.toml"), ["--optimizer.ns_head_dim", "64"])
+    assert r.optimizer.ns_head_dim == 64   # a setting with a None default, settable
     extra = (settings.Setting("future_method", "quintic", "which iteration", "one of ('quintic', 'polar')",
                               lambda x: x in ("quintic", "polar"), ("quintic", "polar")),
              settings.Setting("future_coefficients", (3.4445, -4.775, 2.0315), "iteration coefficients",
-                              "three numbers", lambda x: isinstance(x, tuple) and len(x) == 3))
+                              "three numbers", lambda x: isinstance(x, tuple) and len(x) == 3),
+             settings.Setting("future_rows", None, "rows per block", "None or an int >= 1",
+                              lambda x: x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1)))
     monkeypatch.setattr(oc, "CONFIG_SETTINGS", oc.CONFIG_SETTINGS + extra)
     fields = dict((name, ann) for name, ann, _ in oc._config_fields())
     hints = {k: typing.get_args(v)[0] for k, v in fields.items()}
@@ -564,6 +580,9 @@ def test_a_new_setting_reaches_the_typed_config_and_the_loader(tmp_path, monkeyp
     assert _coerce("polar", hints["future_method"]) == "polar" and _coerce("cubic", hints["future_method"]) is _BAD
     assert _coerce([1, 2.5, 3], hints["future_coefficients"]) == (1.0, 2.5, 3.0)
     assert _coerce(["a"], hints["future_coefficients"]) is _BAD
+    # a None default carries no type: the one the declaration's check accepts (ns_head_dim is such a setting)
+    assert hints["future_rows"] == typing.Optional[int]
+    assert _coerce(64, hints["future_rows"]) == 64 and _coerce("none", hints["future_rows"]) is None
 
 
 def test_unfused_qkv_has_the_fused_rows_as_three_matrices():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import typing
 from typing import Annotated, Any, Literal, Optional
 
 import torch
@@ -48,11 +49,21 @@ def _value_type(value):
     return type(value)
 
 
+def _accepts(s: settings.Setting, value) -> bool:
+    try:
+        return bool(s.valid(value))
+    except Exception:  # noqa: BLE001 - a check that cannot take the probe does not accept it
+        return False
+
+
 def _annotation(s: settings.Setting):
     if s.choices is not None and set(s.choices) != {True, False}:
         values = tuple(c for c in s.choices if c is not None)
         kind = Literal[values]  # type: ignore[valid-type]
         return Optional[kind] if None in s.choices else kind
+    if s.default is None:   # no type in the default: the probe values the declaration's own check accepts
+        kinds = tuple(type(v) for v in (True, 1, 0.5) if _accepts(s, v))
+        return Optional[typing.Union[kinds]] if kinds else type(None)
     return _value_type(s.default)
 
 
@@ -249,9 +260,10 @@ class MARSMOptimizersContainer(OptimizersContainer):
                     group[key] = value
         for key, (old, new) in changed.items():
             logger.info(f"resume: {key} {old!r} -> {new!r} (the recipe's value wins over the checkpoint's)")
-        for key, (saved, recipe) in kept.items():
-            logger.info(f"resume: {key} stays {saved!r} from the checkpoint (the lr scheduler drives it; "
-                        f"the recipe gives {recipe!r})")
+        if "initial_lr" in kept:   # the scheduler's peak; "lr" itself always differs mid-schedule
+            saved, recipe = kept["initial_lr"]
+            logger.info(f"resume: peak lr (initial_lr) stays {saved!r} from the checkpoint's lr schedule; the "
+                        f"recipe gives {recipe!r} (start a new dump_folder to change it)")
 
 
 def _same(a, b) -> bool:

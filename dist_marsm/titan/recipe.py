@@ -22,6 +22,7 @@ import math
 import os
 import re
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +136,7 @@ class MARSMTrainerConfig(Trainer.Config):
 
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    dump_folder: Annotated[str, tyro.conf.arg(aliases=("--job.dump_folder",))] = "./outputs"
+    dump_folder: Annotated[str, tyro.conf.arg(aliases=("--job.dump-folder",))] = "./outputs"
     """all outputs: metrics.jsonl, checkpoints, tb"""
     hf_assets_path: str = "embedded"
     """tokenizer/HF assets folder, or 'embedded': a BPE built locally from pydoc_data.topics"""
@@ -190,12 +191,17 @@ def _strip(ann):
     return ann
 
 
+def _members(ann) -> tuple:
+    """The members of a union annotation (``X | Y``, ``Optional[X]``), else ()."""
+    return typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types.UnionType) else ()
+
+
 def _describe(ann) -> str:
     ann = _strip(ann)
     origin, args = typing.get_origin(ann), typing.get_args(ann)
     if origin is Literal:
         return f"one of {list(args)}"
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if _members(ann):
         others = [a for a in args if a is not type(None)]
         return " or ".join(_describe(a) for a in others) + (' (or "none")' if len(others) < len(args) else "")
     if origin in (list, tuple):
@@ -214,7 +220,7 @@ def _coerce(raw, ann):
         return raw
     if origin is Literal:
         return raw if any(raw == a and type(raw) is type(a) for a in args) else _BAD
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if _members(ann):
         if raw == "none" and type(None) in args:
             return None
         for a in args:
@@ -271,7 +277,7 @@ def _walk(obj, table: dict, where: str, path: tuple = ()):
             if not dataclasses.is_dataclass(current):
                 raise RecipeError(f"{where}: {_label(path, key)} must be {_describe(ann)}, not a table")
             updates[key] = _walk(current, raw, where, (*path, key))
-        elif dataclasses.is_dataclass(current) or current is None and typing.get_origin(_strip(ann)) is typing.Union:
+        elif dataclasses.is_dataclass(current) or any(dataclasses.is_dataclass(_strip(m)) for m in _members(_strip(ann))):
             value, names = _subcommand(_strip(ann), raw) if isinstance(raw, str) else (_BAD, [])
             if value is _BAD:
                 raise RecipeError(f"{where}: {_label(path, key)} must be a table" +
