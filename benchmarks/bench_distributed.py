@@ -26,6 +26,9 @@ on the owner plan of a MARSM built for the model (default owner policy), fp32 in
   one-owner-per-matrix plan when the call's time is additive over matrices (it is, up to the per-call
   overhead that grouping more matrices in one call can only save): the busiest rank owns at least 1/W of
   the work.
+Each MARS-M row's floors are timed on that optimizer's own plan right after its measured steps, so floor and
+step see the same machine load; the floors of a fresh plan, timed before the first optimizer, are in the
+table header and serve the naive Muon row.
 """
 
 from __future__ import annotations
@@ -272,13 +275,9 @@ def _timed(run, device, reps: int, barrier: bool) -> list[float]:
     return times[1:]
 
 
-def owner_floors(config, mesh, device, args, rank, world) -> dict:
-    """The plan floor and the perfect-split floor of the module docstring, on this model's owner plan."""
-    from dist_marsm import MARSM
-    model = fsdp_model(config, mesh, device)
-    opt = MARSM(configure_marsm(model), ns_dtype=args.ns_dtype)
-    lm_loss(model, 0, args.batch, args.seq, device).backward()
-    opt.step()                                    # builds the plan exactly as the timed runs do
+def owner_floors(opt, device, reps: int, rank: int, world: int) -> dict:
+    """The plan floor and the perfect-split floor of the module docstring, on the owner plan of ``opt``
+    (a MARSM that has stepped once, so its plan is built)."""
     plans = [fg.plan for fg in opt._flat_groups]
     gen = torch.Generator(device=device).manual_seed(1)
     fulls = [{pos: torch.randn(e.shape, generator=gen, device=device) for pos, e in enumerate(plan.entries)}
@@ -291,17 +290,28 @@ def owner_floors(config, mesh, device, args, rank, world) -> dict:
             if fs:
                 owner_orthogonalize(fs, plan.entries)
 
-    own = _timed(lambda: run(mine), device, args.ns_reps, barrier=True)
+    own = _timed(lambda: run(mine), device, reps, barrier=True)
     everyone = [None] * world
     dist.all_gather_object(everyone, own)
-    whole = _timed(lambda: run(fulls), device, args.ns_reps, barrier=False) if rank == 0 else None
+    whole = _timed(lambda: run(fulls), device, reps, barrier=False) if rank == 0 else None
     dist.barrier()
     owned_flops = [sum(e.flops for plan in plans for e in plan.entries if e.owner == r) for r in range(world)]
-    del opt, model
-    gc.collect()
-    return {"plan_floor_s": median([max(r[i] for r in everyone) for i in range(args.ns_reps)]),
+    return {"plan_floor_s": median([max(r[i] for r in everyone) for i in range(reps)]),
             "plan_floor_per_rank_s": everyone, "ns_single_process_s": median(whole) if whole else None,
             "max_rank_ns_gflop": max(owned_flops) / 1e9}
+
+
+def model_floors(config, mesh, device, args, rank, world) -> dict:
+    """Both floors on a fresh MARSM's plan for ``config`` (built by one step, as in the timed runs)."""
+    from dist_marsm import MARSM
+    model = fsdp_model(config, mesh, device)
+    opt = MARSM(configure_marsm(model), ns_dtype=args.ns_dtype)
+    lm_loss(model, 0, args.batch, args.seq, device).backward()
+    opt.step()
+    floors = owner_floors(opt, device, args.ns_reps, rank, world)
+    del opt, model
+    gc.collect()
+    return floors
 
 
 def ns_single_process_distmuon(shapes, device, reps: int) -> float:
@@ -344,6 +354,8 @@ def run_one(kind, config, mesh, device, args, world):
             step_times.append(t2 - t0)
     rec = {"opt": opt_times, "step": step_times, "bytes_sent": counter["bytes"], "state_bytes": state_bytes(opt),
            "loss": float(loss.detach())}
+    if kind.startswith("marsm"):   # this optimizer's own plan, timed right after its steps (same load)
+        rec["floors"] = owner_floors(opt, device, args.ns_reps, dist.get_rank(), world)
     inner = opt.optimizer if hasattr(opt, "optimizer") else opt
     if hasattr(inner, "last_step_stats"):
         s = inner.last_step_stats
@@ -367,7 +379,7 @@ def rank_main(rank, world, port, args, queue):
     out = {}
     for config in args.models:
         shapes = matrix_shapes(make_model(config))
-        floors = owner_floors(config, mesh, device, args, rank, world)
+        floors = model_floors(config, mesh, device, args, rank, world)
         floor_dm = None
         if rank == 0 and any(k.startswith("distmuon") for k in args.kinds):
             floor_dm = ns_single_process_distmuon(shapes, device, 1)
@@ -415,9 +427,10 @@ def summarize(out, args, world):
                               config_lines=config_lines(KINDS[kind][1]), per_rank=per_rank)
             if kind == "adamw":
                 adamw_opt, adamw_step = opt, step
-        headers = ["optimizer", "opt step ms", "train step ms", "opt / AdamW", "train / AdamW", "opt / plan floor",
-                   "opt / perfect-split floor"] + (["opt / own-kernel floor"] if floor_dm else []) + [
-                   "state bytes/rank", "sent bytes/rank/step", "config lines"]
+        headers = (["optimizer", "opt step ms", "train step ms", "opt / AdamW", "train / AdamW", "plan floor ms",
+                    "opt / plan floor", "perfect-split floor ms", "opt / perfect-split floor"]
+                   + (["opt / own-kernel floor"] if floor_dm else [])
+                   + ["state bytes/rank", "sent bytes/rank/step", "config lines"])
         for kind in args.kinds:
             r = recs[kind]
             label = KINDS[kind][0]
@@ -426,20 +439,26 @@ def summarize(out, args, world):
                 continue
             r["opt_over_adamw"] = r["opt_s"] / adamw_opt if adamw_opt else None
             r["step_over_adamw"] = r["step_s"] / adamw_step if adamw_step else None
-            r["opt_over_plan_floor"] = r["opt_s"] / plan_floor if kind.startswith("marsm") else None
-            r["opt_over_split_floor"] = r["opt_s"] / split if kind != "adamw" else None
+            own = r["per_rank"][0].get("floors")  # MARS-M rows: floors on its own plan, right after its steps
+            r["plan_floor_s"] = own["plan_floor_s"] if own else None
+            r["perfect_split_floor_s"] = own["ns_single_process_s"] / world if own else split
+            r["opt_over_plan_floor"] = r["opt_s"] / r["plan_floor_s"] if own else None
+            r["opt_over_split_floor"] = r["opt_s"] / r["perfect_split_floor_s"] if kind != "adamw" else None
             r["opt_over_own_kernel_floor"] = r["opt_s"] / floor_dm if kind.startswith("distmuon") and floor_dm else None
             rows.append([label, r["opt_s"] * 1e3, r["step_s"] * 1e3, r["opt_over_adamw"], r["step_over_adamw"],
-                         r["opt_over_plan_floor"], r["opt_over_split_floor"]]
+                         r["plan_floor_s"] * 1e3 if own else None, r["opt_over_plan_floor"],
+                         r["perfect_split_floor_s"] * 1e3 if kind != "adamw" else None, r["opt_over_split_floor"]]
                         + ([r["opt_over_own_kernel_floor"]] if floor_dm else [])
                         + [human_bytes(r["state_bytes"]), human_bytes(r["bytes_sent"]), r["config_lines"]])
         head = (f"### {config} model ({MODEL_CONFIGS[config]}), {world} ranks, {args.threads} thread(s)/rank, "
                 f"NS in {args.ns_dtype} (DistMuon: always bf16)\n\n"
-                f"{len(shapes)} matrices, {ns_flops / 1e9:.1f} GFLOP of Newton-Schulz per step. Floors, timed with "
-                f"the owners' own Newton-Schulz call on the owner plan: plan floor {plan_floor * 1e3:.1f} ms (the "
-                f"slowest rank orthogonalizing the matrices it owns, busiest rank {o['max_rank_ns_gflop']:.2f} "
-                f"GFLOP); single-process NS of all matrices {o['ns_single_process_s'] * 1e3:.1f} ms -> perfect-split "
-                f"floor {split * 1e3:.1f} ms"
+                f"{len(shapes)} matrices, {ns_flops / 1e9:.1f} GFLOP of Newton-Schulz per step; busiest owner "
+                f"{o['max_rank_ns_gflop']:.2f} GFLOP. Floors are timed with the owners' own Newton-Schulz call "
+                f"on the owner plan: plan floor = the slowest rank orthogonalizing the matrices it owns (all ranks "
+                f"at once); perfect-split floor = all matrices in one process / W. Each MARS-M row's floors are "
+                f"measured on its own optimizer's plan right after its steps; before the first optimizer, on a "
+                f"fresh plan: plan floor {plan_floor * 1e3:.1f} ms, single-process NS {o['ns_single_process_s'] * 1e3:.1f}"
+                f" ms -> perfect-split floor {split * 1e3:.1f} ms (used for the naive Muon row)"
                 + (f"; DistMuon's own NS kernel (one bf16 addmm-based call per matrix) single-process "
                    f"{o['ns_single_process_distmuon_s'] * 1e3:.1f} ms -> its floor {floor_dm * 1e3:.1f} ms" if floor_dm
                    else "") + f". Median of {args.steps} steps after {args.warmup} warm-up; each step = slowest rank; "
