@@ -13,11 +13,22 @@ import torch
 LR_ADJUST_MODES = ("moonlight", "original", "none")
 
 
+def mars_corrections(grads: list[torch.Tensor], prev_grads: list[torch.Tensor] | None, gamma: float,
+                     beta: float) -> list[torch.Tensor]:
+    """c_t = g_t + gamma * beta / (1 - beta) * (g_t - g_{t-1}) for a list of tensors (foreach).
+
+    ``prev_grads=None`` means g_{t-1} = 0 (the first step). Returns new tensors; the inputs are untouched.
+    """
+    k = gamma * beta / (1.0 - beta)
+    out = torch._foreach_sub(grads, prev_grads) if prev_grads is not None else torch._foreach_mul(grads, 1.0)
+    torch._foreach_mul_(out, k)
+    torch._foreach_add_(out, grads)
+    return out
+
+
 def mars_correction(grad: torch.Tensor, prev_grad: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:
-    """c_t = g_t + gamma * beta / (1 - beta) * (g_t - g_{t-1})."""
-    if gamma == 0:
-        return grad.clone()
-    return torch.sub(grad, prev_grad).mul_(gamma * beta / (1.0 - beta)).add_(grad)
+    """One tensor of :func:`mars_corrections`."""
+    return mars_corrections([grad], [prev_grad], gamma, beta)[0]
 
 
 def unit_clip_scale(sq_norm: torch.Tensor) -> torch.Tensor:
@@ -29,23 +40,30 @@ def unit_clip_scale(sq_norm: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 1.0, 1.0 / norm, torch.ones_like(norm))
 
 
-def momentum_update(momentum: torch.Tensor, update: torch.Tensor, beta: float) -> torch.Tensor:
+def unit_clip_factor(sq_norm: float) -> float:
+    """:func:`unit_clip_scale` of one squared norm held on the host."""
+    norm = math.sqrt(sq_norm)
+    return 1.0 / norm if norm > 1.0 else 1.0
+
+
+def momentum_updates(momenta: list[torch.Tensor], updates: list[torch.Tensor], beta: float) -> None:
     """m = beta * m + (1 - beta) * update, in place (no Nesterov)."""
-    return momentum.lerp_(update.to(momentum.dtype), 1.0 - beta)
+    torch._foreach_lerp_(momenta, updates, 1.0 - beta)
 
 
-def efficient_momentum_update(momentum: torch.Tensor, grad: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
-    """One-buffer MARS-M: m = beta * m + ((1 - gamma)(1 - beta) / beta) * g_t, in place."""
-    return momentum.mul_(beta).add_(grad.to(momentum.dtype), alpha=(1.0 - gamma) * (1.0 - beta) / beta)
+def efficient_momentum_updates(momenta: list[torch.Tensor], grads: list[torch.Tensor], beta: float,
+                               gamma: float) -> list[torch.Tensor]:
+    """One-buffer MARS-M: m = beta * m + ((1 - gamma)(1 - beta) / beta) * g_t in place; returns the
+    Newton-Schulz inputs gamma * g_t + beta * m (new tensors).
 
-
-def efficient_ns_input(momentum: torch.Tensor, grad: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
-    """Newton-Schulz input of the one-buffer form: gamma * g_t + beta * m.
-
-    It follows the same recursion as the approximate variant's momentum with clipping off
+    The inputs follow the same recursion as the approximate variant's momentum with clipping off
     (n_t = beta n_{t-1} + (1 - beta) g_t + gamma beta (g_t - g_{t-1})), so both give one direction.
     """
-    return torch.mul(momentum, beta).add_(grad.to(momentum.dtype), alpha=gamma)
+    torch._foreach_mul_(momenta, beta)
+    torch._foreach_add_(momenta, grads, alpha=(1.0 - gamma) * (1.0 - beta) / beta)
+    inputs = torch._foreach_mul(momenta, beta)
+    torch._foreach_add_(inputs, grads, alpha=gamma)
+    return inputs
 
 
 def lr_scale(shape: tuple[int, ...], mode: str) -> float:
@@ -64,11 +82,12 @@ def lr_scale(shape: tuple[int, ...], mode: str) -> float:
     raise ValueError(f"lr_adjust must be one of {LR_ADJUST_MODES}, got {mode!r}")
 
 
-def apply_update(param: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float, scale: float) -> None:
-    """W = W * (1 - lr * wd); W = W - lr * scale * update (decay uses the unscaled lr)."""
+def apply_updates(params: list[torch.Tensor], updates: list[torch.Tensor], lr: float, weight_decay: float,
+                  scale: float) -> None:
+    """W = W * (1 - lr * wd); W = W - lr * scale * update (decay uses the unscaled lr), in place."""
     if weight_decay != 0:
-        param.mul_(1.0 - lr * weight_decay)
-    param.add_(update.to(param.dtype), alpha=-lr * scale)
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_add_(params, updates, alpha=-lr * scale)
 
 
 def neuron_normalize(
@@ -83,34 +102,3 @@ def neuron_normalize(
     row_mean_sq = update.float().square().mean(dim=-1, keepdim=True)
     row_second_moment.lerp_(row_mean_sq, 1.0 - beta2)
     return update.float() / (row_second_moment.sqrt() + eps)
-
-
-def adamw_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    step: int,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """Decoupled-weight-decay Adam with bias correction, as torch.optim.AdamW computes it.
-
-    All tensors share one step count (they are updated together); foreach kernels keep it cheap.
-    """
-    if not params:
-        return
-    beta1, beta2 = betas
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2_sqrt)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, -lr / bias_correction1)

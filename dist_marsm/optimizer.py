@@ -1,11 +1,13 @@
 """The MARSM optimizer (layer 3): param groups, state, the AdamW route, and a ``step`` that runs
-the element-wise MARS-M math on local shards, reduces the clipping norms once per step, and hands
-the momentum to the owner plan for Newton-Schulz.
+the element-wise MARS-M math on local shards in foreach form, reduces the clipping norms once per
+step, and hands the momentum to the owner plan for Newton-Schulz.
 
 Per matrix parameter W (A x B), approximate variant (the MARS-M reference's default):
     c = g + gamma * beta / (1 - beta) * (g - g_prev);  c /= max(1, ||c||_F)
     m = beta * m + (1 - beta) * c
     W *= 1 - lr * wd;  W -= lr * 0.2 * sqrt(max(A, B)) * NewtonSchulz5(m);  g_prev = g
+
+Every setting is declared once, in :mod:`dist_marsm.settings`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.optim.adamw import adamw as functional_adamw
 
-from dist_marsm import mars_math
+from dist_marsm import mars_math, settings
 from dist_marsm.collectives import OwnerCompute, all_gather_objects, all_reduce_sum, flat_group
 from dist_marsm.newton_schulz import resolve_dtype
 from dist_marsm.owner_plan import (
-    OWNER_POLICIES,
     GroupPlan,
     Layout,
     MatrixEntry,
@@ -32,15 +34,10 @@ from dist_marsm.owner_plan import (
     replicated_layout,
     take_block,
 )
+from dist_marsm.settings import GROUP_SETTINGS, OPTIMIZER_SETTINGS
 
-VARIANTS = ("approx", "exact", "efficient")
-MATRIX_VIEWS = ("batch", "flatten")
-NORMALIZE = (None, "neuron")
-NONFINITE_POLICIES = ("raise", "skip")
-
-# Group keys that must agree on every rank (checked at the first step).
-_CHECKED_KEYS = ("use_mars", "momentum", "gamma", "weight_decay", "variant", "clip", "ns_steps", "ns_dtype",
-                 "lr_adjust", "matrix_view", "adamw_betas", "adamw_eps", "normalize", "normuon_beta2")
+# Per-parameter flags in the step's all-reduce: a sparse gradient outweighs any count of non-finite ones.
+_SPARSE_FLAG = 2.0**20
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -62,17 +59,36 @@ def _state_dtype(param: torch.Tensor) -> torch.dtype:
 
 
 @dataclass
+class _Matrix:
+    """A MARS-M parameter as this rank sees it in the plan (fixed until the plan is rebuilt)."""
+
+    param: torch.Tensor
+    group_index: int
+    name: str
+    view: tuple[int, ...]           # logical shape as orthogonalized ([..., A, B])
+    layout: Layout
+    block_shape: tuple[int, ...]    # this rank's block of ``view``
+    slots: torch.Tensor             # global positions of this rank's matrices among the flat group's
+    slot_list: list[int]            # the same, on the host
+    contributes: bool               # this rank's block counts towards the global norms (its replica is the first)
+    lr_scale: float
+
+
+@dataclass
 class _FlatGroup:
-    """Parameters that share one set of ranks: one norm all-reduce and one owner plan per step."""
+    """Parameters that share one set of ranks: one all-reduce and one owner plan per step."""
 
     ranks: tuple[int, ...]
     my_rank: int
     group: object
-    matrices: list = field(default_factory=list)   # (param, group dict, name, view shape, layout)
-    others: list = field(default_factory=list)     # (param, group dict, name): AdamW-routed
+    device: torch.device
+    matrices: list[_Matrix] = field(default_factory=list)
+    others: list = field(default_factory=list)     # (param, group index, name): AdamW-routed
+    group_indices: tuple[int, ...] = ()
+    num_slots: int = 0                             # matrices in the flat group (batched ones counted each)
     plan: GroupPlan | None = None
     engine: OwnerCompute | None = None
-    device: torch.device = torch.device("cpu")   # where the parameters' local shards live
+    reduce_buffer: torch.Tensor | None = None
 
 
 class MARSM(torch.optim.Optimizer):
@@ -82,25 +98,14 @@ class MARSM(torch.optim.Optimizer):
         params: parameters or param groups. A group's ``use_mars`` flag routes it (False -> AdamW);
             a group without the flag is split in two by ndim (matrices -> MARS-M). Use
             :func:`dist_marsm.build_param_groups` to also send embeddings and the output head to AdamW.
-        lr: learning rate (both routes; a group may override it). Default 3e-3.
-        momentum: beta in [0, 1). Default 0.95.
-        gamma: MARS correction scale (0 gives Moonlight-style Muon). Default 0.025.
-        weight_decay: decoupled, multiplied by the unscaled lr. Default 0.1.
-        variant: "approx" (default), "exact" (needs ``step(closure)``), or "efficient" (one buffer, no clipping).
-        clip: clip the corrected gradient to unit Frobenius norm (approx/exact). Default True.
-        ns_steps, ns_dtype: Newton-Schulz iterations (5) and compute dtype ("bfloat16" or "float32").
-        lr_adjust: "moonlight" 0.2*sqrt(max(A,B)) (default), "original" sqrt(max(1,A/B)), or "none".
-        matrix_view: parameters with ndim > 2 as a "batch" of matrices over leading dims (MoE experts,
-            default) or "flatten"ed to [dim0, rest] (convolution kernels).
-        adamw_betas, adamw_eps: for the AdamW route. Defaults (0.9, 0.95), 1e-8.
-        normalize: None or "neuron" (NorMuon row-wise second-moment normalization).
-        wire_dtype: dtype of momentum and results on the wire between ranks ("bfloat16" or "float32").
-        bucket_mb: full-matrix bytes per communication bucket (bounds transient memory).
-        owner_policy: "largest_first" (LPT, default) or "round_robin".
-        nonfinite: "raise" (default) or "skip" the whole step on every rank when any gradient is inf/NaN.
-        process_group: ranks over which plain (non-DTensor) parameters are replicated, as under DDP:
-            "world" (default; all ranks when torch.distributed is initialized), a ProcessGroup,
-            or None (each rank optimizes on its own).
+        lr, momentum, gamma, weight_decay, variant, clip, ns_steps, ns_dtype, lr_adjust, matrix_view,
+        adamw_betas, adamw_eps, normalize, normuon_beta2: per-group settings (a group may override
+            each); ``wire_dtype``, ``bucket_mb``, ``owner_policy``, ``nonfinite``, ``process_group``: one
+            per optimizer. Meanings, defaults and allowed values: :data:`dist_marsm.settings.SETTINGS`.
+
+    Settings are checked here, in ``add_param_group`` and ``load_state_dict``, and again at the first
+    step after any change (``opt.param_groups[i][key] = ...`` or ``opt.options[key] = ...``); at every
+    step all ranks of a flat group must hold the same values, or every rank raises naming the difference.
     """
 
     def __init__(
@@ -127,40 +132,28 @@ class MARSM(torch.optim.Optimizer):
         nonfinite: str = "raise",
         process_group="world",
     ):
-        if isinstance(ns_dtype, torch.dtype):
-            ns_dtype = str(ns_dtype).removeprefix("torch.")
-        if isinstance(wire_dtype, torch.dtype):
-            wire_dtype = str(wire_dtype).removeprefix("torch.")
-        defaults = dict(lr=lr, momentum=momentum, gamma=gamma, weight_decay=weight_decay, variant=variant,
-                        clip=clip, ns_steps=ns_steps, ns_dtype=ns_dtype, lr_adjust=lr_adjust,
-                        matrix_view=matrix_view, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
-                        normalize=normalize, normuon_beta2=normuon_beta2)
-        _validate_hyperparameters(defaults, where="MARSM")
-        try:
-            self.wire_dtype = resolve_dtype(wire_dtype)
-        except ValueError as e:
-            raise ValueError(f"MARSM: wire_dtype: {e}") from None
-        if not bucket_mb > 0:
-            raise ValueError(f"MARSM: bucket_mb must be > 0, got {bucket_mb}")
-        if owner_policy not in OWNER_POLICIES:
-            raise ValueError(f"MARSM: owner_policy must be one of {OWNER_POLICIES}, got {owner_policy!r}")
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"MARSM: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        self.bucket_bytes = int(bucket_mb * 2**20)
-        self.owner_policy = owner_policy
-        self.nonfinite = nonfinite
-        self.process_group = process_group
+        arguments = dict(locals())
+        defaults = settings.group_defaults(**arguments)
+        settings.validate(defaults, "MARSM", names=defaults)
+        self.options = settings.canonicalize({s.name: arguments[s.name] for s in OPTIMIZER_SETTINGS})
+        settings.validate(self.options, "MARSM", scope="optimizer")
         self.nonfinite_skips = 0
         self.last_step_stats: dict = {}
         self._allreduce_bytes = 0
-        self._exact_in_use = False
         self._flat_groups: list[_FlatGroup] | None = None
         self._plan_key = None
+        self._checked: list[tuple] = []
+        self._checked_options: tuple = ()
         super().__init__(params, defaults)
+        self._checked_options = tuple(self.options.values())
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.options["wire_dtype"])
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict) -> None:
-        if "use_mars" not in param_group and not isinstance(param_group.get("params"), torch.Tensor):
+        if param_group.get("use_mars") is None and not isinstance(param_group.get("params"), torch.Tensor):
             params = list(param_group["params"])
             names = param_group.get("param_names")
             if params and isinstance(params[0], tuple):  # named parameters
@@ -178,36 +171,61 @@ class MARSM(torch.optim.Optimizer):
                         group.pop("param_names", None)
                     self.add_param_group(group)
             return
+        where = f"MARSM: param group {len(self.param_groups)}"
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        where = f"param group {len(self.param_groups) - 1}"
-        if isinstance(group.get("ns_dtype"), torch.dtype):
-            group["ns_dtype"] = str(group["ns_dtype"]).removeprefix("torch.")
-        group["adamw_betas"] = tuple(group["adamw_betas"])
-        _validate_hyperparameters(group, where=where)
-        if group["use_mars"]:
+        settings.canonicalize(group)
+        try:
+            settings.validate(group, where)
+            names = group.get("param_names")
+            if names is not None and len(names) != len(group["params"]):
+                raise ValueError(f"{where}: {len(names)} param_names for {len(group['params'])} parameters")
             for i, p in enumerate(group["params"]):
-                if p.ndim < 2:
-                    name = _param_name(group, i)
-                    raise ValueError(f"{where}: parameter {name} has ndim {p.ndim}; MARS-M needs matrices "
-                                     "(put it in a group with use_mars=False, or use build_param_groups)")
+                _check_parameter(p, group, i, where)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        self._checked.append(_group_values(group))
         self._plan_key = None
 
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but keeps float32 master state for low-precision parameters.
+        """As torch's (the saved group values are restored), after checking that the state dict is a
+        MARSM one for these groups, and keeping float32 master state for low-precision parameters.
 
-        torch.optim casts floating state to the parameter's dtype on load; for bf16 parameters that
-        would round the momentum to bf16 and break bit-identical resume.
+        Group settings a checkpoint predates (not checkpointed) keep their live values.
         """
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"MARSM.load_state_dict: the state dict has "
+                             f"{len(saved_groups) if isinstance(saved_groups, list) else 'no'} param groups, "
+                             f"this optimizer has {len(self.param_groups)}")
+        groups = []
+        for i, (saved, live) in enumerate(zip(saved_groups, self.param_groups)):
+            where = f"MARSM.load_state_dict: param group {i}"
+            missing = sorted(settings.CHECKPOINTED_GROUP_KEYS - {"initial_lr"} - set(saved))
+            if missing:
+                raise ValueError(f"{where} lacks the MARSM settings {missing}: not a MARSM state dict "
+                                 f"(another optimizer's?); it has keys {sorted(k for k in saved if k != 'params')}")
+            if saved["use_mars"] != live["use_mars"] or len(saved["params"]) != len(live["params"]) or (
+                    "param_names" in saved and "param_names" in live and saved["param_names"] != live["param_names"]):
+                raise ValueError(f"{where} does not match this optimizer's group {i} (use_mars "
+                                 f"{saved['use_mars']} vs {live['use_mars']}, {len(saved['params'])} vs "
+                                 f"{len(live['params'])} parameters, names {_names_hint(saved)} vs "
+                                 f"{_names_hint(live)}): groups in another order, or another model?")
+            group = {**{s.name: live[s.name] for s in GROUP_SETTINGS if not s.checkpointed}, **saved}
+            settings.canonicalize(group)
+            settings.validate(group, where)
+            groups.append(group)
+        saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         originals = {p: state_dict["state"].get(i, {}) for i, p in zip(saved_ids, params)}
-        super().load_state_dict(state_dict)
+        super().load_state_dict({**state_dict, "param_groups": groups})
         for p, saved in originals.items():
             for key, value in saved.items():
                 if key != "step" and torch.is_tensor(value) and value.dtype == torch.float32 != p.dtype:
                     self.state[p][key] = value.to(device=p.device)
+        self._checked = [_group_values(g) for g in self.param_groups]
         self._plan_key = None
 
     # ------------------------------------------------------------------ step
@@ -215,12 +233,13 @@ class MARSM(torch.optim.Optimizer):
     def step(self, closure=None):
         """One optimizer step.
 
-        ``variant="exact"`` needs ``closure``: a function that clears the gradients, computes the loss
-        on the *current* batch, calls backward and returns the loss. The optimizer calls it twice:
-        at the previous iterate x_{t-1} (to get g(x_{t-1}; batch_t) for the correction) and at x_t.
+        ``variant="exact"`` needs ``closure``: a function that computes the loss on the *current* batch,
+        calls backward and returns the loss. The optimizer clears the gradients before each call and
+        calls it twice: at the previous iterate x_{t-1} (for g(x_{t-1}; batch_t)) and at x_t.
         """
         start = time.perf_counter()
-        exact = self._exact_in_use = any(g["use_mars"] and g["variant"] == "exact" for g in self.param_groups)
+        self._check_settings()
+        exact = any(g["use_mars"] and g["variant"] == "exact" for g in self.param_groups)
         prev_grads: dict = {}
         if exact:
             if closure is None:
@@ -246,11 +265,41 @@ class MARSM(torch.optim.Optimizer):
             self._update_matrices(fg, s)
             stats["ns_matrices"] += fg.engine.ns_matrices
             stats["bytes_sent"] += fg.engine.bytes_sent
-            self._update_adamw([item for item in fg.others if item[0].grad is not None])
+            self._update_adamw([item for item in fg.others if item[0].grad is not None], exact)
         stats.update(nonfinite_skips=self.nonfinite_skips, allreduce_bytes=self._allreduce_bytes,
                      step_time_s=time.perf_counter() - start)
         self.last_step_stats = stats
         return loss
+
+    # -- settings ----------------------------------------------------------------
+    def _check_settings(self) -> None:
+        """Re-validate whatever changed since the last check; a change that moves work rebuilds the plan."""
+        options = tuple(self.options.values())
+        if options != self._checked_options:
+            settings.canonicalize(self.options)
+            settings.validate(self.options, "MARSM.options", scope="optimizer")
+            if settings.replan_values(self.options, "optimizer") != settings.replan_values(
+                    dict(zip(self.options, self._checked_options)), "optimizer"):
+                self._plan_key = None
+            self._checked_options = tuple(self.options.values())
+        if len(self._checked) != len(self.param_groups):
+            raise ValueError("MARSM: param_groups was changed by hand; use add_param_group")
+        for i, group in enumerate(self.param_groups):
+            values = _group_values(group)
+            if values == self._checked[i]:
+                continue
+            where = f"MARSM: param group {i}"
+            settings.canonicalize(group)
+            settings.validate(group, where)
+            old = dict(zip(_GROUP_KEYS, self._checked[i]))
+            if (old["variant"] == "efficient") != (group["variant"] == "efficient") and any(
+                    "momentum" in self.state[p] for p in group["params"]):
+                raise ValueError(f"{where}: variant changed from {old['variant']!r} to {group['variant']!r} after "
+                                 "steps were taken; the 'efficient' momentum buffer has another scale than the "
+                                 "approx/exact one, so the state cannot carry over (start a new optimizer)")
+            if settings.replan_values(old) != settings.replan_values(group):
+                self._plan_key = None
+            self._checked[i] = _group_values(group)
 
     # -- plan ------------------------------------------------------------------
     def _ensure_plan(self) -> list[_FlatGroup]:
@@ -258,29 +307,43 @@ class MARSM(torch.optim.Optimizer):
         if self._plan_key == key and self._flat_groups is not None:
             return self._flat_groups
         by_ranks: dict[tuple, _FlatGroup] = {}
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
-                name = _param_name(group, i)
+                name = _param_name(group, gi, i)
                 ranks, my_rank, pg, layout, view = self._placement(p, group)
                 fg = by_ranks.get(ranks)
                 if fg is None:
-                    fg = by_ranks[ranks] = _FlatGroup(ranks, my_rank, pg, device=_local(p).device)
+                    fg = by_ranks[ranks] = _FlatGroup(ranks, my_rank, pg, _local(p).device)
+                if gi not in fg.group_indices:
+                    fg.group_indices += (gi,)
                 if group["use_mars"]:
-                    fg.matrices.append((p, group, name, view, layout))
+                    block = tuple(index_len(b) for b in layout.blocks[my_rank])
+                    fg.matrices.append(_Matrix(p, gi, name, view, layout, block, torch.empty(0), [], False,
+                                               mars_math.lr_scale(view, group["lr_adjust"])))
                 else:
-                    fg.others.append((p, group, name))
+                    fg.others.append((p, gi, name))
         flat_groups = [by_ranks[k] for k in sorted(by_ranks)]
         for fg in flat_groups:
             self._check_ranks_agree(fg)
-            for p, g, name, view, layout in fg.matrices:
-                if g["normalize"] == "neuron" and any(index_len(b[-1]) != view[-1] for b in layout.blocks):
-                    raise ValueError(f"MARSM: normalize='neuron' needs whole rows on each rank; {name} is split "
-                                     f"along its columns ({layout.placements}), as a rowwise tensor-parallel "
+            entries = []
+            for pos, m in enumerate(fg.matrices):
+                g = self.param_groups[m.group_index]
+                if g["normalize"] == "neuron" and any(index_len(b[-1]) != m.view[-1] for b in m.layout.blocks):
+                    raise ValueError(f"MARSM: normalize='neuron' needs whole rows on each rank; {m.name} is split "
+                                     f"along its columns ({m.layout.placements}), as a rowwise tensor-parallel "
                                      "weight is. Put it in a group with normalize=None.")
-            entries = [MatrixEntry(i, name, view, layout, g["ns_steps"], g["ns_dtype"])
-                       for i, (p, g, name, view, layout) in enumerate(fg.matrices)]
-            fg.plan = build_group_plan(entries, fg.ranks, fg.my_rank, self.owner_policy, self.bucket_bytes,
-                                       torch.tensor([], dtype=self.wire_dtype).element_size(), fg.group)
+                entries.append(MatrixEntry(pos, m.name, m.view, m.layout, g["ns_steps"], g["ns_dtype"]))
+            offset = 0
+            for m in fg.matrices:
+                m.slots = _leading_indices(m.layout, fg.my_rank, m.view, fg.device) + offset
+                m.slot_list = m.slots.tolist()
+                m.contributes = m.layout.replica_keys[fg.my_rank] == m.layout.replica_keys[0]
+                offset += math.prod(m.view[:-2])
+            fg.num_slots = offset
+            n_params = len(fg.matrices) + len(fg.others)
+            fg.reduce_buffer = torch.zeros(fg.num_slots + 2 * n_params + 4, dtype=torch.float64, device=fg.device)
+            fg.plan = build_group_plan(entries, fg.ranks, fg.my_rank, self.options["owner_policy"],
+                                       int(self.options["bucket_mb"] * 2**20), self.wire_dtype.itemsize, fg.group)
             fg.engine = OwnerCompute(fg.plan, self.wire_dtype)
         self._flat_groups, self._plan_key = flat_groups, key
         return flat_groups
@@ -294,7 +357,7 @@ class MARSM(torch.optim.Optimizer):
             layout = dtensor_layout(p, view) if group["use_mars"] else None
             ranks = layout.ranks if layout else tuple(sorted(int(r) for r in p.device_mesh.mesh.flatten().tolist()))
             return ranks, ranks.index(dist.get_rank()), flat_group(ranks, p.device_mesh), layout, view
-        pg = self.process_group
+        pg = self.options["process_group"]
         if pg == "world":
             pg = dist.group.WORLD if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
         if pg is None:
@@ -304,148 +367,248 @@ class MARSM(torch.optim.Optimizer):
             my_rank = dist.get_rank(pg)
         return ranks, my_rank, pg, replicated_layout(view, ranks) if group["use_mars"] else None, view
 
-    def _check_ranks_agree(self, fg: _FlatGroup) -> None:
-        """All ranks of a flat group must hold the same parameters, shapes and hyperparameters.
+    def _agreed(self, fg: _FlatGroup) -> tuple:
+        """Everything the ranks of ``fg`` must share: the optimizer's options and its groups' settings."""
+        return (settings.agreed_values(self.options, "optimizer"),
+                tuple((gi, settings.agreed_values(self.param_groups[gi])) for gi in fg.group_indices))
 
-        Checked once, when the plan is built, with one all_gather_object: a mismatch raises the same
-        error on every rank (naming the first differing parameter) instead of hanging a collective.
+    def _check_ranks_agree(self, fg: _FlatGroup) -> None:
+        """All ranks of a flat group must hold the same parameters, shapes, dtypes and settings.
+
+        One all_gather_object when the plan is built (and whenever the per-step digest differs): a
+        mismatch raises the same error on every rank, naming the first difference.
         """
-        mine = [(name, tuple(p.shape), str(p.dtype), tuple((k, g[k]) for k in _CHECKED_KEYS))
-                for p, g, name, *_ in fg.matrices] + \
-               [(name, tuple(p.shape), str(p.dtype), tuple((k, g[k]) for k in _CHECKED_KEYS))
-                for p, g, name in fg.others]
+        mine = ([(m.name, tuple(m.param.shape), str(m.param.dtype)) for m in fg.matrices]
+                + [(name, tuple(p.shape), str(p.dtype)) for p, _, name in fg.others], self._agreed(fg))
         everyone = all_gather_objects(mine, fg.group, len(fg.ranks))
-        reference = everyone[0]
-        for rank, theirs in enumerate(everyone):
-            if theirs == reference:
-                continue
-            if len(theirs) != len(reference):
-                names = {t[0] for t in theirs} ^ {t[0] for t in reference}
+        ref_params, ref_settings = everyone[0]
+        for rank, (theirs, their_settings) in enumerate(everyone):
+            if len(theirs) != len(ref_params):
+                names = {t[0] for t in theirs} ^ {t[0] for t in ref_params}
                 raise RuntimeError(f"MARSM: rank {fg.ranks[rank]} has {len(theirs)} parameters, rank {fg.ranks[0]} has "
-                                   f"{len(reference)}; differing: {sorted(map(str, names))[:5]}")
-            for a, b in zip(reference, theirs):
+                                   f"{len(ref_params)}; differing: {sorted(map(str, names))[:5]}")
+            for a, b in zip(ref_params, theirs):
                 if a != b:
                     raise RuntimeError(f"MARSM: parameter {a[0]} differs between rank {fg.ranks[0]} and rank "
                                        f"{fg.ranks[rank]}: {_describe_difference(a, b)}")
+            if their_settings != ref_settings:
+                raise RuntimeError(f"MARSM: settings differ between rank {fg.ranks[0]} and rank {fg.ranks[rank]}: "
+                                   f"{_describe_settings(ref_settings, their_settings)}")
 
-    # -- stage: element-wise math + the one norm all-reduce ------------------------
+    # -- stage: element-wise math + the one all-reduce ------------------------------
     def _stage(self, fg: _FlatGroup, prev_grads: dict):
-        """Compute every matrix's NS input candidate and reduce norms/flags once for the flat group.
+        """Corrected (and clipped) gradients of every local matrix, in foreach form, after one all-reduce
+        of [per-matrix squared norms | has-gradient counts | non-finite flags | settings digest].
 
-        Returns per-matrix (corrected gradient, clip scales) or None when the step is skipped.
-        Nothing in the optimizer's state or the parameters is modified here.
+        Returns {position: NS-input candidate} or None when the step is skipped. Nothing in the
+        optimizer's state or the parameters is modified here.
         """
-        plan = fg.plan
-        n_mats = [e.num_matrices for e in plan.entries]
-        offsets = [0]
-        for n in n_mats:
-            offsets.append(offsets[-1] + n)
-        n_params = len(fg.matrices) + len(fg.others)
-        # [per-matrix squared norms | has-grad per param | non-finite per param]
-        values = torch.zeros(offsets[-1] + 2 * n_params, dtype=torch.float32, device=fg.device)
-        flags = offsets[-1]
-        corrected = {}
-        for pos, (p, group, name, view, layout) in enumerate(fg.matrices):
-            if p.grad is None:
-                continue
-            values[flags + pos] = 1.0
-            grad = _local(p.grad).reshape(_block_shape(layout, fg.my_rank))
-            state = self.state[p]
-            if group["variant"] == "efficient":
-                c = grad
-            else:
-                prev = prev_grads.get(p, state.get("prev_grad"))
-                prev = _local(prev).reshape(grad.shape) if prev is not None else torch.zeros_like(grad)
-                c = mars_math.mars_correction(grad.to(_state_dtype(p)), prev.to(_state_dtype(p)),
-                                              group["gamma"], group["momentum"])
-            sq = c.float().square().sum(dim=(-2, -1)).reshape(-1)
-            if not torch.isfinite(sq).all():
-                values[flags + n_params + pos] = 1.0
-            if layout.replica_keys[fg.my_rank] == layout.replica_keys[0]:
-                idx = _leading_indices(layout, fg.my_rank, view, fg.device)
-                values[offsets[pos]: offsets[pos + 1]].index_add_(0, idx, sq)
-            corrected[pos] = c
-        others_with_grad = [(k, p) for k, (p, _, _) in enumerate(fg.others) if p.grad is not None]
-        if others_with_grad:
-            norms = torch._foreach_norm([_local(p.grad) for _, p in others_with_grad])
-            for (k, _), norm in zip(others_with_grad, norms):
-                pos = len(fg.matrices) + k
-                values[flags + pos] = 1.0
-                if not torch.isfinite(norm):
-                    values[flags + n_params + pos] = 1.0
+        n_mats, n_params = len(fg.matrices), len(fg.matrices) + len(fg.others)
+        present = [pos for pos, m in enumerate(fg.matrices) if m.param.grad is not None]
+        others = [k for k, (p, _, _) in enumerate(fg.others) if p.grad is not None]
+        for pos in present:
+            _check_gradient(fg.matrices[pos].param.grad, fg.matrices[pos].name)
+        corrected = self._corrected_gradients(fg, present, prev_grads)
+        # One 2-D view per matrix (batched parameters unbound) and the gradients of AdamW-routed parameters.
+        views, owners = [], []
+        for pos in present:
+            c = corrected[pos]
+            mats = [c] if c.ndim == 2 else c.reshape(-1, *c.shape[-2:]).unbind(0)
+            views.extend(mats)
+            owners.extend([pos] * len(mats))
+        other_grads = [_local(fg.others[k][0].grad) for k in others]
+        sparse = [k for k, g in zip(others, other_grads) if g.is_sparse]
+        dense = views + [g for g in other_grads if not g.is_sparse]
+        norms = torch._foreach_norm(dense, 2, dtype=torch.float64) if dense else []
+        values = fg.reduce_buffer
+        values.zero_()
+        host = [0.0] * (2 * n_params)
+        for pos in present:
+            host[pos] = 1.0
+        for k in others:
+            host[n_mats + k] = 1.0
+        for k in sparse:
+            host[n_params + n_mats + k] = _SPARSE_FLAG
+        digest = [float(d) for d in settings.digest(self._agreed(fg))] if fg.group is not None else [0.0, 0.0]
+        host += digest + [d * d for d in digest]
+        values[fg.num_slots:].copy_(torch.tensor(host, dtype=torch.float64))
+        if norms:
+            stacked = torch.stack(norms)
+            mat_norms = stacked[: len(views)]
+            contributing = [pos for pos in present if fg.matrices[pos].contributes]
+            if contributing:
+                slots = torch.cat([fg.matrices[pos].slots for pos in contributing]) if len(contributing) < n_mats \
+                    else self._all_slots(fg)
+                contrib = mat_norms if len(contributing) == len(present) else torch.cat(
+                    [mat_norms[i: i + 1] for i, pos in enumerate(owners) if fg.matrices[pos].contributes])
+                values.index_add_(0, slots, contrib.square())
+            param_of_norm = torch.tensor(owners + [n_mats + k for k in others if k not in sparse],
+                                         dtype=torch.long, device=values.device)
+            values.index_add_(0, param_of_norm + fg.num_slots + n_params, (~torch.isfinite(stacked)).double())
         self._all_reduce(values, fg)
-        names = [m[2] for m in fg.matrices] + [o[2] for o in fg.others]
-        has_grad = values[flags: flags + n_params]
-        partial = ((has_grad > 0) & (has_grad < len(fg.ranks))).nonzero().flatten().tolist()
+        reduced = values.tolist()
+        self._check_agreement(fg, reduced[-4:])
+        names = [m.name for m in fg.matrices] + [o[2] for o in fg.others]
+        has_grad = reduced[fg.num_slots: fg.num_slots + n_params]
+        partial = [i for i, h in enumerate(has_grad) if 0 < h < len(fg.ranks)]
         if partial:
             raise RuntimeError(f"MARSM: parameter {names[partial[0]]} has a gradient on {int(has_grad[partial[0]])} of "
                                f"{len(fg.ranks)} ranks; every rank must take part in every step (or none)")
-        bad = (values[flags + n_params:] > 0).nonzero().flatten().tolist()
-        if bad or not torch.isfinite(values[:flags]).all():
+        flags = reduced[fg.num_slots + n_params: fg.num_slots + 2 * n_params]
+        sparse_everywhere = [names[i] for i, f in enumerate(flags) if f >= _SPARSE_FLAG]
+        if sparse_everywhere:
+            raise ValueError(f"MARSM: parameter {sparse_everywhere[0]} has a sparse gradient on some rank; MARSM "
+                             "needs dense gradients (use nn.Embedding(sparse=False))")
+        bad = [i for i, f in enumerate(flags) if f > 0]
+        sq_norms = reduced[: fg.num_slots]
+        if bad or not all(math.isfinite(x) for x in sq_norms):
             return self._nonfinite(fg, bad, names)
-        sq_norms = values[:flags]
-        staged = {}
-        for pos, c in corrected.items():
-            group, layout, view = fg.matrices[pos][1], fg.matrices[pos][4], fg.matrices[pos][3]
-            if group["clip"] and group["variant"] != "efficient":
-                scale = mars_math.unit_clip_scale(sq_norms[offsets[pos]: offsets[pos + 1]])
-                local_scale = scale[_leading_indices(layout, fg.my_rank, view, fg.device)]
-                c = c * local_scale.view(*c.shape[:-2], 1, 1).to(c.dtype)
-            staged[pos] = c
-        return staged
+        self._clip(fg, present, corrected, sq_norms)
+        return corrected
+
+    def _corrected_gradients(self, fg: _FlatGroup, present: list[int], prev_grads: dict) -> dict:
+        """c = g + gamma * beta / (1 - beta) * (g - g_prev) per matrix, in one foreach chain per setting."""
+        corrected = {}
+        batches = defaultdict(list)
+        for pos in present:
+            m = fg.matrices[pos]
+            group = self.param_groups[m.group_index]
+            grad = _local(m.param.grad)
+            if grad.shape != m.block_shape:
+                grad = grad.reshape(m.block_shape)
+            dtype = _state_dtype(m.param)
+            if grad.dtype != dtype:
+                grad = grad.to(dtype)
+            if group["variant"] == "efficient" or group["gamma"] == 0:
+                corrected[pos] = grad
+                continue
+            prev = prev_grads.get(m.param, self.state[m.param].get("prev_grad"))
+            if prev is not None:
+                prev = _local(prev)
+                if prev.shape != m.block_shape:
+                    prev = prev.reshape(m.block_shape)
+                if prev.dtype != dtype:
+                    prev = prev.to(dtype)
+            batches[(group["gamma"], group["momentum"], prev is not None)].append((pos, grad, prev))
+        for (gamma, beta, has_prev), items in batches.items():
+            out = mars_math.mars_corrections([g for _, g, _ in items],
+                                             [p for _, _, p in items] if has_prev else None, gamma, beta)
+            for (pos, _, _), c in zip(items, out):
+                corrected[pos] = c
+        return corrected
+
+    def _all_slots(self, fg: _FlatGroup) -> torch.Tensor:
+        if getattr(fg, "_slots_cache", None) is None:
+            fg._slots_cache = torch.cat([m.slots for m in fg.matrices]) if fg.matrices else torch.empty(0, dtype=torch.long)
+        return fg._slots_cache
+
+    def _clip(self, fg: _FlatGroup, present: list[int], corrected: dict, sq_norms: list[float]) -> None:
+        """Scale each corrected gradient (each matrix of a batch) to Frobenius norm <= 1, one foreach call."""
+        tensors, scales = [], []
+        for pos in present:
+            m = fg.matrices[pos]
+            group = self.param_groups[m.group_index]
+            if not group["clip"] or group["variant"] == "efficient":
+                continue
+            c = corrected[pos]
+            if c is _local(m.param.grad) or c.data_ptr() == _local(m.param.grad).data_ptr():
+                c = corrected[pos] = c.clone()   # never scale the gradient itself
+            factors = [mars_math.unit_clip_factor(sq_norms[s]) for s in m.slot_list]
+            mats = [c] if c.ndim == 2 else c.reshape(-1, *c.shape[-2:]).unbind(0)
+            for mat, f in zip(mats, factors):
+                if f != 1.0:
+                    tensors.append(mat)
+                    scales.append(f)
+        if tensors:
+            torch._foreach_mul_(tensors, scales)
+
+    def _check_agreement(self, fg: _FlatGroup, digest_sums: list[float]) -> None:
+        if fg.group is None:
+            return
+        if not settings.digests_agree(digest_sums[:2], digest_sums[2:], len(fg.ranks)):
+            self._check_ranks_agree(fg)   # names the difference on every rank
+            raise RuntimeError("MARSM: the ranks' settings digests differ but their settings compare equal")
 
     def _all_reduce(self, values: torch.Tensor, fg: _FlatGroup) -> None:
-        """The per-step small all-reduces (norms, flags); their bytes are counted in last_step_stats."""
+        """The per-step small all-reduces (norms, flags, digest); their bytes are counted in last_step_stats."""
         if fg.group is not None:
             self._allreduce_bytes += values.numel() * values.element_size()
         all_reduce_sum(values, fg.group)
 
     def _nonfinite(self, fg: _FlatGroup, bad: list[int], names: list[str]):
-        step = max((int(self.state[p]["step"]) for p, *_ in fg.matrices + fg.others if "step" in self.state[p]),
+        step = max((int(self.state[p]["step"]) for p in self._params_of(fg) if "step" in self.state[p]),
                    default=0) + 1
-        local_bad = [names[i] for i in bad if _has_nonfinite(self._param_at(fg, i).grad)]
+        params = self._params_of(fg)
+        local_bad = [names[i] for i in bad if _has_nonfinite(params[i].grad)]
         everyone = all_gather_objects(local_bad, fg.group, len(fg.ranks))
         where = "; ".join(f"rank {fg.ranks[r]}: {', '.join(b[:3])}" for r, b in enumerate(everyone) if b)
-        if self.nonfinite == "raise":
-            raise NonFiniteGradientError(f"MARSM: non-finite gradient at step {step} ({where})")
+        if self.options["nonfinite"] == "raise":
+            raise NonFiniteGradientError(f"MARSM: non-finite gradient at step {step} ({where or names[bad[0]]})")
         return None
 
     @staticmethod
-    def _param_at(fg: _FlatGroup, i: int) -> torch.Tensor:
-        return fg.matrices[i][0] if i < len(fg.matrices) else fg.others[i - len(fg.matrices)][0]
+    def _params_of(fg: _FlatGroup) -> list[torch.Tensor]:
+        return [m.param for m in fg.matrices] + [o[0] for o in fg.others]
 
     # -- update ---------------------------------------------------------------------
     def _update_matrices(self, fg: _FlatGroup, staged: dict) -> None:
+        for pos in staged:
+            m = fg.matrices[pos]
+            if "step" not in self.state[m.param]:
+                self._init_mars_state(m.param, self.param_groups[m.group_index])
         inputs = {}
+        lerps, efficient = defaultdict(list), defaultdict(list)
         for pos, c in staged.items():
-            p, group, _, view, layout = fg.matrices[pos]
-            state = self.state[p]
-            if "step" not in state:
-                self._init_mars_state(p, group)
-            momentum = _local(state["momentum"]).view(c.shape)
-            beta = group["momentum"]
+            m = fg.matrices[pos]
+            group = self.param_groups[m.group_index]
+            momentum = _local(self.state[m.param]["momentum"])
+            if momentum.shape != c.shape:
+                momentum = momentum.view(c.shape)
             if group["variant"] == "efficient":
-                mars_math.efficient_momentum_update(momentum, c, beta, group["gamma"])
-                inputs[pos] = mars_math.efficient_ns_input(momentum, c, beta, group["gamma"])
+                efficient[(group["momentum"], group["gamma"])].append((pos, momentum, c))
             else:
-                mars_math.momentum_update(momentum, c, beta)
+                lerps[group["momentum"]].append((momentum, c))
                 inputs[pos] = momentum
+        for beta, items in lerps.items():
+            mars_math.momentum_updates([m for m, _ in items], [c for _, c in items], beta)
+        for (beta, gamma), items in efficient.items():
+            ns_in = mars_math.efficient_momentum_updates([m for _, m, _ in items], [c for _, _, c in items], beta, gamma)
+            for (pos, _, _), x in zip(items, ns_in):
+                inputs[pos] = x
         outputs = fg.engine.run(inputs)
         self._neuron_normalize(fg, outputs)
+        self._apply(fg, staged, outputs)
+
+    def _apply(self, fg: _FlatGroup, staged: dict, outputs: dict) -> None:
+        """Keep what the next step reads, then W *= 1 - lr * wd; W -= lr * scale * update, grouped by value."""
+        prev_dst, prev_src, param_dst, param_src, steps = [], [], [], [], []
+        update = defaultdict(lambda: ([], []))
         for pos in staged:
-            p, group, _, view, layout = fg.matrices[pos]
-            state = self.state[p]
-            local_p = _local(p)
+            m = fg.matrices[pos]
+            group = self.param_groups[m.group_index]
+            state = self.state[m.param]
+            local_p = _local(m.param)
             if group["variant"] == "approx" and group["gamma"] != 0:
                 if "prev_grad" not in state:  # gamma raised from 0 mid-run: the correction starts now
-                    state["prev_grad"] = torch.zeros_like(p, dtype=_state_dtype(p))
-                _local(state["prev_grad"]).copy_(_local(p.grad))
+                    state["prev_grad"] = torch.zeros_like(m.param, dtype=_state_dtype(m.param))
+                prev_dst.append(_local(state["prev_grad"]))
+                prev_src.append(_local(m.param.grad))
             if group["variant"] == "exact":
-                _local(state["prev_param"]).copy_(local_p)
-            update = outputs[pos].reshape(local_p.shape)
-            scale = mars_math.lr_scale(view, group["lr_adjust"])
-            mars_math.apply_update(local_p, update, group["lr"], group["weight_decay"], scale)
-            state["step"] += 1
+                if "prev_param" not in state:  # switched to exact mid-run
+                    state["prev_param"] = m.param.detach().clone()
+                param_dst.append(_local(state["prev_param"]))
+                param_src.append(local_p)
+            steps.append(state["step"])
+            u = outputs[pos].reshape(local_p.shape)
+            key = (group["lr"], group["weight_decay"], m.lr_scale, u.dtype)
+            update[key][0].append(local_p)
+            update[key][1].append(u)
+        _foreach_copy(prev_dst, prev_src)
+        _foreach_copy(param_dst, param_src)
+        for (lr, wd, scale, _), (params, updates) in update.items():
+            mars_math.apply_updates(params, updates, lr, wd, scale)
+        if steps:
+            torch._foreach_add_(steps, 1.0)
 
     def _neuron_normalize(self, fg: _FlatGroup, outputs: dict) -> None:
         """NorMuon on the local rows after the scatter, then one all-reduce for the RMS-restoring rescale.
@@ -454,31 +617,25 @@ class MARSM(torch.optim.Optimizer):
         only two squared Frobenius norms per matrix travel. Convention (NorMuon, Li et al. 2025, and its
         modded-nanogpt code): O' = O / (sqrt(v) + eps), then O' *= ||O||_F / ||O'||_F.
         """
-        positions = [pos for pos in outputs if fg.matrices[pos][1]["normalize"] == "neuron"]
+        positions = [pos for pos in outputs if self.param_groups[fg.matrices[pos].group_index]["normalize"] == "neuron"]
         if not positions:
             return
-        offsets, total = {}, 0
-        for pos in positions:
-            offsets[pos] = total
-            total += fg.plan.entries[pos].num_matrices
-        sums = torch.zeros(2 * total, dtype=torch.float32, device=fg.device)
+        sums = torch.zeros(2 * fg.num_slots, dtype=torch.float32, device=fg.device)
         normalized = {}
         for pos in positions:
-            p, group, name, view, layout = fg.matrices[pos]
+            m = fg.matrices[pos]
+            group = self.param_groups[m.group_index]
             o = outputs[pos].float()
-            v = _local(self.state[p]["row_second_moment"]).view(*o.shape[:-1], 1)
+            v = _local(self.state[m.param]["row_second_moment"]).view(*o.shape[:-1], 1)
             o_n = mars_math.neuron_normalize(o, v, group["normuon_beta2"], 1e-8)
             normalized[pos] = o_n
-            if layout.replica_keys[fg.my_rank] == layout.replica_keys[0]:
-                idx = _leading_indices(layout, fg.my_rank, view, fg.device) + offsets[pos]
-                sums[:total].index_add_(0, idx, o.square().sum(dim=(-2, -1)).reshape(-1))
-                sums[total:].index_add_(0, idx, o_n.square().sum(dim=(-2, -1)).reshape(-1))
+            if m.contributes:
+                sums[: fg.num_slots].index_add_(0, m.slots, o.square().sum(dim=(-2, -1)).reshape(-1))
+                sums[fg.num_slots:].index_add_(0, m.slots, o_n.square().sum(dim=(-2, -1)).reshape(-1))
         self._all_reduce(sums, fg)
-        ratio = (sums[:total] / sums[total:].clamp_min(1e-20)).sqrt()
+        ratio = (sums[: fg.num_slots] / sums[fg.num_slots:].clamp_min(1e-20)).sqrt()
         for pos, o_n in normalized.items():
-            p, group, name, view, layout = fg.matrices[pos]
-            local_ratio = ratio[_leading_indices(layout, fg.my_rank, view, fg.device) + offsets[pos]]
-            outputs[pos] = o_n * local_ratio.view(*o_n.shape[:-2], 1, 1)
+            outputs[pos] = o_n * ratio[fg.matrices[pos].slots].view(*o_n.shape[:-2], 1, 1)
 
     def _init_mars_state(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
@@ -492,30 +649,37 @@ class MARSM(torch.optim.Optimizer):
         if group["variant"] == "exact":
             state["prev_param"] = p.detach().clone()
 
-    def _update_adamw(self, items: list) -> None:
+    def _update_adamw(self, items: list, exact: bool) -> None:
+        """torch's own functional AdamW (foreach), one call per distinct setting."""
         by_setting = defaultdict(list)
-        for p, group, _ in items:
+        rewind_dst, rewind_src = [], []
+        for p, gi, _ in items:
+            group = self.param_groups[gi]
             state = self.state[p]
-            if self._exact_in_use:  # the exact variant rewinds the whole model, AdamW-routed parameters too
+            if exact:  # the exact variant rewinds the whole model, AdamW-routed parameters too
                 if "prev_param" not in state:
                     state["prev_param"] = p.detach().clone()
                 else:
-                    _local(state["prev_param"]).copy_(_local(p))
+                    rewind_dst.append(_local(state["prev_param"]))
+                    rewind_src.append(_local(p))
             if "step" not in state:
                 dtype = _state_dtype(p)
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
-            state["step"] += 1
-            key = (int(state["step"]), group["lr"], group["adamw_betas"], group["adamw_eps"], group["weight_decay"])
+            key = (group["lr"], group["adamw_betas"], group["adamw_eps"], group["weight_decay"])
             by_setting[key].append(p)
-        for (step, lr, betas, eps, wd), params in by_setting.items():
+        _foreach_copy(rewind_dst, rewind_src)
+        for (lr, (beta1, beta2), eps, wd), params in by_setting.items():
             locals_ = [_local(p) for p in params]
             master = [t.float() if t.dtype != _state_dtype(t) else t for t in locals_]
-            mars_math.adamw_update(master, [_local(p.grad).to(m.dtype) for p, m in zip(params, master)],
-                                   [_local(self.state[p]["exp_avg"]) for p in params],
-                                   [_local(self.state[p]["exp_avg_sq"]) for p in params],
-                                   step, lr, betas, eps, wd)
+            grads = [_local(p.grad) for p in params]
+            grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, master)]
+            functional_adamw(
+                master, grads, [_local(self.state[p]["exp_avg"]) for p in params],
+                [_local(self.state[p]["exp_avg_sq"]) for p in params], [],
+                [self.state[p]["step"] for p in params], foreach=True,
+                amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd, eps=eps, maximize=False)
             for t, m in zip(locals_, master):
                 if t is not m:
                     t.copy_(m)
@@ -526,6 +690,7 @@ class MARSM(torch.optim.Optimizer):
 
         Every parameter that has a previous iterate is rewound (the AdamW-routed ones too), so the
         correction's gradient is taken at the whole model's x_{t-1}, not at a mix of old and new values.
+        Gradients are cleared before each closure call, so a closure that does not zero them is correct too.
         """
         exact = [p for g in self.param_groups if g["use_mars"] and g["variant"] == "exact" for p in g["params"]
                  if "prev_param" in self.state[p]]
@@ -534,12 +699,14 @@ class MARSM(torch.optim.Optimizer):
             current = [_local(p).clone() for p in rewound]
             for p in rewound:
                 _local(p).copy_(_local(self.state[p]["prev_param"]))
+            self.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 closure()
             for p in exact:
                 prev_grads[p] = _local(p.grad).clone() if p.grad is not None else torch.zeros_like(_local(p))
             for p, saved in zip(rewound, current):
                 _local(p).copy_(saved)
+        self.zero_grad(set_to_none=True)
         with torch.enable_grad():
             return closure()
 
@@ -553,13 +720,44 @@ class MARSM(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------- helpers
-def _param_name(group: dict, i: int) -> str:
+_GROUP_KEYS = tuple(s.name for s in GROUP_SETTINGS)
+
+
+def _group_values(group: dict) -> tuple:
+    return tuple(group.get(k) for k in _GROUP_KEYS)
+
+
+def _param_name(group: dict, group_index: int, i: int) -> str:
     names = group.get("param_names")
-    return names[i] if names else f"param_groups[?][{i}] shape {tuple(group['params'][i].shape)}"
+    return names[i] if names else f"param_groups[{group_index}][{i}] (shape {tuple(group['params'][i].shape)})"
 
 
-def _block_shape(layout: Layout, rank: int) -> list[int]:
-    return [index_len(i) for i in layout.blocks[rank]]
+def _names_hint(group: dict) -> str:
+    names = group.get("param_names")
+    return f"[{names[0]!r}, ...]" if names else "(unnamed)"
+
+
+def _check_parameter(p: torch.Tensor, group: dict, i: int, where: str) -> None:
+    name = group["param_names"][i] if group.get("param_names") else f"params[{i}] (shape {tuple(p.shape)})"
+    if p.is_complex():
+        raise ValueError(f"{where}: parameter {name} is complex ({p.dtype}); MARSM supports real floating "
+                         "tensors (split it into real and imaginary parameters)")
+    if not p.is_floating_point():
+        raise ValueError(f"{where}: parameter {name} has dtype {p.dtype}; MARSM needs floating-point parameters")
+    if group["use_mars"] and p.ndim < 2:
+        raise ValueError(f"{where}: parameter {name} has ndim {p.ndim}; MARS-M needs matrices "
+                         "(put it in a group with use_mars=False, or use build_param_groups)")
+
+
+def _check_gradient(grad: torch.Tensor, name: str) -> None:
+    g = _local(grad)
+    if g.is_sparse:
+        raise ValueError(f"MARSM: parameter {name} has a sparse gradient; MARSM needs dense gradients")
+
+
+def _foreach_copy(dst: list, src: list) -> None:
+    if dst:
+        torch._foreach_copy_(dst, src)
 
 
 def _leading_indices(layout: Layout, rank: int, view: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -585,54 +783,22 @@ def _row_state_like(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _describe_difference(a: tuple, b: tuple) -> str:
-    """What differs between two ranks' (name, shape, dtype, hyperparameters) records of a parameter."""
+    """What differs between two ranks' (name, shape, dtype) records of a parameter."""
     if a[0] != b[0]:
         return f"the parameter at this position is {b[0]} on the other rank (different parameter sets or order)"
     if a[1] != b[1]:
         return f"shape {a[1]} vs {b[1]}"
-    if a[2] != b[2]:
-        return f"dtype {a[2]} vs {b[2]}"
-    return ", ".join(f"{k} {va!r} vs {vb!r}" for (k, va), (_, vb) in zip(a[3], b[3]) if va != vb)
+    return f"dtype {a[2]} vs {b[2]}"
+
+
+def _describe_settings(a: tuple, b: tuple) -> str:
+    """The first differing settings between two ranks' ``MARSM._agreed`` records."""
+    (opt_a, groups_a), (opt_b, groups_b) = a, b
+    diffs = [f"{k} {va!r} vs {vb!r}" for (k, va), (_, vb) in zip(opt_a, opt_b) if va != vb]
+    for (gi, ga), (_, gb) in zip(groups_a, groups_b):
+        diffs += [f"param group {gi} {k} {va!r} vs {vb!r}" for (k, va), (_, vb) in zip(ga, gb) if va != vb]
+    return "; ".join(diffs) or f"{len(groups_a)} vs {len(groups_b)} param groups"
 
 
 def _has_nonfinite(grad) -> bool:
     return grad is not None and not bool(torch.isfinite(_local(grad)).all())
-
-
-def _validate_hyperparameters(h: dict, where: str) -> None:
-    def bad(key, why):
-        raise ValueError(f"{where}: {key} {why}, got {h[key]!r}")
-
-    if not (isinstance(h["lr"], (int, float, torch.Tensor)) and float(h["lr"]) >= 0):
-        bad("lr", "must be a number >= 0")
-    if not 0.0 <= h["momentum"] < 1.0:
-        bad("momentum", "must be in [0, 1)")
-    if not 0.0 <= h["gamma"] <= 1.0:
-        bad("gamma", "must be in [0, 1]")
-    if not h["weight_decay"] >= 0:
-        bad("weight_decay", "must be >= 0")
-    if h["variant"] not in VARIANTS:
-        bad("variant", f"must be one of {VARIANTS}")
-    if h["variant"] == "efficient" and h["momentum"] == 0:
-        bad("momentum", "must be > 0 for variant='efficient' (its buffer is scaled by 1/momentum)")
-    if not isinstance(h["clip"], bool):
-        bad("clip", "must be True or False")
-    if not (isinstance(h["ns_steps"], int) and 0 < h["ns_steps"] < 100):
-        bad("ns_steps", "must be an int in [1, 99]")
-    if h["ns_dtype"] not in ("bfloat16", "float32"):
-        bad("ns_dtype", "must be 'bfloat16' or 'float32'")
-    if h["lr_adjust"] not in mars_math.LR_ADJUST_MODES:
-        bad("lr_adjust", f"must be one of {mars_math.LR_ADJUST_MODES}")
-    if h["matrix_view"] not in MATRIX_VIEWS:
-        bad("matrix_view", f"must be one of {MATRIX_VIEWS}")
-    betas = h["adamw_betas"]
-    if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
-        bad("adamw_betas", "must be two numbers in [0, 1)")
-    if not h["adamw_eps"] >= 0:
-        bad("adamw_eps", "must be >= 0")
-    if h["normalize"] not in NORMALIZE:
-        bad("normalize", f"must be one of {NORMALIZE}")
-    if not 0.0 <= h["normuon_beta2"] < 1.0:
-        bad("normuon_beta2", "must be in [0, 1)")
-    if "use_mars" in h and not isinstance(h["use_mars"], bool):
-        bad("use_mars", "must be True or False")

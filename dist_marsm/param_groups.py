@@ -25,6 +25,9 @@ def build_param_groups(
     matches one of ``adamw_patterns`` (regular expressions, searched in the full name). Names
     are kept in ``param_names`` so errors and plans can name parameters.
     """
+    if isinstance(adamw_patterns, (str, bytes)) or not all(isinstance(p, str) for p in adamw_patterns):
+        raise TypeError(f"build_param_groups: adamw_patterns must be a tuple of regular-expression strings, "
+                        f"got {adamw_patterns!r} (a single pattern needs a 1-tuple: ({adamw_patterns!r},))")
     compiled = [re.compile(p) for p in adamw_patterns]
     embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     mars, adamw = ([], []), ([], [])

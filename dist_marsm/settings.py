@@ -1,0 +1,195 @@
+"""Every MARSM setting, declared once (layer 3).
+
+Each :class:`Setting` says what a value may be and how the optimizer treats it. From this one table
+come the constructor's defaults and checks, the checks of ``add_param_group``, ``load_state_dict`` and
+of the first step after any change to ``param_groups``, the cross-rank agreement check, the param-group
+keys saved in checkpoints, and the typed torchtitan config (``dist_marsm.titan``). Adding a setting
+means one entry here and the code that reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from dist_marsm.mars_math import LR_ADJUST_MODES
+from dist_marsm.owner_plan import OWNER_POLICIES
+
+VARIANTS = ("approx", "exact", "efficient")
+MATRIX_VIEWS = ("batch", "flatten")
+NORMALIZE_MODES = (None, "neuron")
+NS_DTYPES = ("bfloat16", "float32")
+WIRE_DTYPES = ("bfloat16", "float32")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    doc: str
+    expect: str                                   # what a valid value is, for error messages
+    valid: Callable[[Any], bool]
+    choices: tuple | None = None                  # the closed set of values, where there is one
+    scope: str = "group"                          # "group": per param group; "optimizer": one per MARSM
+    agree: bool = True                            # every rank of a flat group must hold the same value
+    checkpointed: bool = True                     # group scope: saved with the param groups
+    replan: bool = False                          # a change rebuilds the owner plan
+    argument: bool = True                         # a MARSM constructor argument (else set by routing)
+    canonical: Callable[[Any], Any] | None = None  # accepted spellings -> the one stored
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _in(low, high, closed_high=False):
+    return lambda x: _real(x) and low <= x and (x <= high if closed_high else x < high)
+
+
+def _float(x):
+    return float(x) if _real(x) else x
+
+
+def _dtype_name(x):
+    return str(x).removeprefix("torch.") if isinstance(x, torch.dtype) else x
+
+
+def _pair(x):
+    return tuple(_float(b) for b in x) if isinstance(x, (list, tuple)) else x
+
+
+def _choice(choices):
+    return lambda x: any(x == c and type(x) is type(c) for c in choices)
+
+
+def _is_process_group(x) -> bool:
+    if x is None or x == "world":
+        return True
+    import torch.distributed as dist
+
+    return dist.is_available() and isinstance(x, dist.ProcessGroup)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("lr", 3e-3, "learning rate of both routes (torch LR schedulers drive it)",
+            "a finite number >= 0 (a Python float, not a tensor)", lambda x: _real(x) and x >= 0, canonical=_float),
+    Setting("momentum", 0.95, "beta of the MARS-M momentum", "a number in [0, 1)", _in(0.0, 1.0), canonical=_float),
+    Setting("gamma", 0.025, "MARS correction scale; 0 gives Moonlight-style Muon",
+            "a number in [0, 1]", _in(0.0, 1.0, closed_high=True), canonical=_float),
+    Setting("weight_decay", 0.1, "decoupled weight decay, W *= 1 - lr * wd (unscaled lr)",
+            "a finite number >= 0", lambda x: _real(x) and x >= 0, canonical=_float),
+    Setting("variant", "approx", "approx (reference default), exact (step(closure), two gradients per step), "
+            "efficient (one buffer, no clipping)", f"one of {VARIANTS}", _choice(VARIANTS), VARIANTS),
+    Setting("clip", True, "clip the corrected gradient to unit Frobenius norm (approx/exact)",
+            "True or False", lambda x: isinstance(x, bool), (True, False)),
+    Setting("ns_steps", 5, "Newton-Schulz iterations", "an int in [1, 99]",
+            lambda x: isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 99, replan=True),
+    Setting("ns_dtype", "bfloat16", "Newton-Schulz compute dtype", f"one of {NS_DTYPES}", _choice(NS_DTYPES),
+            NS_DTYPES, replan=True, canonical=_dtype_name),
+    Setting("lr_adjust", "moonlight", "moonlight 0.2*sqrt(max(A,B)), original sqrt(max(1,A/B)), or none",
+            f"one of {LR_ADJUST_MODES}", _choice(LR_ADJUST_MODES), LR_ADJUST_MODES, replan=True),
+    Setting("matrix_view", "batch", "ndim > 2: a batch of matrices over leading dims (MoE experts) or "
+            "flattened to [dim0, rest] (conv kernels)", f"one of {MATRIX_VIEWS}", _choice(MATRIX_VIEWS),
+            MATRIX_VIEWS, replan=True),
+    Setting("adamw_betas", (0.9, 0.95), "betas of the AdamW route", "two numbers in [0, 1)",
+            lambda x: isinstance(x, tuple) and len(x) == 2 and all(_in(0.0, 1.0)(b) for b in x),
+            canonical=_pair),
+    Setting("adamw_eps", 1e-8, "eps of the AdamW route", "a finite number >= 0", lambda x: _real(x) and x >= 0,
+            canonical=_float),
+    Setting("normalize", None, "None, or neuron: NorMuon row-wise second-moment normalization",
+            f"one of {NORMALIZE_MODES}", _choice(NORMALIZE_MODES), NORMALIZE_MODES, replan=True),
+    Setting("normuon_beta2", 0.95, "beta2 of NorMuon's row second moment", "a number in [0, 1)", _in(0.0, 1.0),
+            canonical=_float),
+    Setting("use_mars", None, "route: True orthogonalizes matrices, False sends the group to AdamW; "
+            "unset splits a group by ndim", "True or False", lambda x: isinstance(x, bool), (True, False),
+            replan=True, argument=False),
+    # One per optimizer: they shape the owner plan and the step's collectives.
+    Setting("wire_dtype", "bfloat16", "dtype of momentum and results on the wire between ranks",
+            f"one of {WIRE_DTYPES}", _choice(WIRE_DTYPES), WIRE_DTYPES, scope="optimizer", replan=True,
+            canonical=_dtype_name),
+    Setting("bucket_mb", 64.0, "full-matrix MiB per communication bucket (bounds transient memory)",
+            "a finite number > 0", lambda x: _real(x) and x > 0, scope="optimizer", replan=True,
+            canonical=_float),
+    Setting("owner_policy", "largest_first", "which rank orthogonalizes which matrix",
+            f"one of {OWNER_POLICIES}", _choice(OWNER_POLICIES), OWNER_POLICIES, scope="optimizer", replan=True),
+    Setting("nonfinite", "raise", "an inf/NaN gradient on any rank: raise on every rank, or skip the step "
+            "everywhere", f"one of {NONFINITE_POLICIES}", _choice(NONFINITE_POLICIES), NONFINITE_POLICIES,
+            scope="optimizer"),
+    Setting("process_group", "world", "ranks over which plain (non-DTensor) parameters are replicated: "
+            "'world', a ProcessGroup, or None (each rank on its own)",
+            "'world', None or a torch.distributed ProcessGroup", _is_process_group, scope="optimizer",
+            agree=False, replan=True),
+)
+
+BY_NAME = {s.name: s for s in SETTINGS}
+GROUP_SETTINGS = tuple(s for s in SETTINGS if s.scope == "group")
+OPTIMIZER_SETTINGS = tuple(s for s in SETTINGS if s.scope == "optimizer")
+# Param-group keys a checkpoint holds; "initial_lr" is added by torch's LR schedulers.
+CHECKPOINTED_GROUP_KEYS = frozenset({s.name for s in GROUP_SETTINGS if s.checkpointed} | {"initial_lr"})
+
+
+def group_defaults(**overrides) -> dict:
+    """The per-group defaults, with ``overrides`` (constructor arguments) in canonical form."""
+    values = {s.name: overrides.get(s.name, s.default) for s in GROUP_SETTINGS if s.argument}
+    return canonicalize(values)
+
+
+def canonicalize(values: dict) -> dict:
+    """Store accepted spellings in one form (torch dtypes as names, lists as tuples), in place."""
+    for name, value in values.items():
+        setting = BY_NAME.get(name)
+        if setting is not None and setting.canonical is not None:
+            values[name] = setting.canonical(value)
+    return values
+
+
+def validate(values: Mapping, where: str, scope: str = "group", names=None) -> None:
+    """Raise ValueError naming ``where``, the setting and the value for the first invalid setting.
+
+    Every setting of ``scope`` must be present: a missing one is an error too (a group that did not
+    come from this optimizer, or another optimizer's state dict). ``names`` limits the check to those.
+    """
+    for s in SETTINGS:
+        if s.scope != scope or (names is not None and s.name not in names):
+            continue
+        if s.name not in values:
+            raise ValueError(f"{where}: missing setting {s.name!r} ({s.expect})")
+        value = values[s.name]
+        if torch.is_tensor(value):
+            raise ValueError(f"{where}: {s.name} must be {s.expect}, got a tensor {value!r}")
+        if not s.valid(value):
+            raise ValueError(f"{where}: {s.name} must be {s.expect}, got {value!r}")
+    if scope == "group" and values.get("variant") == "efficient" and values.get("momentum") == 0:
+        raise ValueError(f"{where}: momentum must be > 0 for variant='efficient' (its buffer is scaled by "
+                         f"1/momentum), got {values['momentum']!r}")
+
+
+def agreed_values(values: Mapping, scope: str = "group") -> tuple:
+    """The values every rank must share, as ((name, value), ...) in declaration order."""
+    return tuple((s.name, values[s.name]) for s in SETTINGS if s.scope == scope and s.agree)
+
+
+def replan_values(values: Mapping, scope: str = "group") -> tuple:
+    return tuple(values[s.name] for s in SETTINGS if s.scope == scope and s.replan)
+
+
+DIGEST_BITS = 20
+
+
+def digest(record) -> tuple[int, int]:
+    """Two 20-bit integers from ``repr(record)``, small enough that sums and sums of squares over
+    thousands of ranks stay exact in float64 (the agreement check folds them into the step's all-reduce)."""
+    h = hashlib.blake2b(repr(record).encode(), digest_size=8).digest()
+    word = int.from_bytes(h, "little")
+    mask = (1 << DIGEST_BITS) - 1
+    return word & mask, (word >> DIGEST_BITS) & mask
+
+
+def digests_agree(sums: list[float], sums_of_squares: list[float], world: int) -> bool:
+    """All ranks contributed the same integers iff world * sum(x^2) == sum(x)^2 (Cauchy-Schwarz)."""
+    return all(world * int(q) == int(s) ** 2 for s, q in zip(sums, sums_of_squares))
