@@ -457,8 +457,8 @@ def summarize(out, args, world):
                 f"on the owner plan: plan floor = the slowest rank orthogonalizing the matrices it owns (all ranks "
                 f"at once); perfect-split floor = all matrices in one process / W. Each MARS-M row's floors are "
                 f"measured on its own optimizer's plan right after its steps; before the first optimizer, on a "
-                f"fresh plan: plan floor {plan_floor * 1e3:.1f} ms, single-process NS {o['ns_single_process_s'] * 1e3:.1f}"
-                f" ms -> perfect-split floor {split * 1e3:.1f} ms (used for the naive Muon row)"
+                f"fresh plan: plan floor {plan_floor * 1e3:.1f} ms, single-process NS "
+                f"{o['ns_single_process_s'] * 1e3:.1f} ms -> perfect-split floor {split * 1e3:.1f} ms (used for the naive Muon row)"
                 + (f"; DistMuon's own NS kernel (one bf16 addmm-based call per matrix) single-process "
                    f"{o['ns_single_process_distmuon_s'] * 1e3:.1f} ms -> its floor {floor_dm * 1e3:.1f} ms" if floor_dm
                    else "") + f". Median of {args.steps} steps after {args.warmup} warm-up; each step = slowest rank; "

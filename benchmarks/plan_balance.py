@@ -1,6 +1,6 @@
 """Owner-plan balance for real Llama 3 8B and 70B shapes at 8 to 1024 ranks (plan and arithmetic, no timing).
 
-    python benchmarks/plan_balance.py
+    python benchmarks/plan_balance.py [--ns-method gram]
 
 For each model, world size W and owner policy (dist_marsm.owner_plan.assign_owners: "largest_first" = LPT,
 the library default, and "round_robin" in model order), with one owner per matrix as in a 1-D FSDP group
@@ -16,6 +16,7 @@ the library default, and "round_robin" in model order), with one owner per matri
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import (GPUS, LLAMA3, MFU, TOKENS_PER_STEP, llama3_matrix_shapes, llama3_params,  # noqa: E402
                      markdown_table, save, train_step_seconds)
 
-from dist_marsm.newton_schulz import newton_schulz_flops  # noqa: E402
+from dist_marsm.newton_schulz import NS_METHODS, newton_schulz_flops  # noqa: E402
 from dist_marsm.owner_plan import OWNER_POLICIES, assign_owners, balance_ratio  # noqa: E402
 
 WORLDS = (8, 64, 128, 256, 512, 1024)
@@ -51,11 +52,15 @@ def world_where_bound_costs(share: float, model: str, total: float, largest: flo
 
 
 def main():
-    balance_rows, cost_rows, data = [], [], {"rows": [], "crossovers": [], "gpus": GPUS,
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ns-method", choices=NS_METHODS, default="standard",
+                    help="Newton-Schulz method the FLOPs are counted for (bf16, 5 steps, muon coefficients)")
+    method = ap.parse_args().ns_method
+    balance_rows, cost_rows, data = [], [], {"rows": [], "crossovers": [], "gpus": GPUS, "ns_method": method,
                                              "tokens_per_step": TOKENS_PER_STEP, "mfu": MFU}
     for model in LLAMA3:
         shapes = llama3_matrix_shapes(model)
-        costs = [float(newton_schulz_flops(s)) for s in shapes]
+        costs = [float(newton_schulz_flops(s, 5, method)) for s in shapes]
         total, largest = sum(costs), max(costs)
         for world in WORLDS:
             even = total / world
@@ -65,7 +70,7 @@ def main():
                    "bound_over_even_split": bound / even}
             for policy in OWNER_POLICIES:
                 load = loads(costs, world, policy)
-                ratio = balance_ratio(shapes, world, policy)
+                ratio = balance_ratio(shapes, world, policy, ns_method=method)
                 assert abs(ratio - max(load) / bound) < 1e-9
                 row[policy] = ratio
                 row[policy + "_max_tflop"] = max(load) / 1e12
@@ -119,7 +124,8 @@ def main():
     data["verdict"] = verdict
     gpu_lines = "\n".join(f"- {gpu}: {g['gemm_tflops']:g} TFLOP/s for Newton-Schulz ({g['source']})"
                           for gpu, g in GPUS.items())
-    md = ("Newton-Schulz: 5 iterations, FLOPs per iteration 4 m^2 n + 2 m^3 (m <= n); one owner per matrix. "
+    md = (f"Newton-Schulz method {method!r}, 5 iterations, bf16 (FLOPs: dist_marsm.newton_schulz."
+          "newton_schulz_flops; standard: 4 m^2 n + 2 m^3 per iteration, m <= n); one owner per matrix. "
           "policy / bound = busiest rank / max(total / W, largest matrix) (1.0: no plan does better); "
           "bound / even split = max(total / W, largest matrix) / (total / W) (above 1.0 the one-owner-per-matrix "
           "design, not the policy, holds the busiest rank above an even split).\n\n" + balance + "\n\n" + verdict +
@@ -130,7 +136,7 @@ def main():
           "optimizer step runs after the backward (not hidden under it). GEMM rates:\n" + gpu_lines + "\n\n" + cost +
           "\n\nWhere the single-matrix bound starts to matter:\n" + "\n".join(cross_lines))
     print(md)
-    save("plan_balance", data, md)
+    save("plan_balance" if method == "standard" else f"plan_balance_{method}", data, md)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
     python benchmarks/roofline.py                 # H100 (results/roofline.*)
     python benchmarks/roofline.py --gpu H200      # H200 (results/roofline_h200.*)
-    [--tflops R] [--nvlink-gbs 450] [--ib-gbs 50] [--wire-bytes 2] [--tokens N] [--mfu 0.4]
+    [--ns-method gram] [--tflops R] [--nvlink-gbs 450] [--ib-gbs 50] [--wire-bytes 2] [--tokens N] [--mfu 0.4]
 
 Compute: total Newton-Schulz FLOPs per optimizer step (5 iterations; per iteration on an m x n matrix with
-m <= n: 2 m^2 n for X X^T, 2 m^3 for S S, 2 m^2 n for the product with X), at the GPU's GEMM rate
+m <= n: 2 m^2 n for X X^T, 2 m^3 for S S, 2 m^2 n for the product with X; ``--ns-method gram`` counts the
+Gram form's FLOPs instead, dist_marsm.newton_schulz.newton_schulz_flops), at the GPU's GEMM rate
 (benchmarks/_common.GPUS, where each rate's source is stated: H100 989 TFLOP/s = datasheet dense bf16 peak,
 H200 ~790 TFLOP/s measured). Two compute floors: the perfect split total / W, and the busiest rank of the
 library's default owner plan (largest_first), which can never beat the largest single matrix; "bound / even
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import (GPUS, LLAMA3, MFU, TOKENS_PER_STEP, llama3_matrix_shapes, llama3_params,  # noqa: E402
                      markdown_table, save, train_step_seconds)
 
-from dist_marsm.newton_schulz import newton_schulz_flops  # noqa: E402
+from dist_marsm.newton_schulz import NS_METHODS, newton_schulz_flops  # noqa: E402
 from dist_marsm.owner_plan import assign_owners  # noqa: E402
 
 WORLDS = (8, 64, 128, 256, 512, 1024)
@@ -43,6 +44,8 @@ WORLDS = (8, 64, 128, 256, 512, 1024)
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", choices=sorted(GPUS), default="H100", help="GEMM rate, peak and HBM preset")
+    ap.add_argument("--ns-method", choices=NS_METHODS, default="standard",
+                    help="Newton-Schulz method the FLOPs are counted for (bf16, 5 steps, muon coefficients)")
     ap.add_argument("--tflops", type=float, default=None, help="override the preset's bf16 GEMM TFLOP/s per GPU")
     ap.add_argument("--nvlink-gbs", type=float, default=450.0, help="GB/s per GPU per direction inside a node")
     ap.add_argument("--ib-gbs", type=float, default=50.0, help="GB/s per GPU per direction across nodes")
@@ -59,7 +62,7 @@ def main():
     rows, data = [], {"assumptions": vars(args), "rows": []}
     for model in LLAMA3:
         shapes = llama3_matrix_shapes(model)
-        costs = [float(newton_schulz_flops(s)) for s in shapes]
+        costs = [float(newton_schulz_flops(s, 5, args.ns_method)) for s in shapes]
         total = sum(costs)
         matrix_elems = sum(math.prod(s) for s in shapes)
         for world in WORLDS:
@@ -92,13 +95,16 @@ def main():
                             "compute busiest rank ms", "sent per rank", "comm ms", "floor (overlap) ms",
                             "floor (no overlap) ms", "AdamW step ms (HBM-bound)", "train step ms",
                             "floor (overlap) share of step", "busiest over even split, share of step"], rows)
-    md = (f"Assumptions: {args.gpu}, {args.tflops:g} TFLOP/s bf16 GEMM per GPU ({source}); NVLink "
+    md = (f"Assumptions: Newton-Schulz method {args.ns_method!r} (5 iterations, bf16); {args.gpu}, "
+          f"{args.tflops:g} TFLOP/s bf16 GEMM per GPU ({source}); NVLink "
           f"{args.nvlink_gbs:g} GB/s per GPU per direction (W = 8, one node); InfiniBand {args.ib_gbs:g} GB/s per "
           f"GPU (W > 8); wire {args.wire_bytes} bytes/element; AdamW at {args.hbm_tbs:g} TB/s HBM, 28 B/param; "
           f"training step 6 x parameters x {args.tokens:,} tokens / (W x {args.mfu:.0%} MFU x "
           f"{gpu['peak_tflops']:g} TFLOP/s datasheet peak), attention FLOPs left out.\n\n" + table)
     print(md)
-    save("roofline" if args.gpu == "H100" else f"roofline_{args.gpu.lower()}", data, md)
+    suffix = "" if args.gpu == "H100" else f"_{args.gpu.lower()}"
+    suffix += "" if args.ns_method == "standard" else f"_{args.ns_method}"
+    save("roofline" + suffix, data, md)
 
 
 if __name__ == "__main__":
