@@ -2,6 +2,7 @@
 
     python benchmarks/bench_newton_schulz.py --part speed        # -> results/bench_newton_schulz_speed.*
     python benchmarks/bench_newton_schulz.py --part accuracy     # -> results/bench_newton_schulz_accuracy.*
+    python benchmarks/bench_newton_schulz.py --part plan         # -> results/bench_newton_schulz_plan.*
 
 speed: seconds per matrix (one call, one thread, median of --repeats after a warm-up call) for Llama 3
 8B's proportions scaled down (1024 x 1024, 1024 x 3584, 3584 x 1024, 2048 x 7168) and the debug model's
@@ -29,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import lm_loss, make_model, markdown_table, median, save  # noqa: E402
+from _common import llama3_matrix_shapes, lm_loss, make_model, markdown_table, median, save  # noqa: E402
 
 from dist_marsm.newton_schulz import gram_restarts, method_used, newton_schulz, newton_schulz_flops  # noqa: E402
 
@@ -180,14 +181,44 @@ def accuracy(args) -> None:
     save("bench_newton_schulz_accuracy", {"records": records}, md)
 
 
+# ------------------------------------------------------------------------------------ plan
+def plan(args) -> None:
+    """Newton-Schulz FLOPs per step of real Llama 3 shapes and the owner plan's balance, per method."""
+    from dist_marsm.owner_plan import balance_ratio
+
+    rows, records = [], []
+    for model in ("8B", "70B"):
+        shapes = llama3_matrix_shapes(model)
+        for dname in DTYPES:
+            for coeffs in ("muon", "polar_express"):
+                total = {m: sum(newton_schulz_flops(s, 5, m, dtype=dname, coefficients=coeffs) for s in shapes)
+                         for m in ("standard", "gram")}
+                gram_share = sum(1 for s in shapes if method_used(s, 5, "gram", dtype=DTYPES[dname],
+                                                                  coefficients=coeffs) == "gram") / len(shapes)
+                balance = {w: balance_ratio(shapes, w, "largest_first", 5, "gram", dname, coeffs) for w in (8, 64, 512)}
+                rec = dict(model=model, dtype=dname, coefficients=coeffs, standard_tflop=total["standard"] / 1e12,
+                           gram_tflop=total["gram"] / 1e12, flop_ratio=total["standard"] / total["gram"],
+                           matrices_on_gram=gram_share, gram_balance=balance)
+                records.append(rec)
+                rows.append([f"Llama 3 {model}", dname, coeffs, total["standard"] / 1e12, total["gram"] / 1e12,
+                             total["standard"] / total["gram"], f"{gram_share:.0%}",
+                             " / ".join(f"{balance[w]:.3f}" for w in (8, 64, 512))])
+    md = ("Newton-Schulz FLOPs per optimizer step (5 steps, every matrix of the model once) and the owner plan's "
+          "balance with ns_method='gram' (busiest rank over max(total / W, largest matrix), largest-first).\n\n"
+          + markdown_table(["model", "dtype", "coefficients", "standard TFLOP", "gram TFLOP", "FLOP ratio",
+                            "matrices on gram", "gram balance 8 / 64 / 512 ranks"], rows))
+    print(md)
+    save("bench_newton_schulz_plan", {"records": records}, md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("speed", "accuracy"), required=True)
+    ap.add_argument("--part", choices=("speed", "accuracy", "plan"), required=True)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--momentum-steps", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    speed(args) if args.part == "speed" else accuracy(args)
+    {"speed": speed, "accuracy": accuracy, "plan": plan}[args.part](args)
 
 
 if __name__ == "__main__":

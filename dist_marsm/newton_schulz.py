@@ -213,7 +213,7 @@ def newton_schulz(
         x = x.mT
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
     batch_shape = x.shape[:-2]
-    x = x.reshape(-1, *x.shape[-2:])  # 3-D, so every multiply-add is one fused baddbmm
+    x = x.reshape(math.prod(batch_shape), *x.shape[-2:])  # 3-D, so every multiply-add is one fused baddbmm
     ops = _EmulatedBF16 if _emulate_bf16_matmul(x) else _Native
     if method == "gram":
         schedule = gram_restarts(steps, dtype, coefficients) if restarts is None else tuple(restarts)

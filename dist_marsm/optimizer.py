@@ -88,7 +88,9 @@ class _FlatGroup:
     num_slots: int = 0                             # matrices in the flat group (batched ones counted each)
     plan: GroupPlan | None = None
     engine: OwnerCompute | None = None
-    reduce_buffer: torch.Tensor | None = None
+    reduce_buffer: torch.Tensor | None = None     # the step's all-reduce, reused across steps
+    all_slots: torch.Tensor | None = None         # every local matrix's slot, in view order
+    flag_index: torch.Tensor | None = None        # per view and AdamW parameter: its non-finite flag's position
 
 
 class MARSM(torch.optim.Optimizer):
@@ -99,7 +101,7 @@ class MARSM(torch.optim.Optimizer):
             a group without the flag is split in two by ndim (matrices -> MARS-M). Use
             :func:`dist_marsm.build_param_groups` to also send embeddings and the output head to AdamW.
         lr, momentum, gamma, weight_decay, variant, clip, ns_steps, ns_dtype, lr_adjust, matrix_view,
-        adamw_betas, adamw_eps, normalize, normuon_beta2: per-group settings (a group may override
+        adamw_betas, adamw_eps, normalize, normuon_beta2, ns_method, ns_coefficients: per-group settings (a group may override
             each); ``wire_dtype``, ``bucket_mb``, ``owner_policy``, ``nonfinite``, ``process_group``: one
             per optimizer. Meanings, defaults and allowed values: :data:`dist_marsm.settings.SETTINGS`.
 
@@ -125,6 +127,8 @@ class MARSM(torch.optim.Optimizer):
         adamw_eps: float = 1e-8,
         normalize: str | None = None,
         normuon_beta2: float = 0.95,
+        ns_method: str = "standard",
+        ns_coefficients="muon",
         *,
         wire_dtype: str = "bfloat16",
         bucket_mb: float = 64.0,
@@ -153,7 +157,9 @@ class MARSM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict) -> None:
-        if param_group.get("use_mars") is None and not isinstance(param_group.get("params"), torch.Tensor):
+        if isinstance(param_group.get("params"), torch.Tensor):
+            param_group = {**param_group, "params": [param_group["params"]]}
+        if param_group.get("use_mars") is None:
             params = list(param_group["params"])
             names = param_group.get("param_names")
             if params and isinstance(params[0], tuple):  # named parameters
@@ -332,7 +338,8 @@ class MARSM(torch.optim.Optimizer):
                     raise ValueError(f"MARSM: normalize='neuron' needs whole rows on each rank; {m.name} is split "
                                      f"along its columns ({m.layout.placements}), as a rowwise tensor-parallel "
                                      "weight is. Put it in a group with normalize=None.")
-                entries.append(MatrixEntry(pos, m.name, m.view, m.layout, g["ns_steps"], g["ns_dtype"]))
+                entries.append(MatrixEntry(pos, m.name, m.view, m.layout, g["ns_steps"], g["ns_dtype"],
+                                           g["ns_method"], g["ns_coefficients"]))
             offset = 0
             for m in fg.matrices:
                 m.slots = _leading_indices(m.layout, fg.my_rank, m.view, fg.device) + offset
@@ -341,6 +348,10 @@ class MARSM(torch.optim.Optimizer):
                 offset += math.prod(m.view[:-2])
             fg.num_slots = offset
             n_params = len(fg.matrices) + len(fg.others)
+            fg.all_slots = torch.cat([m.slots for m in fg.matrices]) if fg.matrices else None
+            per_view = [pos for pos, m in enumerate(fg.matrices) for _ in range(math.prod(m.block_shape[:-2]))]
+            fg.flag_index = torch.tensor(per_view + [len(fg.matrices) + k for k in range(len(fg.others))],
+                                         dtype=torch.long, device=fg.device) + fg.num_slots + n_params
             fg.reduce_buffer = torch.zeros(fg.num_slots + 2 * n_params + 4, dtype=torch.float64, device=fg.device)
             fg.plan = build_group_plan(entries, fg.ranks, fg.my_rank, self.options["owner_policy"],
                                        int(self.options["bucket_mb"] * 2**20), self.wire_dtype.itemsize, fg.group)
@@ -392,8 +403,12 @@ class MARSM(torch.optim.Optimizer):
                     raise RuntimeError(f"MARSM: parameter {a[0]} differs between rank {fg.ranks[0]} and rank "
                                        f"{fg.ranks[rank]}: {_describe_difference(a, b)}")
             if their_settings != ref_settings:
-                raise RuntimeError(f"MARSM: settings differ between rank {fg.ranks[0]} and rank {fg.ranks[rank]}: "
-                                   f"{_describe_settings(ref_settings, their_settings)}")
+                differing = [gi for (gi, a), (_, b) in zip(ref_settings[1], their_settings[1]) if a != b]
+                first = next((m.name for m in fg.matrices if differing and m.group_index == differing[0]),
+                             next((n for _, gi, n in fg.others if differing and gi == differing[0]), None))
+                subject = f"parameter {first} differs" if first else "settings differ"
+                raise RuntimeError(f"MARSM: {subject} between rank {fg.ranks[0]} and rank {fg.ranks[rank]}: settings "
+                                   f"differ: {_describe_settings(ref_settings, their_settings)}")
 
     # -- stage: element-wise math + the one all-reduce ------------------------------
     def _stage(self, fg: _FlatGroup, prev_grads: dict):
@@ -438,13 +453,15 @@ class MARSM(torch.optim.Optimizer):
             contributing = [pos for pos in present if fg.matrices[pos].contributes]
             if contributing:
                 slots = torch.cat([fg.matrices[pos].slots for pos in contributing]) if len(contributing) < n_mats \
-                    else self._all_slots(fg)
+                    else fg.all_slots
                 contrib = mat_norms if len(contributing) == len(present) else torch.cat(
                     [mat_norms[i: i + 1] for i, pos in enumerate(owners) if fg.matrices[pos].contributes])
                 values.index_add_(0, slots, contrib.square())
-            param_of_norm = torch.tensor(owners + [n_mats + k for k in others if k not in sparse],
-                                         dtype=torch.long, device=values.device)
-            values.index_add_(0, param_of_norm + fg.num_slots + n_params, (~torch.isfinite(stacked)).double())
+            everyone = len(present) == n_mats and len(others) == len(fg.others) and not sparse
+            flag_index = fg.flag_index if everyone else torch.tensor(
+                owners + [n_mats + k for k in others if k not in sparse], dtype=torch.long,
+                device=values.device) + fg.num_slots + n_params
+            values.index_add_(0, flag_index, (~torch.isfinite(stacked)).double())
         self._all_reduce(values, fg)
         reduced = values.tolist()
         self._check_agreement(fg, reduced[-4:])
@@ -496,11 +513,6 @@ class MARSM(torch.optim.Optimizer):
             for (pos, _, _), c in zip(items, out):
                 corrected[pos] = c
         return corrected
-
-    def _all_slots(self, fg: _FlatGroup) -> torch.Tensor:
-        if getattr(fg, "_slots_cache", None) is None:
-            fg._slots_cache = torch.cat([m.slots for m in fg.matrices]) if fg.matrices else torch.empty(0, dtype=torch.long)
-        return fg._slots_cache
 
     def _clip(self, fg: _FlatGroup, present: list[int], corrected: dict, sq_norms: list[float]) -> None:
         """Scale each corrected gradient (each matrix of a batch) to Frobenius norm <= 1, one foreach call."""
@@ -599,7 +611,9 @@ class MARSM(torch.optim.Optimizer):
                 param_dst.append(_local(state["prev_param"]))
                 param_src.append(local_p)
             steps.append(state["step"])
-            u = outputs[pos].reshape(local_p.shape)
+            u = outputs[pos]
+            if u.shape != local_p.shape:
+                u = u.reshape(local_p.shape)
             key = (group["lr"], group["weight_decay"], m.lr_scale, u.dtype)
             update[key][0].append(local_p)
             update[key][1].append(u)

@@ -260,9 +260,10 @@ def build_group_plan(
 
 
 def balance_ratio(shapes: list[tuple[int, ...]], world: int, policy: str, ns_steps: int = 5,
-                  ns_method: str = "standard", ns_dtype: str = "bfloat16") -> float:
+                  ns_method: str = "standard", ns_dtype: str = "bfloat16", ns_coefficients="muon") -> float:
     """Max-rank Newton-Schulz FLOPs over the lower bound max(total / world, largest matrix)."""
-    costs = [float(newton_schulz_flops(s, ns_steps, ns_method, dtype=ns_dtype)) for s in shapes]
+    costs = [float(newton_schulz_flops(s, ns_steps, ns_method, dtype=ns_dtype, coefficients=ns_coefficients))
+             for s in shapes]
     owners, _ = assign_owners(costs, world, policy)
     load = [0.0] * world
     for c, o in zip(costs, owners):
