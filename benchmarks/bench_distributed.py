@@ -100,9 +100,9 @@ class NaiveFSDPMuon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=3e-3, momentum=0.95, weight_decay=0.1, ns_dtype=torch.bfloat16,
-                 wire_dtype=torch.bfloat16):
+                 wire_dtype=torch.bfloat16, ns_method="standard"):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.ns_dtype, self.wire_dtype = ns_dtype, wire_dtype
+        self.ns_dtype, self.wire_dtype, self.ns_method = ns_dtype, wire_dtype, ns_method
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -146,7 +146,7 @@ class NaiveFSDPMuon(torch.optim.Optimizer):
         for i, f in enumerate(fulls):
             by_shape[tuple(f.shape)].append(i)
         for shape, idx in by_shape.items():
-            out = newton_schulz(torch.stack([fulls[i] for i in idx]), 5, self.ns_dtype)
+            out = newton_schulz(torch.stack([fulls[i] for i in idx]), 5, self.ns_dtype, method=self.ns_method)
             for k, i in enumerate(idx):
                 p, group = items[i]
                 start = me * chunk[i]
@@ -161,11 +161,11 @@ class NaiveFSDPMuon(torch.optim.Optimizer):
 LR, WD = 3e-3, 0.1
 
 
-def build_optimizer(kind: str, model, ns_dtype: str):
+def build_optimizer(kind: str, model, ns_dtype: str, ns_method: str = "standard"):
     ns = getattr(torch, ns_dtype)
     if kind.startswith("marsm"):
         from dist_marsm import MARSM
-        kw = dict(lr=LR, weight_decay=WD, ns_dtype=ns_dtype)
+        kw = dict(lr=LR, weight_decay=WD, ns_dtype=ns_dtype, ns_method=ns_method)
         kw.update({
             "marsm_approx_bf16": dict(variant="approx", wire_dtype="bfloat16"),
             "marsm_approx_fp32": dict(variant="approx", wire_dtype="float32"),
@@ -176,7 +176,7 @@ def build_optimizer(kind: str, model, ns_dtype: str):
         return MARSM(configure_marsm(model), **kw)
     if kind == "naive_muon":
         muon, rest = configure_naive(model)
-        return Combined(NaiveFSDPMuon(muon["params"], lr=LR, weight_decay=WD, ns_dtype=ns),
+        return Combined(NaiveFSDPMuon(muon["params"], lr=LR, weight_decay=WD, ns_dtype=ns, ns_method=ns_method),
                         torch.optim.AdamW(rest["params"], lr=LR, betas=(0.9, 0.95), weight_decay=WD, foreach=True))
     if kind == "adamw":
         return torch.optim.AdamW(configure_adamw(model), lr=LR, betas=(0.9, 0.95), weight_decay=WD, foreach=True)
@@ -305,7 +305,7 @@ def model_floors(config, mesh, device, args, rank, world) -> dict:
     """Both floors on a fresh MARSM's plan for ``config`` (built by one step, as in the timed runs)."""
     from dist_marsm import MARSM
     model = fsdp_model(config, mesh, device)
-    opt = MARSM(configure_marsm(model), ns_dtype=args.ns_dtype)
+    opt = MARSM(configure_marsm(model), ns_dtype=args.ns_dtype, ns_method=args.ns_method)
     lm_loss(model, 0, args.batch, args.seq, device).backward()
     opt.step()
     floors = owner_floors(opt, device, args.ns_reps, rank, world)
@@ -333,7 +333,7 @@ def fsdp_model(config, mesh, device):
 
 def run_one(kind, config, mesh, device, args, world):
     model = fsdp_model(config, mesh, device)
-    opt = build_optimizer(kind, model, args.ns_dtype)
+    opt = build_optimizer(kind, model, args.ns_dtype, args.ns_method)
     opt_times, step_times, counter = [], [], {"bytes": 0}
     for step in range(args.warmup + args.steps):
         dist.barrier()
@@ -409,7 +409,7 @@ def summarize(out, args, world):
     tables, data = [], {"args": vars(args), "world": world, "models": {}}
     for config, o in out.items():
         shapes = o["shapes"]
-        ns_flops = sum(newton_schulz_flops(s) for s in shapes)
+        ns_flops = sum(newton_schulz_flops(s, 5, args.ns_method, dtype=args.ns_dtype) for s in shapes)
         split = o["ns_single_process_s"] / world
         plan_floor = o["plan_floor_s"]
         floor_dm = o["ns_single_process_distmuon_s"] / world if o.get("ns_single_process_distmuon_s") else None
@@ -451,14 +451,16 @@ def summarize(out, args, world):
                         + ([r["opt_over_own_kernel_floor"]] if floor_dm else [])
                         + [human_bytes(r["state_bytes"]), human_bytes(r["bytes_sent"]), r["config_lines"]])
         head = (f"### {config} model ({MODEL_CONFIGS[config]}), {world} ranks, {args.threads} thread(s)/rank, "
-                f"NS in {args.ns_dtype} (DistMuon: always bf16)\n\n"
+                f"NS in {args.ns_dtype}, method {args.ns_method} (DistMuon: always bf16, its own kernel)"
+                "\n\n"
                 f"{len(shapes)} matrices, {ns_flops / 1e9:.1f} GFLOP of Newton-Schulz per step; busiest owner "
                 f"{o['max_rank_ns_gflop']:.2f} GFLOP. Floors are timed with the owners' own Newton-Schulz call "
                 f"on the owner plan: plan floor = the slowest rank orthogonalizing the matrices it owns (all ranks "
                 f"at once); perfect-split floor = all matrices in one process / W. Each MARS-M row's floors are "
                 f"measured on its own optimizer's plan right after its steps; before the first optimizer, on a "
                 f"fresh plan: plan floor {plan_floor * 1e3:.1f} ms, single-process NS "
-                f"{o['ns_single_process_s'] * 1e3:.1f} ms -> perfect-split floor {split * 1e3:.1f} ms (used for the naive Muon row)"
+                f"{o['ns_single_process_s'] * 1e3:.1f} ms -> perfect-split floor {split * 1e3:.1f} ms (used for the "
+                "naive Muon row)"
                 + (f"; DistMuon's own NS kernel (one bf16 addmm-based call per matrix) single-process "
                    f"{o['ns_single_process_distmuon_s'] * 1e3:.1f} ms -> its floor {floor_dm * 1e3:.1f} ms" if floor_dm
                    else "") + f". Median of {args.steps} steps after {args.warmup} warm-up; each step = slowest rank; "
@@ -477,6 +479,9 @@ def main():
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--models", default="debug", help="comma list of " + ",".join(MODEL_CONFIGS))
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma list of " + ",".join(KINDS))
+    from dist_marsm.newton_schulz import NS_METHODS
+    ap.add_argument("--ns-method", default="standard", choices=NS_METHODS,
+                    help="Newton-Schulz method for MARS-M, naive and the floors (DistMuon: its own kernel)")
     ap.add_argument("--ns-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="Newton-Schulz dtype for MARS-M, naive and the floors (DistMuon hard-codes bf16)")
     ap.add_argument("--warmup", type=int, default=2)
@@ -511,7 +516,8 @@ def main():
         p.join(timeout=60)
     data, md = summarize(out, args, world)
     print("\n" + md)
-    name = args.name or f"bench_distributed_{world}r{'_' + args.ns_dtype if args.ns_dtype != 'bfloat16' else ''}"
+    name = args.name or (f"bench_distributed_{world}r{'_' + args.ns_dtype if args.ns_dtype != 'bfloat16' else ''}"
+                         f"{'_' + args.ns_method if args.ns_method != 'standard' else ''}")
     save(name, data, md)
 
 
