@@ -104,14 +104,16 @@ class AttentionSpec:
 
 
 def per_head_max_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, causal: bool = True,
-                        max_chunk_elements: int = 1 << 24) -> torch.Tensor:
+                        max_chunk_elements: int = 1 << 20) -> torch.Tensor:
     """Largest pre-softmax logit per query head: ``max_{b, i, j<=i} q[b,i,h] . k[b,j,h//g] * scale``.
 
     ``q`` is ``[B, L, n_heads, head_dim]``, ``k`` ``[B, S, n_kv_heads, head_dim]`` (the layout
-    torchtitan hands its inner attention); ``scale`` defaults to ``head_dim ** -0.5`` like SDPA.
-    Causal masking keeps ``j <= i`` (SDPA's top-left alignment). Computed without gradient in the
-    inputs' dtype, query rows in chunks so the transient logits stay below ``max_chunk_elements``.
-    Returns float32 ``[n_heads]``.
+    torchtitan hands its inner attention); query head h reads key head ``h // (n_heads // n_kv_heads)``
+    (SDPA's ``enable_gqa``); ``scale`` defaults to ``head_dim ** -0.5`` like SDPA. Causal masking keeps
+    ``j <= i`` (SDPA's top-left alignment). Computed without gradient in the inputs' dtype, by blocks
+    of query rows: the keys before a block need no mask, only the block's diagonal square is masked,
+    so causal attention costs about half of ``q @ k^T`` and the transient logits stay below
+    ``max_chunk_elements``. Returns float32 ``[n_heads]``.
     """
     if q.ndim != 4 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"per_head_max_logits: q {tuple(q.shape)} and k {tuple(k.shape)} must be "
@@ -123,21 +125,28 @@ def per_head_max_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = 
     g = nh // nkv
     scale = hd ** -0.5 if scale is None else scale
     with torch.no_grad():
-        qg = q.detach().reshape(b, lq, nkv, g, hd)
-        kd = k.detach()
+        qg = q.detach().reshape(b, lq, nkv, g, hd).permute(0, 2, 1, 3, 4)       # [B, n_kv, L, g, hd]
+        kt = k.detach().permute(0, 2, 3, 1).reshape(b * nkv, hd, lk)           # [B * n_kv, hd, S]
         out = torch.full((nkv, g), -math.inf, dtype=torch.float32, device=q.device)
-        chunk = max(1, max_chunk_elements // max(1, b * nh * lk))
-        for start in range(0, lq, chunk):
-            stop = min(lq, start + chunk)
-            keys = min(lk, stop) if causal else lk
-            if keys == 0:
+
+        def fold(logits, n_keys):   # logits [B * n_kv, rows * g, keys] -> running max per (kv, g)
+            return torch.maximum(out, logits.view(b, nkv, -1, g, n_keys).amax(dim=(0, 2, 4)).float())
+
+        rows = max(1, min(lq, max_chunk_elements // max(1, b * nh * lk)))
+        for start in range(0, lq, rows):
+            stop = min(lq, start + rows)
+            qc = qg[:, :, start:stop].reshape(b * nkv, (stop - start) * g, hd)
+            if not causal:
+                out = fold(torch.bmm(qc, kt), lk)
                 continue
-            s = torch.einsum("bqngd,bknd->bngqk", qg[:, start:stop], kd[:, :keys])
-            if causal:
-                qi = torch.arange(start, stop, device=q.device).view(-1, 1)
-                kj = torch.arange(keys, device=q.device).view(1, -1)
-                s = s.masked_fill(kj > qi, -math.inf)
-            out = torch.maximum(out, s.amax(dim=(0, 3, 4)).float())
+            if start > 0:
+                n_keys = min(start, lk)
+                out = fold(torch.bmm(qc, kt[:, :, :n_keys]), n_keys)
+            if start < lk:
+                end = min(stop, lk)
+                s = torch.bmm(qc, kt[:, :, start:end]).view(b * nkv, stop - start, g, end - start)
+                above = torch.ones(stop - start, end - start, dtype=torch.bool, device=q.device).triu(1)
+                out = fold(s.masked_fill_(above.unsqueeze(1), -math.inf), end - start)
         return out.reshape(nh) * scale
 
 

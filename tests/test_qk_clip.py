@@ -142,7 +142,7 @@ def test_per_head_max_logits_matches_float64(geom, causal):
     wq, wk = torch.randn(nh * hd, DIM), torch.randn(nkv * hd, DIM)
     q, k = (x @ wq.T).view(3, 7, nh, hd), (x @ wk.T).view(3, 7, nkv, hd)
     ref = ref_max_logits(x, wq, wk, nh, nkv, hd, causal)
-    for chunk in (1 << 24, 5):   # one chunk, and query rows in chunks of 1
+    for chunk in (1 << 24, 3 * nh * 7 * 3, 5):   # one block; blocks of 3 query rows (3, 3, 1); of 1
         got = per_head_max_logits(q, k, causal=causal, max_chunk_elements=chunk)
         torch.testing.assert_close(got.double(), ref, rtol=REL, atol=0)
 
