@@ -75,6 +75,11 @@ OPTIMIZERS = {
     "marsm_exact": ("marsm", {"variant": "exact", "gamma": 0.025}),
     "normuon": ("marsm", {"variant": "approx", "gamma": 0.0, "normalize": "neuron"}),
     "marsm_neuron": ("marsm", {"variant": "approx", "gamma": 0.025, "normalize": "neuron"}),
+    # --ns-study: Newton-Schulz method and coefficients at MARS-M approx's lr ("marsm_standard" is
+    # marsm_approx rerun with the same code as the other two, so the comparison is paired).
+    "marsm_standard": ("marsm", {"variant": "approx", "gamma": 0.025}),
+    "marsm_gram": ("marsm", {"variant": "approx", "gamma": 0.025, "ns_method": "gram"}),
+    "marsm_polar_express": ("marsm", {"variant": "approx", "gamma": 0.025, "ns_coefficients": "polar_express"}),
 }
 LABELS = {
     "adamw": "AdamW (torch)",
@@ -84,7 +89,11 @@ LABELS = {
     "marsm_exact": "MARS-M exact",
     "normuon": "NorMuon-style (gamma=0, normalize=neuron)",
     "marsm_neuron": "MARS-M approx + normalize=neuron",
+    "marsm_standard": "MARS-M approx, standard Newton-Schulz (muon coefficients)",
+    "marsm_gram": "MARS-M approx, ns_method=gram",
+    "marsm_polar_express": "MARS-M approx, ns_coefficients=polar_express (5 steps)",
 }
+NS_STUDY = ("marsm_standard", "marsm_gram", "marsm_polar_express")
 
 # Learning-rate grids. The published peak lr is 6e-3 for both MARS-M and Moonlight-Muon (GPT-2 small,
 # docs/../shared reference-hyperparameters.md). A smoke run showed the Muon family needing a larger lr
@@ -616,10 +625,51 @@ def write_markdown(summary: dict, path: Path, png: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+def ns_study(n_seeds: int) -> int:
+    """Paired runs of NS_STUDY at MARS-M approx's best lr of the full study, seeds 0..n_seeds-1."""
+    lr = json.loads((RESULTS / "summary.json").read_text())["rows"]["marsm_approx"]["lr"]
+    finals = {opt: {} for opt in NS_STUDY}
+    times = {opt: [] for opt in NS_STUDY}
+    runs = {}
+    for seed in range(n_seeds):
+        for opt in NS_STUDY:
+            r = ensure(RESULTS, run_spec(FULL, opt, lr, seed), allow_run=True)
+            if r:
+                runs[r["name"]] = r
+                finals[opt][seed] = r["final_val"]
+                times[opt].append(r["train_time_s"])
+    base = finals["marsm_standard"]
+    lines = [f"MARS-M approx, lr {lr_name(lr)}, {FULL['train'].steps} steps, seeds "
+             f"{list(range(n_seeds))}; final validation loss (nats/byte), paired difference against the standard "
+             "row (same seed = same init and data). Command: `python benchmarks/loss_study.py --ns-study "
+             f"--seeds {n_seeds}`\n", "| run | final val (mean +- std) | per seed | paired vs standard | train s / run |",
+             "|---|---|---|---|---|"]
+    rows = {}
+    for opt in NS_STUDY:
+        m, sd, n = mean_std(list(finals[opt].values()))
+        d = mean_std([finals[opt][s] - base[s] for s in finals[opt] if s in base])
+        rows[opt] = {"final_val_mean": m, "final_val_std": sd, "n_seeds": n, "per_seed": finals[opt],
+                     "paired_vs_standard": {"mean": d[0], "std": d[1], "n": d[2]},
+                     "train_time_s_mean": mean_std(times[opt])[0]}
+        lines.append(f"| {LABELS[opt]} | {fmt(m)} +- {fmt(sd)} | "
+                     + ", ".join(fmt(finals[opt][s]) for s in sorted(finals[opt]))
+                     + f" | {d[0]:+.4f} +- {d[1]:.4f} | {mean_std(times[opt])[0]:.0f} |")
+    md = "\n".join(lines) + "\n"
+    (RESULTS / "ns_study.json").write_text(json.dumps({"lr": lr, "rows": rows, "machine": machine_info(runs)},
+                                                      indent=1, default=str) + "\n")
+    (RESULTS / "ns_study.md").write_text(md)
+    print(md)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke version (separate cache and outputs)")
     ap.add_argument("--no-run", action="store_true", help="aggregate cached runs only")
+    ap.add_argument("--ns-study", action="store_true",
+                    help="only the Newton-Schulz rows (standard / gram / polar_express at MARS-M approx's best lr, "
+                         "--seeds seeds) -> benchmarks/results/loss_study/ns_study.{json,md}")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of --ns-study")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -632,6 +682,8 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(result) + "\n")
         tmp.replace(cache_path(out, spec["name"]))
         return 0
+    if args.ns_study:
+        return ns_study(args.seeds)
     study = QUICK if args.quick else FULL
     out = RESULTS / "quick" if args.quick else RESULTS
     doc_md = out / "loss_study.md" if args.quick else ROOT / "docs" / "loss_study.md"

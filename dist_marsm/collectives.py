@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from dist_marsm.newton_schulz import newton_schulz, resolve_dtype
+from dist_marsm.newton_schulz import orthogonalize_many, resolve_coefficients, resolve_dtype
 from dist_marsm.owner_plan import GroupPlan, MatrixEntry, block_numel, index_len, put_block, take_block
 
 _GROUPS: dict[tuple[int, ...], object] = {}
@@ -53,28 +53,20 @@ def all_gather_objects(obj, group, world: int) -> list:
 
 
 def _orthogonalize_batched(fulls: dict[int, torch.Tensor], entries: list[MatrixEntry]) -> dict[int, torch.Tensor]:
-    """Newton-Schulz on every full matrix, stacking same-shape ones into one batched call."""
-    by_kind: dict[tuple, list[int]] = defaultdict(list)
-    for pos, full in fulls.items():
+    """Newton-Schulz on every full matrix, with each entry's settings; the math layer decides how
+    (stacking same-shape matrices, method fallback)."""
+    by_settings: dict[tuple, list[int]] = defaultdict(list)
+    for pos in fulls:
         e = entries[pos]
-        by_kind[(tuple(full.shape), e.ns_steps, e.ns_dtype)].append(pos)
+        coefficients = e.ns_coefficients
+        key = coefficients if isinstance(coefficients, str) else resolve_coefficients(coefficients, e.ns_steps)
+        by_settings[(e.ns_steps, e.ns_dtype, e.ns_method, key)].append(pos)
     out = {}
-    for (shape, steps, dtype), positions in by_kind.items():
-        if _stack_pays_off(fulls[positions[0]]):
-            result = newton_schulz(torch.stack([fulls[p] for p in positions]), steps, resolve_dtype(dtype))
-            for pos, matrix in zip(positions, result.unbind(0)):
-                out[pos] = matrix
-        else:
-            for pos in positions:
-                out[pos] = newton_schulz(fulls[pos], steps, resolve_dtype(dtype))
+    for (steps, dtype, method, _), positions in by_settings.items():
+        results = orthogonalize_many([fulls[p] for p in positions], steps, resolve_dtype(dtype), method=method,
+                                     coefficients=entries[positions[0]].ns_coefficients)
+        out.update(zip(positions, results))
     return out
-
-
-def _stack_pays_off(matrix: torch.Tensor) -> bool:
-    """Stacking saves kernel launches (GPUs) and per-call overhead (small matrices), but on CPUs it
-    made large matrices slower: 0.68-0.84x for the debug model's 256 x 688 weights, 1.4x faster for
-    128 x 64 ones (benchmarks/bench_single_process.py)."""
-    return matrix.device.type != "cpu" or min(matrix.shape[-2:]) <= 128
 
 
 class OwnerCompute:

@@ -101,7 +101,7 @@ class MARSM(torch.optim.Optimizer):
             a group without the flag is split in two by ndim (matrices -> MARS-M). Use
             :func:`dist_marsm.build_param_groups` to also send embeddings and the output head to AdamW.
         lr, momentum, gamma, weight_decay, variant, clip, ns_steps, ns_dtype, lr_adjust, matrix_view,
-        adamw_betas, adamw_eps, normalize, normuon_beta2: per-group settings (a group may override
+        adamw_betas, adamw_eps, normalize, normuon_beta2, ns_method, ns_coefficients: per-group settings (a group may override
             each); ``wire_dtype``, ``bucket_mb``, ``owner_policy``, ``nonfinite``, ``process_group``: one
             per optimizer. Meanings, defaults and allowed values: :data:`dist_marsm.settings.SETTINGS`.
 
@@ -127,6 +127,8 @@ class MARSM(torch.optim.Optimizer):
         adamw_eps: float = 1e-8,
         normalize: str | None = None,
         normuon_beta2: float = 0.95,
+        ns_method: str = "standard",
+        ns_coefficients="muon",
         *,
         wire_dtype: str = "bfloat16",
         bucket_mb: float = 64.0,
@@ -336,7 +338,8 @@ class MARSM(torch.optim.Optimizer):
                     raise ValueError(f"MARSM: normalize='neuron' needs whole rows on each rank; {m.name} is split "
                                      f"along its columns ({m.layout.placements}), as a rowwise tensor-parallel "
                                      "weight is. Put it in a group with normalize=None.")
-                entries.append(MatrixEntry(pos, m.name, m.view, m.layout, g["ns_steps"], g["ns_dtype"]))
+                entries.append(MatrixEntry(pos, m.name, m.view, m.layout, g["ns_steps"], g["ns_dtype"],
+                                           g["ns_method"], g["ns_coefficients"]))
             offset = 0
             for m in fg.matrices:
                 m.slots = _leading_indices(m.layout, fg.my_rank, m.view, fg.device) + offset

@@ -143,6 +143,8 @@ class MatrixEntry:
     layout: Layout
     ns_steps: int
     ns_dtype: str
+    ns_method: str = "standard"     # newton_schulz's method ("standard" | "gram")
+    ns_coefficients: object = "muon"  # a name in NS_COEFFICIENT_SETS or explicit (a, b, c) triples
     owner: int = -1                 # group rank
     flops: int = 0
 
@@ -248,7 +250,8 @@ def build_group_plan(
     group=None,
 ) -> GroupPlan:
     for e in entries:
-        e.flops = newton_schulz_flops(e.shape, e.ns_steps)
+        e.flops = newton_schulz_flops(e.shape, e.ns_steps, e.ns_method, dtype=e.ns_dtype,
+                                      coefficients=e.ns_coefficients)
     owners, order = assign_owners([float(e.flops) for e in entries], len(ranks), policy)
     for e, owner in zip(entries, owners):
         e.owner = owner
@@ -256,9 +259,11 @@ def build_group_plan(
     return GroupPlan(ranks, my_rank, entries, make_buckets(order, sizes, bucket_bytes), wire_bytes, group)
 
 
-def balance_ratio(shapes: list[tuple[int, ...]], world: int, policy: str, ns_steps: int = 5) -> float:
+def balance_ratio(shapes: list[tuple[int, ...]], world: int, policy: str, ns_steps: int = 5,
+                  ns_method: str = "standard", ns_dtype: str = "bfloat16", ns_coefficients="muon") -> float:
     """Max-rank Newton-Schulz FLOPs over the lower bound max(total / world, largest matrix)."""
-    costs = [float(newton_schulz_flops(s, ns_steps)) for s in shapes]
+    costs = [float(newton_schulz_flops(s, ns_steps, ns_method, dtype=ns_dtype, coefficients=ns_coefficients))
+             for s in shapes]
     owners, _ = assign_owners(costs, world, policy)
     load = [0.0] * world
     for c, o in zip(costs, owners):

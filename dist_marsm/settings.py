@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from dist_marsm.mars_math import LR_ADJUST_MODES
+from dist_marsm.newton_schulz import NS_COEFFICIENT_SETS, NS_METHODS, resolve_coefficients
 from dist_marsm.owner_plan import OWNER_POLICIES
 
 VARIANTS = ("approx", "exact", "efficient")
@@ -67,6 +68,18 @@ def _choice(choices):
     return lambda x: any(x == c and type(x) is type(c) for c in choices)
 
 
+def _coefficients_ok(x) -> bool:
+    try:
+        resolve_coefficients(x, len(x) if isinstance(x, (list, tuple)) else 1)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _coefficients(x):
+    return tuple(_pair(t) for t in x) if isinstance(x, (list, tuple)) else x
+
+
 def _is_process_group(x) -> bool:
     if x is None or x == "world":
         return True
@@ -91,6 +104,14 @@ SETTINGS: tuple[Setting, ...] = (
             lambda x: isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 99, replan=True),
     Setting("ns_dtype", "bfloat16", "Newton-Schulz compute dtype", f"one of {NS_DTYPES}", _choice(NS_DTYPES),
             NS_DTYPES, replan=True, canonical=_dtype_name),
+    # Not checkpointed: checkpoints written before these settings existed lack them.
+    Setting("ns_method", "standard", "Newton-Schulz form: standard, or gram (iterates on the small Gram matrix; "
+            "falls back to standard where it saves no FLOPs, aspect ratio <= 1.5)", f"one of {NS_METHODS}",
+            _choice(NS_METHODS), NS_METHODS, checkpointed=False, replan=True),
+    Setting("ns_coefficients", "muon", "per-iteration (a, b, c) of the Newton-Schulz quintic: muon "
+            "(3.4445, -4.7750, 2.0315 each iteration), polar_express (Amsel et al. 2025), or a list of triples",
+            f"one of {tuple(NS_COEFFICIENT_SETS)} or a non-empty list of (a, b, c) triples of finite numbers",
+            _coefficients_ok, checkpointed=False, replan=True, canonical=_coefficients),
     Setting("lr_adjust", "moonlight", "moonlight 0.2*sqrt(max(A,B)), original sqrt(max(1,A/B)), or none",
             f"one of {LR_ADJUST_MODES}", _choice(LR_ADJUST_MODES), LR_ADJUST_MODES, replan=True),
     Setting("matrix_view", "batch", "ndim > 2: a batch of matrices over leading dims (MoE experts) or "
@@ -164,6 +185,11 @@ def validate(values: Mapping, where: str, scope: str = "group", names=None) -> N
             raise ValueError(f"{where}: {s.name} must be {s.expect}, got a tensor {value!r}")
         if not s.valid(value):
             raise ValueError(f"{where}: {s.name} must be {s.expect}, got {value!r}")
+    if scope == "group" and not isinstance(values.get("ns_coefficients", "muon"), str) and "ns_steps" in values:
+        try:
+            resolve_coefficients(values["ns_coefficients"], values["ns_steps"])
+        except ValueError as e:
+            raise ValueError(f"{where}: ns_coefficients: {e}") from None
     if scope == "group" and values.get("variant") == "efficient" and values.get("momentum") == 0:
         raise ValueError(f"{where}: momentum must be > 0 for variant='efficient' (its buffer is scaled by "
                          f"1/momentum), got {values['momentum']!r}")
