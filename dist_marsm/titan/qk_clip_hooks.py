@@ -95,13 +95,17 @@ def _recorder(clip: QKClip, name: str, attention: nn.Module):
     return hook
 
 
-def install_qk_clip(model: nn.Module, settings: QKClipSettings | float | None, process_group=None) -> QKClipHooks:
+def install_qk_clip(model: nn.Module | list[nn.Module], settings: QKClipSettings | float | None,
+                    process_group=None) -> QKClipHooks:
     """Hooks every attention layer of ``model`` (after FSDP2 wrapping) and returns the recorder/clipper.
 
-    ``settings``: a :class:`QKClipSettings` or ``tau``. With ``tau=None`` the maxima are still measured
-    and reduced (``stats["max_logit"]``) but no weight is changed.
+    ``model``: a module, or torchtitan's ``model_parts`` (one QKClip, so still one all-reduce per
+    step; a pipeline stage's parts keep the full model's layer names). ``settings``: a
+    :class:`QKClipSettings` or ``tau``. With ``tau=None`` the maxima are still measured and reduced
+    (``stats["max_logit"]``) but no weight is changed.
     """
-    found = attention_specs(model)
+    parts = model if isinstance(model, (list, tuple)) else [model]
+    found = [item for part in parts for item in attention_specs(part)]
     clip = QKClip([spec for spec, _ in found], settings, process_group=process_group)
     hooks = QKClipHooks(clip)
     for spec, attention in found:
