@@ -304,45 +304,76 @@ def test_resume_equals_uninterrupted():
 
 
 # ------------------------------------------------------------------ torchtitan glue
-def test_titan_hooks_measure_without_changing_the_model():
-    pytest.importorskip("torchtitan")
-    from torchtitan.models.llama3 import model_registry
+def _titan_model(kind):
+    """torchtitan llama3: the debugmodel (fused QKV, 16 heads) or a tiny GQA one (8 heads, 2 KV heads)."""
+    import torchtitan.models.llama3 as L
 
     from dist_marsm.titan.cpu_shims import use_causal_sdpa
-    from dist_marsm.titan.qk_clip_hooks import install_qk_clip
 
-    spec = model_registry("debugmodel", attn_backend="flex")
-    use_causal_sdpa(spec.model)
+    if kind == "debugmodel":
+        config = L.model_registry("debugmodel", attn_backend="flex").model
+    else:
+        dim, n_heads = 64, 8
+        config = L.Llama3Model.Config(
+            dim=dim, vocab_size=2048,
+            tok_embeddings=L.Embedding.Config(num_embeddings=2048, embedding_dim=dim, param_init=L._EMBEDDING_INIT),
+            norm=L.RMSNorm.Config(normalized_shape=dim, param_init=L._NORM_INIT),
+            lm_head=L.Linear.Config(in_features=dim, out_features=2048, param_init=L._output_linear_init(dim)),
+            layers=L._build_llama3_layers(
+                fuse_qkv=kind == "gqa_fused", n_layers=2, dim=dim, n_heads=n_heads, n_kv_heads=2,
+                hidden_dim=L.compute_ffn_hidden_dim(dim, multiple_of=64),
+                rope=L.ComplexRoPE.Config(dim=dim // n_heads, max_seq_len=1024, theta=500000, scaling="llama"),
+                attn_backend="flex"))
+    use_causal_sdpa(config)
     torch.manual_seed(5)
-    model = spec.model.build()
+    model = config.build()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0)
-        model.layers["0"].attention.qkv_linear.wqkv.weight.normal_(0, 0.5)
+        qkv = model.layers["0"].attention.qkv_linear
+        for lin in (qkv.wqkv,) if hasattr(qkv, "wqkv") else (qkv.wq, qkv.wk):
+            lin.weight.normal_(0, 0.5)
+    return model
+
+
+def _causal_max(q, k):
+    """float64 per-head max of the causal logits, key head h // g for query head h (GQA)."""
+    q, k = q.double(), k.double()
+    g = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(g, dim=2)
+    length = q.shape[1]
+    s = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(q.shape[-1])
+    return s.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), -math.inf).amax(dim=(0, 2, 3))
+
+
+@pytest.mark.parametrize("kind", ["debugmodel", "gqa_fused", "gqa_separate"])
+def test_titan_hooks_measure_without_changing_the_model(kind):
+    pytest.importorskip("torchtitan")
+    from dist_marsm.titan.qk_clip_hooks import install_qk_clip
+
+    model = _titan_model(kind)
+    attn0 = model.layers["0"].attention
+    assert (attn0.n_heads == attn0.n_kv_heads) == (kind == "debugmodel")
+    assert hasattr(attn0.qkv_linear, "wqkv") == (kind != "gqa_separate")
     captured = {}
 
     def capture(_m, args, kwargs):   # test-only: the q/k the kernel receives
         captured["q"], captured["k"], captured["scale"] = args[0].detach(), args[1].detach(), kwargs.get("scale")
 
-    attn0 = model.layers["0"].attention
     attn0.inner_attention.register_forward_pre_hook(capture, with_kwargs=True)
     tokens = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(0))
     plain = model(tokens)
     hooks = install_qk_clip(model, QKClipSettings(tau=5.0))
     assert torch.equal(model(tokens), plain)   # the hooks change nothing the model computes
-    q, k = captured["q"].double(), captured["k"].double()
     assert captured["scale"] is None   # torchtitan leaves SDPA's default 1/sqrt(head_dim)
-    s = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(q.shape[-1])
-    s = s.masked_fill(torch.ones(32, 32, dtype=torch.bool).triu(1), -math.inf)
-    ref = s.amax(dim=(0, 2, 3))
+    ref = _causal_max(captured["q"], captured["k"])
+    assert ref.max() > 5.0
     stats = hooks.apply()
     assert stats["max_logit_per_layer"]["layers.0.attention"] == pytest.approx(float(ref.max()), rel=REL)
-    assert stats["heads_clipped"] > 0
+    assert stats["heads_clipped"] >= int((ref > 5.0).sum())
     model(tokens)   # layer 0's input does not depend on any attention weight: its max is now tau
-    q, k = captured["q"].double(), captured["k"].double()
-    s = (torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(q.shape[-1])).masked_fill(
-        torch.ones(32, 32, dtype=torch.bool).triu(1), -math.inf)
-    assert float(s.max()) == pytest.approx(5.0, rel=REL)
+    after = _causal_max(captured["q"], captured["k"])
+    torch.testing.assert_close(after, torch.where(ref > 5.0, torch.full_like(ref, 5.0), ref), rtol=REL, atol=0)
     hooks.apply()
     model.eval()
     model(tokens)   # eval forwards do not record
