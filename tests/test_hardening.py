@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -255,6 +256,22 @@ def lr_changed_on_one_rank_after_the_first_step(rank, world):
         opt.step()
 
 
+def bad_value_on_one_rank_fails_every_rank(rank, world):
+    """Rank 1 sets gamma=5 after the first step: it names the bad value, the others the difference,
+    and nobody waits for the process group's timeout."""
+    model, opt = _fsdp_opt(world, lr=0.01)
+    lm_loss(model, 0).backward()
+    opt.step()
+    opt.zero_grad()
+    if rank == 1:
+        opt.param_groups[0]["gamma"] = 5.0
+    lm_loss(model, 1).backward()
+    start = time.monotonic()
+    with pytest.raises((ValueError, RuntimeError), match=r"gamma"):
+        opt.step()
+    assert time.monotonic() - start < 10, "a rank waited for the timeout"
+
+
 def _option_differs(rank, world, key, values):
     model, opt = _fsdp_opt(world, lr=0.01, **{key: values[rank == world - 1]})
     lm_loss(model, 0).backward()
@@ -278,7 +295,7 @@ def nonfinite_policy_differs(rank, world):
     _option_differs(rank, world, "nonfinite", ("raise", "skip"))
 
 
-SCENARIOS = ["lr_differs_between_ranks", "lr_changed_on_one_rank_after_the_first_step", "owner_policy_differs",
+SCENARIOS = ["bad_value_on_one_rank_fails_every_rank", "lr_differs_between_ranks", "lr_changed_on_one_rank_after_the_first_step", "owner_policy_differs",
              "wire_dtype_differs", "bucket_mb_differs", "nonfinite_policy_differs"]
 _RESULTS: dict = {}
 
