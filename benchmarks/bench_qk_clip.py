@@ -152,7 +152,7 @@ def main():
     md = ("llama3 debugmodel (6 layers x 16 heads, head_dim 16), float32, 1 thread, median of "
           f"{args.repeats}, taken under load (shared 2-core machine; Xeon with AMX-bf16, unused here: fp32).\n\n")
     md += markdown_table(["batch x seq", "train step ms", "with capture ms", "overhead", "capture alone ms",
-                          "capture / step", "capture GFLOP", "apply (all heads clip) ms"], rows)
+                          "capture / step", "q.k^T GFLOP (full L x L)", "apply (all heads clip) ms"], rows)
     md += (f"\n\nOne MAX all-reduce per step: {n_slots} float32 = {4 * n_slots} bytes, {ar * 1e3:.3f} ms at 2 gloo "
            f"ranks (median of 100). Llama 3 shapes: " +
            ", ".join(f"{k} {v} bytes" for k, v in data["bytes_llama3"].items()) + ".\n")

@@ -1,6 +1,6 @@
 """Loss and max attention logit with QK-clip off and on: torchtitan's llama3 debugmodel with MARS-M.
 
-    python benchmarks/qk_clip_study.py [--steps 80] [--tau 12] [--seed 0]
+    python benchmarks/qk_clip_study.py [--steps 200] [--taus 2,8] [--seed 0]
 
 One process, one thread, the CPU recipe's model and hyperparameters (recipes/debug_cpu.toml: batch 4 x
 256 tokens of the embedded corpus, MARS-M lr 6e-3 with 8 warm-up steps and cosine decay to 0.1x, weight
@@ -109,7 +109,7 @@ def run(tau, args, train, val):
     return dict(tau=tau, log=log, val_loss=val_loss, seconds=time.time() - t0)
 
 
-def plot(results, tau, path):
+def plot(results, taus, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,7 +121,8 @@ def plot(results, tau, path):
         steps = [e["step"] for e in r["log"]]
         a.plot(steps, [e["max_logit"] for e in r["log"]], label=label)
         b.plot(steps, [e["loss"] for e in r["log"]], label=label)
-    a.axhline(tau, color="gray", ls=":", lw=1)
+    for tau in taus:
+        a.axhline(tau, color="gray", ls=":", lw=1)
     a.set(xlabel="step", ylabel="max pre-softmax logit (all layers, heads)", title="max attention logit")
     b.set(xlabel="step", ylabel="training loss", title="training loss", yscale="log")
     for ax in (a, b):
@@ -134,13 +135,14 @@ def plot(results, tau, path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--tau", type=float, default=12.0)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--taus", default="2,8", help="comma-separated thresholds; an unclipped run always comes first")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
     train, val = token_stream("train"), token_stream("validation")
-    results = [run(None, args, train, val), run(args.tau, args, train, val)]
+    taus = [float(t) for t in args.taus.split(",")]
+    results = [run(None, args, train, val)] + [run(t, args, train, val) for t in taus]
     rows = []
     for r in results:
         log = r["log"]
@@ -153,7 +155,7 @@ def main():
     md += markdown_table(["tau", "max logit (run)", "max logit (last step)", "head-clips (sum over steps)",
                           "train loss (last 10)", "val loss (8 batches)", "seconds"], rows)
     print(md)
-    plot(results, args.tau, ROOT / "docs" / "qk_clip.png")
+    plot(results, taus, ROOT / "docs" / "qk_clip.png")
     save("qk_clip_study", {"args": vars(args), "results": results}, md)
 
 
