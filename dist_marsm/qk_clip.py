@@ -103,8 +103,12 @@ class AttentionSpec:
                            torch.where(slot == group, self.n_heads + kv, torch.full_like(rows, -1)))
 
 
+# Logits per block of query rows: CPU blocks that stay in cache; accelerators want few, large launches.
+CHUNK_ELEMENTS = {"cpu": 1 << 20, "other": 1 << 27}
+
+
 def per_head_max_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, causal: bool = True,
-                        max_chunk_elements: int = 1 << 20) -> torch.Tensor:
+                        max_chunk_elements: int | None = None) -> torch.Tensor:
     """Largest pre-softmax logit per query head: ``max_{b, i, j<=i} q[b,i,h] . k[b,j,h//g] * scale``.
 
     ``q`` is ``[B, L, n_heads, head_dim]``, ``k`` ``[B, S, n_kv_heads, head_dim]`` (the layout
@@ -113,7 +117,8 @@ def per_head_max_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = 
     ``j <= i`` (SDPA's top-left alignment). Computed without gradient in the inputs' dtype, by blocks
     of query rows: the keys before a block need no mask, only the block's diagonal square is masked,
     so causal attention costs about half of ``q @ k^T`` and the transient logits stay below
-    ``max_chunk_elements``. Returns float32 ``[n_heads]``.
+    ``max_chunk_elements`` (default :data:`CHUNK_ELEMENTS`: 4 MiB of float32 on CPU, 2^27 elements
+    elsewhere). Returns float32 ``[n_heads]``.
     """
     if q.ndim != 4 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"per_head_max_logits: q {tuple(q.shape)} and k {tuple(k.shape)} must be "
@@ -124,6 +129,8 @@ def per_head_max_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = 
         raise ValueError(f"per_head_max_logits: {nh} query heads are not a multiple of {nkv} key heads")
     g = nh // nkv
     scale = hd ** -0.5 if scale is None else scale
+    if max_chunk_elements is None:
+        max_chunk_elements = CHUNK_ELEMENTS["cpu" if q.device.type == "cpu" else "other"]
     with torch.no_grad():
         qg = q.detach().reshape(b, lq, nkv, g, hd).permute(0, 2, 1, 3, 4)       # [B, n_kv, L, g, hd]
         kt = k.detach().permute(0, 2, 3, 1).reshape(b * nkv, hd, lk)           # [B * n_kv, hd, S]
