@@ -253,6 +253,10 @@ class QKClip:
                              f"says {rows.numel()}")
         return _Weight(p, spec.row_codes(key, rows).to(local.device))
 
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Run :meth:`apply` after every ``optimizer.step()`` (torch's step post-hook); returns the handle."""
+        return optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: self.apply())
+
     # -- per step ------------------------------------------------------------------------------------
 
     def record(self, name: str, max_logits: torch.Tensor) -> None:

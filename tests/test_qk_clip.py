@@ -211,6 +211,29 @@ def test_micro_batches_keep_the_running_max():
     torch.testing.assert_close(layer.wq.weight.detach().double(), expect_q, rtol=REL, atol=0)
 
 
+def test_attach_runs_apply_after_each_step():
+    model = make_lm()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)   # lr 0: the step itself changes nothing
+    clip = QKClip([layer.spec() for layer in model.layers], TAU)
+    model.attach(clip)
+    handle = clip.attach(opt)
+    x = batch(0, 0)[:, :-1]
+    wq0 = model.layers[0].wq.weight.detach().clone()
+    maxima = ref_max_logits(model.emb(x), wq0, model.layers[0].wk.weight, 3, 3, 3)
+    model(x).sum().backward()
+    opt.step()
+    expect_q, _ = ref_clip(wq0, model.layers[0].wk.weight, maxima, TAU, 3, 3, 3)   # wk after: sqrt-scaled too
+    torch.testing.assert_close(model.layers[0].wq.weight.detach().double(), expect_q, rtol=REL, atol=0)
+    assert clip.last_stats["heads_clipped"] > 0
+    handle.remove()
+    x2 = x * 0 + batch(1, 0)[:, :-1]   # other tokens: some head is above tau again
+    model(x2)
+    assert any(v > TAU for v in clip._maxima.tolist())
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))   # detached: no clip
+
+
 def test_fused_qkv_rows_equal_separate():
     """torchtitan's fused layout [n_kv, g + 2, hd] rows, built here from separate wq/wk/wv."""
     torch.manual_seed(4)

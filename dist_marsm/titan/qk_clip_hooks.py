@@ -96,13 +96,15 @@ def _recorder(clip: QKClip, name: str, attention: nn.Module):
 
 
 def install_qk_clip(model: nn.Module | list[nn.Module], settings: QKClipSettings | float | None,
-                    process_group=None) -> QKClipHooks:
+                    process_group=None, optimizer: torch.optim.Optimizer | None = None) -> QKClipHooks:
     """Hooks every attention layer of ``model`` (after FSDP2 wrapping) and returns the recorder/clipper.
 
     ``model``: a module, or torchtitan's ``model_parts`` (one QKClip, so still one all-reduce per
     step; a pipeline stage's parts keep the full model's layer names). ``settings``: a
     :class:`QKClipSettings` or ``tau``. With ``tau=None`` the maxima are still measured and reduced
-    (``stats["max_logit"]``) but no weight is changed.
+    (``stats["max_logit"]``) but no weight is changed. ``optimizer``: run ``apply`` after each of its
+    steps (a step post-hook, so e.g. torchtitan's ``OptimizersContainer`` needs no other change); the
+    step's stats are then in ``hooks.clip.last_stats``.
     """
     parts = model if isinstance(model, (list, tuple)) else [model]
     found = [item for part in parts for item in attention_specs(part)]
@@ -111,4 +113,6 @@ def install_qk_clip(model: nn.Module | list[nn.Module], settings: QKClipSettings
     for spec, attention in found:
         hooks.handles.append(attention.inner_attention.register_forward_pre_hook(
             _recorder(clip, spec.name, attention), with_kwargs=True))
+    if optimizer is not None:
+        hooks.handles.append(clip.attach(optimizer))
     return hooks
