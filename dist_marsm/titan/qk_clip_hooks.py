@@ -33,7 +33,7 @@ def _canonical(name: str) -> str:
     return canonical_fqn(name)
 
 
-def attention_specs(model: nn.Module) -> list[tuple[AttentionSpec, nn.Module]]:
+def attention_specs(model: nn.Module, required: bool = True) -> list[tuple[AttentionSpec, nn.Module]]:
     """(spec, attention module) for every torchtitan ``GQAttention`` in ``model``, in module order."""
     from torchtitan.models.common.attention import BaseAttention, FusedQKVLinear, GQAttention, QKVLinear
 
@@ -61,7 +61,7 @@ def attention_specs(model: nn.Module) -> list[tuple[AttentionSpec, nn.Module]]:
             if getattr(getattr(lin, key), "bias", None) is not None:
                 raise ValueError(f"QK-clip: {name}.qkv_linear.{key} has a bias; QK-clip scales weight rows only")
         out.append((spec, module))
-    if not out:
+    if required and not out:
         raise ValueError("QK-clip: the model has no torchtitan attention layers (GQAttention)")
     return out
 
@@ -107,7 +107,9 @@ def install_qk_clip(model: nn.Module | list[nn.Module], settings: QKClipSettings
     step's stats are then in ``hooks.clip.last_stats``.
     """
     parts = model if isinstance(model, (list, tuple)) else [model]
-    found = [item for part in parts for item in attention_specs(part)]
+    found = [item for part in parts for item in attention_specs(part, required=False)]
+    if not found:   # a pipeline stage may hold none; the whole job holding none is a mistake
+        raise ValueError("QK-clip: the model has no torchtitan attention layers (GQAttention)")
     clip = QKClip([spec for spec, _ in found], settings, process_group=process_group)
     hooks = QKClipHooks(clip)
     for spec, attention in found:
