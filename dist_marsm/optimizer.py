@@ -447,8 +447,7 @@ class MARSM(torch.optim.Optimizer):
             host[n_mats + k] = 1.0
         for k in sparse:
             host[n_params + n_mats + k] = _SPARSE_FLAG
-        digest = [float(d) for d in settings.digest(self._agreed(fg))] if fg.group is not None else [0.0, 0.0]
-        host += digest + [d * d for d in digest]
+        host += self._digest_values(fg)
         values[fg.num_slots:].copy_(torch.tensor(host, dtype=torch.float64))
         if norms:
             stacked = torch.stack(norms)
@@ -468,21 +467,20 @@ class MARSM(torch.optim.Optimizer):
         self._all_reduce(values, fg)
         reduced = values.tolist()
         self._check_agreement(fg, reduced[-4:])
-        names = [m.name for m in fg.matrices] + [o[2] for o in fg.others]
         has_grad = reduced[fg.num_slots: fg.num_slots + n_params]
         partial = [i for i, h in enumerate(has_grad) if 0 < h < len(fg.ranks)]
         if partial:
-            raise RuntimeError(f"MARSM: parameter {names[partial[0]]} has a gradient on {int(has_grad[partial[0]])} of "
+            raise RuntimeError(f"MARSM: parameter {_names(fg)[partial[0]]} has a gradient on {int(has_grad[partial[0]])} of "
                                f"{len(fg.ranks)} ranks; every rank must take part in every step (or none)")
         flags = reduced[fg.num_slots + n_params: fg.num_slots + 2 * n_params]
-        sparse_everywhere = [names[i] for i, f in enumerate(flags) if f >= _SPARSE_FLAG]
+        sparse_everywhere = [_names(fg)[i] for i, f in enumerate(flags) if f >= _SPARSE_FLAG]
         if sparse_everywhere:
             raise ValueError(f"MARSM: parameter {sparse_everywhere[0]} has a sparse gradient on some rank; MARSM "
                              "needs dense gradients (use nn.Embedding(sparse=False))")
         bad = [i for i, f in enumerate(flags) if f > 0]
         sq_norms = reduced[: fg.num_slots]
         if bad or not all(math.isfinite(x) for x in sq_norms):
-            return self._nonfinite(fg, bad, names)
+            return self._nonfinite(fg, bad, _names(fg))
         self._clip(fg, present, corrected, sq_norms)
         return corrected
 
@@ -537,12 +535,18 @@ class MARSM(torch.optim.Optimizer):
         if tensors:
             torch._foreach_mul_(tensors, scales)
 
+    def _digest_values(self, fg: _FlatGroup) -> list[float]:
+        """The settings digest and its squares, as the four values the all-reduce sums (zeros on one rank)."""
+        if fg.group is None:
+            return [0.0] * 4
+        digest = [float(d) for d in settings.digest(self._agreed(fg))]
+        return digest + [d * d for d in digest]
+
     def _reduce_then_raise(self, fg: _FlatGroup, error: ValueError) -> None:
         """This step's all-reduce with no gradients in it, the settings check, then ``error``."""
         values = fg.reduce_buffer
         values.zero_()
-        digest = [float(d) for d in settings.digest(self._agreed(fg))] if fg.group is not None else [0.0, 0.0]
-        values[-4:].copy_(torch.tensor(digest + [d * d for d in digest], dtype=torch.float64))
+        values[-4:].copy_(torch.tensor(self._digest_values(fg), dtype=torch.float64))
         self._all_reduce(values, fg)
         reduced = values.tolist()
         self._check_agreement(fg, reduced[-4:])
@@ -797,6 +801,10 @@ _GROUP_KEYS = tuple(s.name for s in GROUP_SETTINGS)
 
 def _group_values(group: dict) -> tuple:
     return tuple(group.get(k) for k in _GROUP_KEYS)
+
+
+def _names(fg: _FlatGroup) -> list[str]:
+    return [m.name for m in fg.matrices] + [o[2] for o in fg.others]
 
 
 def _param_name(group: dict, group_index: int, i: int) -> str:
