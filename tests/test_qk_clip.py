@@ -540,3 +540,20 @@ def test_distributed(world, scenario):
     errors = _RESULTS[world][scenario]
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     assert not failed, "\n".join(f"rank {r}:\n{e}" for r, e in failed)
+
+
+def test_recipe_key_wires_qk_clip_into_the_optimizer_container():
+    pytest.importorskip("torchtitan")
+    from dist_marsm.titan.optimizer_container import MARSMOptimizersContainer
+
+    with pytest.raises(ValueError, match="qk_clip_tau"):
+        MARSMOptimizersContainer.Config(qk_clip_tau=-1.0)
+    model = _titan_model("gqa_separate")
+    assert MARSMOptimizersContainer(MARSMOptimizersContainer.Config(), model_parts=[model]).qk_clip is None
+    container = MARSMOptimizersContainer(MARSMOptimizersContainer.Config(qk_clip_tau=5.0), model_parts=[model])
+    tokens = torch.randint(0, 2048, (2, 17), generator=torch.Generator().manual_seed(0))
+    logits = model(tokens[:, :-1])
+    F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)).backward()
+    container.step()
+    stats = container.qk_clip.clip.last_stats
+    assert stats["heads_clipped"] > 0 and stats["max_logit"] > 5.0   # layer 0's q/k weights are large
