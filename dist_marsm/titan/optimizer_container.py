@@ -30,6 +30,8 @@ import tyro
 from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
 
 from dist_marsm import DEFAULT_ADAMW_PATTERNS, MARSM, build_param_groups, settings
+from dist_marsm.qk_clip import QKClipSettings
+from dist_marsm.titan.qk_clip_hooks import install_qk_clip
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,9 @@ def _config_fields():
          dataclasses.field(default_factory=list)),
         ("nesterov", Annotated[bool, tyro.conf.arg(help="DistMuon: Nesterov momentum")], True),
         ("implementation", Literal["for-loop", "foreach", "fused", "fused_opt_states_bf16"], "foreach"),
+        ("qk_clip_tau", Annotated[Optional[float], tyro.conf.arg(
+            help="QK-clip (MuonClip) threshold on each head's max pre-softmax logit; None = off "
+                 "(docs/attention.md)")], None),
     ]
     return out
 
@@ -105,6 +110,10 @@ def _check(self) -> None:
     for bad, message in problems:
         if bad:
             raise ValueError(message)
+    try:
+        QKClipSettings(tau=self.qk_clip_tau)
+    except ValueError as e:
+        raise ValueError(f"qk_clip_tau: {e}") from None
     for pattern in self.adamw_patterns:
         try:
             re.compile(pattern)
@@ -179,6 +188,9 @@ class MARSMOptimizersContainer(OptimizersContainer):
             config = dataclasses.replace(config, param_groups=groups, optimizer_factory_kwargs_by_name={
                 **factory_kwargs, **config.optimizer_factory_kwargs_by_name})
         super().__init__(config, model_parts=model_parts)
+        # QK-clip runs as this container's step post-hook, over all model parts (one all-reduce per step).
+        self.qk_clip = None if config.qk_clip_tau is None else install_qk_clip(
+            model_parts, config.qk_clip_tau, optimizer=self)
 
     @staticmethod
     def _resolve_optimizer_factory(name: str):
