@@ -135,8 +135,9 @@ def route_group(model: torch.nn.Module, group: dict) -> list[dict]:
     patterns = tuple(group.pop("adamw_patterns", None) or DEFAULT_ADAMW_PATTERNS)
     adamw_lr, adamw_wd = group.pop("adamw_lr", None), group.pop("adamw_weight_decay", None)
     params, names = group.pop("params"), group.pop("param_names")
+    head_dim = group.pop("ns_head_dim", None)   # per head for attention q/k/v only, not every matrix
     routed = build_param_groups(_route_view(model, params, names), adamw_patterns=patterns, adamw_lr=adamw_lr,
-                                adamw_weight_decay=adamw_wd)
+                                adamw_weight_decay=adamw_wd, head_dim=head_dim)
     return [{**group, **g} for g in routed]   # per-route overrides win over the shared values
 
 
