@@ -62,7 +62,7 @@ def matmul_rates(m: int, n: int, dtype, repeats: int) -> dict:
 def speed(args) -> None:
     rows, records = [], []
     for shape in SPEED_SHAPES:
-        reps = max(2, args.repeats // 2) if shape[0] * shape[1] > 4_000_000 else args.repeats
+        reps = min(3, args.repeats) if shape[0] * shape[1] > 4_000_000 else args.repeats
         m, n = min(shape), max(shape)
         g = torch.Generator().manual_seed(0)
         mat = torch.randn(*shape, generator=g)
@@ -73,26 +73,34 @@ def speed(args) -> None:
                     continue  # same FLOPs as muon in float32 (no restarts within 5 steps)
                 res = {}
                 for method in ("standard", "gram"):
-                    flops = newton_schulz_flops(shape, 5, method, dtype=dtype, coefficients=coeffs)
-                    used = method_used(shape, 5, method, dtype=dtype, coefficients=coeffs)
-                    sec = timed(lambda: newton_schulz(mat, 5, dtype, method=method, coefficients=coeffs), reps)
-                    res[method] = (sec, flops, used)
+                    res[method] = (newton_schulz_flops(shape, 5, method, dtype=dtype, coefficients=coeffs),
+                                   method_used(shape, 5, method, dtype=dtype, coefficients=coeffs))
+                    newton_schulz(mat, 5, dtype, method=method, coefficients=coeffs)  # warm-up
+                times = {"standard": [], "gram": []}
+                for rep in range(reps):  # alternating, so load drift on the shared machine hits both alike
+                    for method in (("standard", "gram") if rep % 2 == 0 else ("gram", "standard")):
+                        t = time.perf_counter()
+                        newton_schulz(mat, 5, dtype, method=method, coefficients=coeffs)
+                        times[method].append(time.perf_counter() - t)
+                paired = median([a / b for a, b in zip(times["standard"], times["gram"])])
+                res = {m: (median(times[m]), *res[m]) for m in res}
                 (ts, fs, _), (tg, fg, used) = res["standard"], res["gram"]
                 restarts = gram_restarts(5, dtype, coeffs) if used == "gram" else "-"
                 rec = dict(shape=shape, dtype=dname, coefficients=coeffs, gram_used=used, restarts=restarts,
                            standard_s=ts, gram_s=tg, standard_gflop=fs / 1e9, gram_gflop=fg / 1e9,
-                           speedup=ts / tg, flop_ratio=fs / fg, standard_gflops=fs / ts / 1e9,
-                           gram_gflops=fg / tg / 1e9, matmul_gflops=rates)
+                           speedup=ts / tg, paired_speedup=paired, times=times, flop_ratio=fs / fg,
+                           standard_gflops=fs / ts / 1e9, gram_gflops=fg / tg / 1e9, matmul_gflops=rates)
                 records.append(rec)
                 rows.append([f"{shape[0]} x {shape[1]}", dname, coeffs, f"{used} {restarts}", ts * 1e3, tg * 1e3,
-                             ts / tg, fs / fg, fs / 1e9, fg / 1e9, fs / ts / 1e9, fg / tg / 1e9,
+                             ts / tg, paired, fs / fg, fs / 1e9, fg / 1e9, fs / ts / 1e9, fg / tg / 1e9,
                              f"{rates['XXt']:.0f} / {rates['SS']:.0f} / {rates['SX']:.0f}"])
                 print(rows[-1], flush=True)
     headers = ["shape", "dtype", "coefficients", "gram runs (restarts)", "standard ms", "gram ms", "speed-up",
-               "FLOP ratio", "standard GFLOP", "gram GFLOP", "standard GFLOP/s", "gram GFLOP/s",
-               "matmul GFLOP/s XX^T / SS / SX"]
+               "median paired speed-up", "FLOP ratio", "standard GFLOP", "gram GFLOP", "standard GFLOP/s",
+               "gram GFLOP/s", "matmul GFLOP/s XX^T / SS / SX"]
     md = (f"Newton-Schulz, 5 steps, one call per matrix, one thread (torch.set_num_threads(1)), median of "
-          f"{args.repeats} (large shapes: half that) after a warm-up call. Machine shared with other jobs.\n\n"
+          f"{args.repeats} calls (2048 x 7168: 3) after a warm-up call, standard and gram alternating; "
+          "'paired' is the median of the per-round ratios. Machine shared with other jobs.\n\n"
           + markdown_table(headers, rows))
     print(md)
     save("bench_newton_schulz_speed", {"records": records, "repeats": args.repeats}, md)
