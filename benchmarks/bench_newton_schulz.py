@@ -14,8 +14,9 @@ the FLOP ratio can be explained by the kernels' speeds.
 accuracy: the result's singular values (min and max; the quintic is not meant to converge to 1) and
 its distance to the exact polar factor U V^T of the input (float64 SVD), relative Frobenius norm, after
 3, 4 and 5 steps, per method, restart schedule and coefficient set, in float32 and bfloat16. Inputs:
-Gaussian matrices, matrices with a log-uniform spectrum (1 down to 1e-4) and a 1/i spectrum (the hard
-cases: small singular values), and real MARS-M momenta from the debug model after a few steps.
+real MARS-M momenta from the debug model after a few steps, Gaussian 1024 x 3584 matrices, and ones
+with a log-uniform spectrum (1 down to 1e-4) or a 1/i spectrum (the hard cases: small singular values);
+``--large`` adds a 2048 x 7168 one.
 """
 
 from __future__ import annotations
@@ -143,11 +144,13 @@ def measure(mat: torch.Tensor, polar: torch.Tensor, **kw) -> dict:
 
 
 def accuracy(args) -> None:
-    inputs = {f"{k} {m}x{n}": synthetic(m, n, k, seed=i)
-              for i, (m, n, k) in enumerate([(1024, 3584, "gaussian"), (1024, 3584, "log-uniform"),
-                                             (1024, 3584, "1/i"), (3584, 1024, "1/i"), (2048, 7168, "1/i")])}
-    inputs.update(real_momenta(args.momentum_steps))
+    synthetic_inputs = [(1024, 3584, "gaussian"), (1024, 3584, "log-uniform"), (1024, 3584, "1/i"),
+                        (3584, 1024, "1/i"), (256, 1024, "1/i")] + ([(2048, 7168, "1/i")] if args.large else [])
+    inputs = real_momenta(args.momentum_steps)
+    inputs.update({f"{k} {m}x{n}": synthetic(m, n, k, seed=i) for i, (m, n, k) in enumerate(synthetic_inputs)})
     rows, records = [], []
+    headers = ["input", "dtype", "coefficients", "steps", "variant", "sv min", "sv max",
+               "||Y - UV^T|| / ||UV^T||", "||Y - Y_standard|| / ||Y_standard||"]
     for name, mat in inputs.items():
         u, _, vh = torch.linalg.svd(mat, full_matrices=False)
         polar = u @ vh
@@ -181,12 +184,11 @@ def accuracy(args) -> None:
                         rows.append([name, dname, coeffs, steps, label, r["sv_min"], r["sv_max"], r["polar_err"],
                                      r.get("vs_standard")])
                         print(rows[-1], flush=True)
-    headers = ["input", "dtype", "coefficients", "steps", "variant", "sv min", "sv max",
-               "||Y - UV^T|| / ||UV^T||", "||Y - Y_standard|| / ||Y_standard||"]
-    md = ("Singular values of the Newton-Schulz result Y and its distance to the exact polar factor U V^T of "
-          "the input (float64 SVD). 'gram default' uses `gram_restarts(steps, dtype, coefficients)`.\n\n"
-          + markdown_table(headers, rows))
-    save("bench_newton_schulz_accuracy", {"records": records}, md)
+        # saved after every input: on the shared machine a full run takes long
+        md = ("Singular values of the Newton-Schulz result Y and its distance to the exact polar factor U V^T of "
+              "the input (float64 SVD). 'gram default' uses `gram_restarts(steps, dtype, coefficients)`.\n\n"
+              + markdown_table(headers, rows))
+        save("bench_newton_schulz_accuracy", {"records": records}, md)
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -224,6 +226,7 @@ def main() -> None:
     ap.add_argument("--part", choices=("speed", "accuracy", "plan"), required=True)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--momentum-steps", type=int, default=10)
+    ap.add_argument("--large", action="store_true", help="accuracy: also a 2048 x 7168 input (slow SVDs)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"speed": speed, "accuracy": accuracy, "plan": plan}[args.part](args)
