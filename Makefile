@@ -12,6 +12,7 @@ install:
 
 run: install
 	$(PYTHON) -m dist_marsm.train --recipe $(RECIPE)
+	$(PYTHON) -m dist_marsm.plot outputs/debug_cpu
 
 test: install
 	$(PYTHON) -m pytest -q -ra tests

@@ -130,9 +130,13 @@ class OwnerCompute:
             e = plan.entries[pos]
             if e.owner != me:
                 continue
+            senders = e.senders(me)
+            if senders == [me]:   # this rank holds the whole matrix: nothing to assemble
+                fulls[pos] = local_inputs[pos]
+                continue
             # Assembled in the input's dtype: only blocks that travel are rounded to the wire dtype.
             full = torch.empty(e.shape, dtype=local_inputs[pos].dtype, device=local_inputs[pos].device)
-            for q in e.senders(me):
+            for q in senders:
                 block = e.layout.blocks[q]
                 values = local_inputs[pos] if q == me else pieces[q].pop(block_numel(block))
                 put_block(full, block, values.reshape([index_len(i) for i in block]).to(full.dtype))
@@ -163,7 +167,8 @@ class OwnerCompute:
             block = e.layout.blocks[me]
             shape = [index_len(i) for i in block]
             if e.owner == me:
-                outputs[pos] = take_block(results[pos], block).reshape(shape)
+                mine = results[pos] if tuple(results[pos].shape) == tuple(shape) else take_block(results[pos], block)
+                outputs[pos] = mine.reshape(shape)
             else:
                 outputs[pos] = pieces[e.owner].pop(block_numel(block)).reshape(shape)
 
@@ -172,8 +177,9 @@ class OwnerCompute:
         plan = self.plan
         if plan.world == 1 or (sum(send_sizes) == 0 and sum(recv_sizes) == 0 and plan.group is None):
             return None, recv_sizes, None
-        flat = [t.to(self.wire_dtype) for parts in send_parts for t in parts]
-        send = torch.cat(flat) if flat else torch.empty(0, dtype=self.wire_dtype, device=self.device)
+        flat = [t for parts in send_parts for t in parts]
+        # One cast after the concatenation (cat promotes mixed inputs), not one per matrix.
+        send = torch.cat(flat).to(self.wire_dtype) if flat else torch.empty(0, dtype=self.wire_dtype, device=self.device)
         recv = torch.empty(sum(recv_sizes), dtype=self.wire_dtype, device=self.device)
         self.bytes_sent += send.numel() * send.element_size()
         work = dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=plan.group, async_op=True)

@@ -12,6 +12,8 @@ Every setting is declared once, in :mod:`dist_marsm.settings`.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import time
 from collections import defaultdict
@@ -28,10 +30,12 @@ from dist_marsm.owner_plan import (
     GroupPlan,
     Layout,
     MatrixEntry,
+    block_numel,
     build_group_plan,
     dtensor_layout,
     index_len,
     replicated_layout,
+    split_units,
     take_block,
 )
 from dist_marsm.settings import GROUP_SETTINGS, OPTIMIZER_SETTINGS
@@ -72,6 +76,7 @@ class _Matrix:
     slot_list: list[int]            # the same, on the host
     contributes: bool               # this rank's block counts towards the global norms (its replica is the first)
     lr_scale: float
+    units: list = field(default_factory=list)   # (plan entry position, Unit): what the owners orthogonalize
 
 
 @dataclass
@@ -88,7 +93,9 @@ class _FlatGroup:
     num_slots: int = 0                             # matrices in the flat group (batched ones counted each)
     plan: GroupPlan | None = None
     engine: OwnerCompute | None = None
-    reduce_buffer: torch.Tensor | None = None
+    reduce_buffer: torch.Tensor | None = None     # the step's all-reduce, reused across steps
+    all_slots: torch.Tensor | None = None         # every local matrix's slot, in view order
+    flag_index: torch.Tensor | None = None        # per view and AdamW parameter: its non-finite flag's position
 
 
 class MARSM(torch.optim.Optimizer):
@@ -98,46 +105,25 @@ class MARSM(torch.optim.Optimizer):
         params: parameters or param groups. A group's ``use_mars`` flag routes it (False -> AdamW);
             a group without the flag is split in two by ndim (matrices -> MARS-M). Use
             :func:`dist_marsm.build_param_groups` to also send embeddings and the output head to AdamW.
-        lr, momentum, gamma, weight_decay, variant, clip, ns_steps, ns_dtype, lr_adjust, matrix_view,
-        adamw_betas, adamw_eps, normalize, normuon_beta2, ns_method, ns_coefficients: per-group settings (a group may override
-            each); ``wire_dtype``, ``bucket_mb``, ``owner_policy``, ``nonfinite``, ``process_group``: one
-            per optimizer. Meanings, defaults and allowed values: :data:`dist_marsm.settings.SETTINGS`.
+        **settings: keyword arguments, each declared once in :data:`dist_marsm.settings.SETTINGS` with
+            its default, allowed values and meaning (``inspect.signature(MARSM)`` lists them). Group
+            settings (lr, momentum, gamma, ...) may be overridden per param group; optimizer settings
+            (wire_dtype, bucket_mb, owner_policy, nonfinite, process_group) are one per optimizer and
+            live in ``opt.options``.
 
     Settings are checked here, in ``add_param_group`` and ``load_state_dict``, and again at the first
     step after any change (``opt.param_groups[i][key] = ...`` or ``opt.options[key] = ...``); at every
     step all ranks of a flat group must hold the same values, or every rank raises naming the difference.
     """
 
-    def __init__(
-        self,
-        params,
-        lr: float = 3e-3,
-        momentum: float = 0.95,
-        gamma: float = 0.025,
-        weight_decay: float = 0.1,
-        variant: str = "approx",
-        clip: bool = True,
-        ns_steps: int = 5,
-        ns_dtype: str = "bfloat16",
-        lr_adjust: str = "moonlight",
-        matrix_view: str = "batch",
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-8,
-        normalize: str | None = None,
-        normuon_beta2: float = 0.95,
-        ns_method: str = "standard",
-        ns_coefficients="muon",
-        *,
-        wire_dtype: str = "bfloat16",
-        bucket_mb: float = 64.0,
-        owner_policy: str = "largest_first",
-        nonfinite: str = "raise",
-        process_group="world",
-    ):
-        arguments = dict(locals())
-        defaults = settings.group_defaults(**arguments)
+    def __init__(self, params, **settings_):
+        unknown = sorted(set(settings_) - {s.name for s in settings.SETTINGS if s.argument})
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], [s.name for s in settings.SETTINGS if s.argument], n=1)
+            raise TypeError(f"MARSM: unknown setting {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        defaults = settings.group_defaults(**settings_)
         settings.validate(defaults, "MARSM", names=defaults)
-        self.options = settings.canonicalize({s.name: arguments[s.name] for s in OPTIMIZER_SETTINGS})
+        self.options = settings.canonicalize({s.name: settings_.get(s.name, s.default) for s in OPTIMIZER_SETTINGS})
         settings.validate(self.options, "MARSM", scope="optimizer")
         self.nonfinite_skips = 0
         self.last_step_stats: dict = {}
@@ -155,7 +141,9 @@ class MARSM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict) -> None:
-        if param_group.get("use_mars") is None and not isinstance(param_group.get("params"), torch.Tensor):
+        if isinstance(param_group.get("params"), torch.Tensor):
+            param_group = {**param_group, "params": [param_group["params"]]}
+        if param_group.get("use_mars") is None:
             params = list(param_group["params"])
             names = param_group.get("param_names")
             if params and isinstance(params[0], tuple):  # named parameters
@@ -240,7 +228,15 @@ class MARSM(torch.optim.Optimizer):
         calls it twice: at the previous iterate x_{t-1} (for g(x_{t-1}; batch_t)) and at x_t.
         """
         start = time.perf_counter()
-        self._check_settings()
+        try:
+            self._check_settings()
+        except ValueError as error:
+            if self._flat_groups is None or all(fg.group is None for fg in self._flat_groups):
+                raise
+            # The other ranks are about to enter this step's collectives: take part in them, so that every
+            # rank fails at the same point (on the settings digest, or here) instead of waiting for a timeout.
+            for fg in self._flat_groups:
+                self._reduce_then_raise(fg, error)
         exact = any(g["use_mars"] and g["variant"] == "exact" for g in self.param_groups)
         prev_grads: dict = {}
         if exact:
@@ -334,8 +330,19 @@ class MARSM(torch.optim.Optimizer):
                     raise ValueError(f"MARSM: normalize='neuron' needs whole rows on each rank; {m.name} is split "
                                      f"along its columns ({m.layout.placements}), as a rowwise tensor-parallel "
                                      "weight is. Put it in a group with normalize=None.")
-                entries.append(MatrixEntry(pos, m.name, m.view, m.layout, g["ns_steps"], g["ns_dtype"],
-                                           g["ns_method"], g["ns_coefficients"]))
+                try:
+                    units = split_units(m.view, m.layout, fg.my_rank, g["ns_head_dim"])
+                except ValueError as e:
+                    raise ValueError(f"MARSM: {m.name}: {e} (param group {m.group_index} ns_head_dim)") from None
+                if g["ns_head_dim"] is not None:
+                    m.lr_scale = mars_math.lr_scale((g["ns_head_dim"], m.view[-1]), g["lr_adjust"])
+                m.units = []
+                for u in units:
+                    empty = None if block_numel(u.layout.blocks[fg.my_rank]) else torch.empty(
+                        [index_len(i) for i in u.layout.blocks[fg.my_rank]], device=fg.device)
+                    m.units.append((len(entries), u, empty))
+                    entries.append(MatrixEntry(len(entries), m.name + u.label, u.shape, u.layout, g["ns_steps"],
+                                               g["ns_dtype"], g["ns_method"], g["ns_coefficients"], holder=u.holder))
             offset = 0
             for m in fg.matrices:
                 m.slots = _leading_indices(m.layout, fg.my_rank, m.view, fg.device) + offset
@@ -344,6 +351,10 @@ class MARSM(torch.optim.Optimizer):
                 offset += math.prod(m.view[:-2])
             fg.num_slots = offset
             n_params = len(fg.matrices) + len(fg.others)
+            fg.all_slots = torch.cat([m.slots for m in fg.matrices]) if fg.matrices else None
+            per_view = [pos for pos, m in enumerate(fg.matrices) for _ in range(math.prod(m.block_shape[:-2]))]
+            fg.flag_index = torch.tensor(per_view + [len(fg.matrices) + k for k in range(len(fg.others))],
+                                         dtype=torch.long, device=fg.device) + fg.num_slots + n_params
             fg.reduce_buffer = torch.zeros(fg.num_slots + 2 * n_params + 4, dtype=torch.float64, device=fg.device)
             fg.plan = build_group_plan(entries, fg.ranks, fg.my_rank, self.options["owner_policy"],
                                        int(self.options["bucket_mb"] * 2**20), self.wire_dtype.itemsize, fg.group)
@@ -395,8 +406,12 @@ class MARSM(torch.optim.Optimizer):
                     raise RuntimeError(f"MARSM: parameter {a[0]} differs between rank {fg.ranks[0]} and rank "
                                        f"{fg.ranks[rank]}: {_describe_difference(a, b)}")
             if their_settings != ref_settings:
-                raise RuntimeError(f"MARSM: settings differ between rank {fg.ranks[0]} and rank {fg.ranks[rank]}: "
-                                   f"{_describe_settings(ref_settings, their_settings)}")
+                differing = [gi for (gi, a), (_, b) in zip(ref_settings[1], their_settings[1]) if a != b]
+                first = next((m.name for m in fg.matrices if differing and m.group_index == differing[0]),
+                             next((n for _, gi, n in fg.others if differing and gi == differing[0]), None))
+                subject = f"parameter {first} differs" if first else "settings differ"
+                raise RuntimeError(f"MARSM: {subject} between rank {fg.ranks[0]} and rank {fg.ranks[rank]}: settings "
+                                   f"differ: {_describe_settings(ref_settings, their_settings)}")
 
     # -- stage: element-wise math + the one all-reduce ------------------------------
     def _stage(self, fg: _FlatGroup, prev_grads: dict):
@@ -432,8 +447,7 @@ class MARSM(torch.optim.Optimizer):
             host[n_mats + k] = 1.0
         for k in sparse:
             host[n_params + n_mats + k] = _SPARSE_FLAG
-        digest = [float(d) for d in settings.digest(self._agreed(fg))] if fg.group is not None else [0.0, 0.0]
-        host += digest + [d * d for d in digest]
+        host += self._digest_values(fg)
         values[fg.num_slots:].copy_(torch.tensor(host, dtype=torch.float64))
         if norms:
             stacked = torch.stack(norms)
@@ -441,31 +455,32 @@ class MARSM(torch.optim.Optimizer):
             contributing = [pos for pos in present if fg.matrices[pos].contributes]
             if contributing:
                 slots = torch.cat([fg.matrices[pos].slots for pos in contributing]) if len(contributing) < n_mats \
-                    else self._all_slots(fg)
+                    else fg.all_slots
                 contrib = mat_norms if len(contributing) == len(present) else torch.cat(
                     [mat_norms[i: i + 1] for i, pos in enumerate(owners) if fg.matrices[pos].contributes])
                 values.index_add_(0, slots, contrib.square())
-            param_of_norm = torch.tensor(owners + [n_mats + k for k in others if k not in sparse],
-                                         dtype=torch.long, device=values.device)
-            values.index_add_(0, param_of_norm + fg.num_slots + n_params, (~torch.isfinite(stacked)).double())
+            everyone = len(present) == n_mats and len(others) == len(fg.others) and not sparse
+            flag_index = fg.flag_index if everyone else torch.tensor(
+                owners + [n_mats + k for k in others if k not in sparse], dtype=torch.long,
+                device=values.device) + fg.num_slots + n_params
+            values.index_add_(0, flag_index, (~torch.isfinite(stacked)).double())
         self._all_reduce(values, fg)
         reduced = values.tolist()
         self._check_agreement(fg, reduced[-4:])
-        names = [m.name for m in fg.matrices] + [o[2] for o in fg.others]
         has_grad = reduced[fg.num_slots: fg.num_slots + n_params]
         partial = [i for i, h in enumerate(has_grad) if 0 < h < len(fg.ranks)]
         if partial:
-            raise RuntimeError(f"MARSM: parameter {names[partial[0]]} has a gradient on {int(has_grad[partial[0]])} of "
+            raise RuntimeError(f"MARSM: parameter {_names(fg)[partial[0]]} has a gradient on {int(has_grad[partial[0]])} of "
                                f"{len(fg.ranks)} ranks; every rank must take part in every step (or none)")
         flags = reduced[fg.num_slots + n_params: fg.num_slots + 2 * n_params]
-        sparse_everywhere = [names[i] for i, f in enumerate(flags) if f >= _SPARSE_FLAG]
+        sparse_everywhere = [_names(fg)[i] for i, f in enumerate(flags) if f >= _SPARSE_FLAG]
         if sparse_everywhere:
             raise ValueError(f"MARSM: parameter {sparse_everywhere[0]} has a sparse gradient on some rank; MARSM "
                              "needs dense gradients (use nn.Embedding(sparse=False))")
         bad = [i for i, f in enumerate(flags) if f > 0]
         sq_norms = reduced[: fg.num_slots]
         if bad or not all(math.isfinite(x) for x in sq_norms):
-            return self._nonfinite(fg, bad, names)
+            return self._nonfinite(fg, bad, _names(fg))
         self._clip(fg, present, corrected, sq_norms)
         return corrected
 
@@ -500,11 +515,6 @@ class MARSM(torch.optim.Optimizer):
                 corrected[pos] = c
         return corrected
 
-    def _all_slots(self, fg: _FlatGroup) -> torch.Tensor:
-        if getattr(fg, "_slots_cache", None) is None:
-            fg._slots_cache = torch.cat([m.slots for m in fg.matrices]) if fg.matrices else torch.empty(0, dtype=torch.long)
-        return fg._slots_cache
-
     def _clip(self, fg: _FlatGroup, present: list[int], corrected: dict, sq_norms: list[float]) -> None:
         """Scale each corrected gradient (each matrix of a batch) to Frobenius norm <= 1, one foreach call."""
         tensors, scales = [], []
@@ -524,6 +534,23 @@ class MARSM(torch.optim.Optimizer):
                     scales.append(f)
         if tensors:
             torch._foreach_mul_(tensors, scales)
+
+    def _digest_values(self, fg: _FlatGroup) -> list[float]:
+        """The settings digest and its squares, as the four values the all-reduce sums (zeros on one rank)."""
+        if fg.group is None:
+            return [0.0] * 4
+        digest = [float(d) for d in settings.digest(self._agreed(fg))]
+        return digest + [d * d for d in digest]
+
+    def _reduce_then_raise(self, fg: _FlatGroup, error: ValueError) -> None:
+        """This step's all-reduce with no gradients in it, the settings check, then ``error``."""
+        values = fg.reduce_buffer
+        values.zero_()
+        values[-4:].copy_(torch.tensor(self._digest_values(fg), dtype=torch.float64))
+        self._all_reduce(values, fg)
+        reduced = values.tolist()
+        self._check_agreement(fg, reduced[-4:])
+        raise error
 
     def _check_agreement(self, fg: _FlatGroup, digest_sums: list[float]) -> None:
         if fg.group is None:
@@ -578,9 +605,46 @@ class MARSM(torch.optim.Optimizer):
             ns_in = mars_math.efficient_momentum_updates([m for _, m, _ in items], [c for _, _, c in items], beta, gamma)
             for (pos, _, _), x in zip(items, ns_in):
                 inputs[pos] = x
-        outputs = fg.engine.run(inputs)
+        outputs = self._assemble(fg, fg.engine.run(self._unit_inputs(fg, inputs)), staged)
         self._neuron_normalize(fg, outputs)
         self._apply(fg, staged, outputs)
+
+    @staticmethod
+    def _unit_inputs(fg: _FlatGroup, inputs: dict) -> dict:
+        """Each plan unit's block of this rank's NS inputs (a view where the unit is the whole local block)."""
+        out = {}
+        me = fg.my_rank
+        for pos, x in inputs.items():
+            for epos, u, empty in fg.matrices[pos].units:
+                if empty is not None:
+                    out[epos] = empty.to(x.dtype) if empty.dtype != x.dtype else empty
+                elif u.lead_pos is None:
+                    shape = [index_len(i) for i in u.layout.blocks[me]]
+                    out[epos] = x if list(x.shape) == shape else x.reshape(shape)
+                else:
+                    out[epos] = x.reshape(-1, *x.shape[-2:])[u.lead_pos[:, None], u.row_pos]
+        return out
+
+    @staticmethod
+    def _assemble(fg: _FlatGroup, unit_outputs: dict, staged: dict) -> dict:
+        """This rank's block of every matrix's update, put together from its units' results."""
+        outputs = {}
+        for pos in staged:
+            m = fg.matrices[pos]
+            if len(m.units) == 1 and m.units[0][1].lead_pos is None:
+                outputs[pos] = unit_outputs[m.units[0][0]]
+                continue
+            parts = [(u, unit_outputs[epos]) for epos, u, empty in m.units if empty is None]
+            if len(parts) == 1 and parts[0][0].lead_pos is None:
+                outputs[pos] = parts[0][1].reshape(m.block_shape)
+                continue
+            full = torch.empty(m.block_shape, dtype=parts[0][1].dtype if parts else fg.engine.wire_dtype,
+                               device=fg.device)
+            rows = full.view(-1, *m.block_shape[-2:])
+            for u, result in parts:
+                rows[u.lead_pos[:, None], u.row_pos] = result.to(full.dtype)
+            outputs[pos] = full
+        return outputs
 
     def _apply(self, fg: _FlatGroup, staged: dict, outputs: dict) -> None:
         """Keep what the next step reads, then W *= 1 - lr * wd; W -= lr * scale * update, grouped by value."""
@@ -602,7 +666,9 @@ class MARSM(torch.optim.Optimizer):
                 param_dst.append(_local(state["prev_param"]))
                 param_src.append(local_p)
             steps.append(state["step"])
-            u = outputs[pos].reshape(local_p.shape)
+            u = outputs[pos]
+            if u.shape != local_p.shape:
+                u = u.reshape(local_p.shape)
             key = (group["lr"], group["weight_decay"], m.lr_scale, u.dtype)
             update[key][0].append(local_p)
             update[key][1].append(u)
@@ -722,12 +788,23 @@ class MARSM(torch.optim.Optimizer):
                  "per_rank": fg.plan.report()} for fg in self._flat_groups]
 
 
+MARSM.__init__.__signature__ = inspect.Signature(
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+     inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=s.default) for s in settings.SETTINGS
+       if s.argument])
+
+
 # ---------------------------------------------------------------------- helpers
 _GROUP_KEYS = tuple(s.name for s in GROUP_SETTINGS)
 
 
 def _group_values(group: dict) -> tuple:
     return tuple(group.get(k) for k in _GROUP_KEYS)
+
+
+def _names(fg: _FlatGroup) -> list[str]:
+    return [m.name for m in fg.matrices] + [o[2] for o in fg.others]
 
 
 def _param_name(group: dict, group_index: int, i: int) -> str:

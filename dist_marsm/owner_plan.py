@@ -133,6 +133,100 @@ def dtensor_layout(dtensor, view_shape: tuple[int, ...] | None = None) -> Layout
     return Layout(ranks, tuple(blocks), tuple(keys), str(placements))
 
 
+@dataclass(frozen=True)
+class Unit:
+    """A part of one parameter that is orthogonalized as one plan entry: some of its matrices (leading
+    indices, e.g. the experts one rank holds), each possibly cut into equal row chunks (heads).
+
+    ``shape`` is [n, rows, cols]; ``layout`` gives each rank's block in those coordinates. This rank's
+    block of the unit is ``local[lead_pos[:, None], row_pos]`` of its local tensor viewed as
+    [leading, rows, cols]; ``lead_pos`` is None where the unit is the whole local tensor as it is.
+    ``holder`` is the rank of the first replica that holds the whole unit, if one does: it owns it, so
+    nothing is gathered.
+    """
+
+    shape: tuple[int, int, int]
+    layout: Layout
+    label: str
+    lead_pos: torch.Tensor | None = None
+    row_pos: torch.Tensor | None = None
+    holder: int | None = None
+
+
+def _rows_in(index: Index, start: int, stop: int) -> tuple[int, ...]:
+    """The rows of ``index`` within [start, stop), relative to start."""
+    if isinstance(index, slice):
+        return tuple(range(max(index.start, start) - start, min(index.stop, stop) - start))
+    return tuple(int(r) - start for r in index.tolist() if start <= r < stop)
+
+
+def split_units(view: tuple[int, ...], layout: Layout, my_rank: int, head_rows: int | None = None) -> list[Unit]:
+    """Cut a parameter of logical shape ``view`` ([..., A, B]) into plan units.
+
+    Without ``head_rows``, a parameter whose leading (batch) dims no rank splits is one unit, as it is.
+    Otherwise the items are (leading index, row chunk of ``head_rows`` rows); items that every rank holds
+    the same way (whole, the same rows of each, or not at all) form one unit, so a rank that holds whole
+    experts or whole heads orthogonalizes them itself with nothing sent, and only items split inside a
+    matrix travel to an owner.
+    """
+    *lead, rows, cols = view
+    n_lead = math.prod(lead)
+    world = len(layout.ranks)
+    if lead:
+        grid = torch.arange(n_lead).view(*lead)
+        lead_sets = [take_block(grid, block[:-2]).reshape(-1).tolist() for block in layout.blocks]
+    else:
+        lead_sets = [[0] for _ in layout.blocks]
+    if head_rows is None and all(len(s) == n_lead for s in lead_sets):
+        return [Unit(tuple(view), layout, "")]
+    chunk = head_rows or rows
+    if rows % chunk:
+        raise ValueError(f"{rows} rows do not split into heads of {chunk} rows")
+    heads = rows // chunk
+    members = [set(s) for s in lead_sets]
+    held_rows = [[_rows_in(b[-2], h * chunk, (h + 1) * chunk) if index_len(b[-1]) else () for h in range(heads)]
+                 for b in layout.blocks]
+    signatures: dict[tuple, list[tuple[int, int]]] = {}
+    for e in range(n_lead):
+        for h in range(heads):
+            sig = tuple(held_rows[r][h] if e in members[r] and held_rows[r][h] else None for r in range(world))
+            signatures.setdefault(sig, []).append((e, h))
+    first_replica = [r for r in range(world) if layout.replica_keys[r] == layout.replica_keys[0]]
+    units = []
+    for sig, items in signatures.items():
+        n = len(items)
+        blocks = tuple((slice(0, 0), slice(0, 0), slice(0, 0)) if sig[r] is None else
+                       (slice(0, n), _as_index(torch.tensor(sig[r], dtype=torch.long)), layout.blocks[r][-1])
+                       for r in range(world))
+        holders = [r for r in first_replica if sig[r] is not None and len(sig[r]) == chunk
+                   and index_len(layout.blocks[r][-1]) == cols]
+        lead_pos = row_pos = None
+        if sig[my_rank] is not None:
+            local_lead = {g: i for i, g in enumerate(lead_sets[my_rank])}
+            row_index = layout.blocks[my_rank][-2]
+            global_rows = list(range(row_index.start, row_index.stop)) if isinstance(row_index, slice) \
+                else row_index.tolist()
+            local_row = {g: i for i, g in enumerate(global_rows)}
+            lead_list = [local_lead[e] for e, _ in items]
+            row_lists = [[local_row[h * chunk + q] for q in sig[my_rank]] for _, h in items]
+            whole = (lead_list == list(range(len(lead_sets[my_rank])))
+                     and all(rl == list(range(len(global_rows))) for rl in row_lists))
+            if not whole:
+                lead_pos = torch.tensor(lead_list, dtype=torch.long)
+                row_pos = torch.tensor(row_lists, dtype=torch.long)
+        units.append(Unit((n, chunk, cols), Layout(layout.ranks, blocks, layout.replica_keys, layout.placements),
+                          _items_label(items, head_rows is not None), lead_pos, row_pos,
+                          holders[0] if len(holders) == 1 else None))
+    return units
+
+
+def _items_label(items: list[tuple[int, int]], by_head: bool) -> str:
+    first, last = items[0], items[-1]
+    if not by_head:
+        return f"[{first[0]}]" if len(items) == 1 else f"[{first[0]}..{last[0]}]"
+    return f"[{first[0]}:head {first[1]}]" if len(items) == 1 else f"[{first[0]}:head {first[1]}..{last[0]}:head {last[1]}]"
+
+
 @dataclass
 class MatrixEntry:
     """One parameter (a matrix, or a batch of matrices) in the plan."""
@@ -145,6 +239,7 @@ class MatrixEntry:
     ns_dtype: str
     ns_method: str = "standard"     # newton_schulz's method ("standard" | "gram")
     ns_coefficients: object = "muon"  # a name in NS_COEFFICIENT_SETS or explicit (a, b, c) triples
+    holder: int | None = None       # group rank that holds the whole matrix in the first replica: its owner
     owner: int = -1                 # group rank
     flops: int = 0
 
@@ -158,8 +253,12 @@ class MatrixEntry:
         return [r for r, k in enumerate(self.layout.replica_keys) if k == key]
 
 
-def assign_owners(costs: list[float], world: int, policy: str) -> tuple[list[int], list[int]]:
+def assign_owners(costs: list[float], world: int, policy: str,
+                  fixed: list[int | None] | None = None) -> tuple[list[int], list[int]]:
     """Owner rank per item and the order to process items in.
+
+    ``fixed[i]``, where not None, is item i's owner (a rank that already holds it whole); the policy
+    places the rest, counting the fixed items' load.
 
     round_robin: item i -> i mod world, in the given order (the design card's baseline).
     largest_first: items sorted by cost, largest first, each to the least-loaded rank so far
@@ -168,13 +267,14 @@ def assign_owners(costs: list[float], world: int, policy: str) -> tuple[list[int
     if policy not in OWNER_POLICIES:
         raise ValueError(f"owner_policy must be one of {OWNER_POLICIES}, got {policy!r}")
     n = len(costs)
+    fixed = fixed or [None] * n
     if policy == "round_robin":
-        return [i % world for i in range(n)], list(range(n))
-    order = sorted(range(n), key=lambda i: (-costs[i], i))
+        return [f if f is not None else i % world for i, f in enumerate(fixed)], list(range(n))
+    order = sorted(range(n), key=lambda i: (fixed[i] is None, -costs[i], i))
     load = [0.0] * world
     owners = [0] * n
     for i in order:
-        rank = min(range(world), key=lambda r: (load[r], r))
+        rank = fixed[i] if fixed[i] is not None else min(range(world), key=lambda r: (load[r], r))
         owners[i] = rank
         load[rank] += costs[i]
     return owners, order
@@ -252,7 +352,7 @@ def build_group_plan(
     for e in entries:
         e.flops = newton_schulz_flops(e.shape, e.ns_steps, e.ns_method, dtype=e.ns_dtype,
                                       coefficients=e.ns_coefficients)
-    owners, order = assign_owners([float(e.flops) for e in entries], len(ranks), policy)
+    owners, order = assign_owners([float(e.flops) for e in entries], len(ranks), policy, [e.holder for e in entries])
     for e, owner in zip(entries, owners):
         e.owner = owner
     sizes = [math.prod(e.shape) * wire_bytes for e in entries]

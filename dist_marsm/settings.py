@@ -112,6 +112,10 @@ SETTINGS: tuple[Setting, ...] = (
             "(3.4445, -4.7750, 2.0315 each iteration), polar_express (Amsel et al. 2025), or a list of triples",
             f"one of {tuple(NS_COEFFICIENT_SETS)} or a non-empty list of (a, b, c) triples of finite numbers",
             _coefficients_ok, checkpointed=False, replan=True, canonical=_coefficients),
+    Setting("ns_head_dim", None, "rows per attention head: orthogonalize each head's rows of q/k/v on its own "
+            "(per-head Newton-Schulz); None: the whole matrix", "None or an int >= 1",
+            lambda x: x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1),
+            checkpointed=False, replan=True),
     Setting("lr_adjust", "moonlight", "moonlight 0.2*sqrt(max(A,B)), original sqrt(max(1,A/B)), or none",
             f"one of {LR_ADJUST_MODES}", _choice(LR_ADJUST_MODES), LR_ADJUST_MODES, replan=True),
     Setting("matrix_view", "batch", "ndim > 2: a batch of matrices over leading dims (MoE experts) or "

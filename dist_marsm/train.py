@@ -1,23 +1,25 @@
 """Entry point: ``python -m dist_marsm.train --recipe recipes/X.toml [--section.key value ...]``.
 
-* Under torchrun (RANK and WORLD_SIZE set) this process is one rank: it checks the recipe against
-  the world size, builds torchtitan's Trainer from it and trains.
-* Otherwise it checks the recipe, builds the embedded tokenizer once, and starts a local job itself
-  with ``[job] local_ranks`` processes (torch.distributed.run, standalone rendezvous; gloo when the
-  machine has no accelerator), each running this module as one rank.
+The recipe (TOML) gives the config, the command line overrides it through tyro as torchtitan's own
+``python -m torchtitan.train`` does (``--optimizer.gamma 0``, ``--checkpoint.no-enable``;
+``--recipe R --help`` lists every field with its doc).
 
-Every rank logs one line at start: ``dist_marsm.train: rank R of W on HOST (local rank L)``.
-Outputs go to ``[job] dump_folder``: metrics.jsonl (rank 0, one JSON object per logged step),
-loss_curve.png at the end, checkpoints in ``<dump_folder>/<[checkpoint] folder>`` (resumed
-automatically from the latest complete one).
+* Under torchrun (RANK and WORLD_SIZE set) this process is one rank: it checks the config against the
+  world size, builds torchtitan's Trainer and trains.
+* Otherwise it checks the config, builds the embedded tokenizer once, and starts a local job with
+  ``[job] local_ranks`` processes (torch.distributed.run, standalone rendezvous, gloo without an
+  accelerator), each running this module as one rank. Only rank 0's output reaches the console unless
+  ``LOG_RANK`` names others (``LOG_RANK=0,1``), as torchtitan's launcher does.
 
-``--check`` only validates the recipe and prints the effective values (no torchtitan import).
+Every rank logs ``dist_marsm.train: rank R of W on HOST (local rank L)`` at start. Outputs go to
+``dump_folder``: metrics.jsonl (one JSON object per logged step), checkpoints in
+``<dump_folder>/<[checkpoint] folder>`` (resumed automatically from the latest complete one).
+``python -m dist_marsm.plot <dump_folder>`` draws the loss curve. ``--check`` validates and prints the config.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -25,10 +27,14 @@ import sys
 
 def _parse(argv: list[str]):
     parser = argparse.ArgumentParser(prog="python -m dist_marsm.train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help="TOML recipe (see recipes/ and docs/torchtitan.md)")
-    parser.add_argument("--check", action="store_true", help="validate the recipe, print it, and exit")
+                                     add_help=False)
+    parser.add_argument("--recipe", help="TOML recipe (see recipes/ and docs/torchtitan.md)")
+    parser.add_argument("--check", action="store_true", help="validate the recipe, print the config, and exit")
     args, overrides = parser.parse_known_args(argv)
+    if args.recipe is None:
+        parser.print_help()
+        print("\nWith --recipe R, --help lists every config field (the overrides) with its doc.")
+        raise SystemExit(0 if {"-h", "--help"} & set(argv) else 2)
     return args, overrides
 
 
@@ -40,43 +46,40 @@ def _error(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = _parse(argv)
-    from dist_marsm.titan.recipe import RecipeError, load_recipe
+    from dist_marsm.titan.recipe import RecipeError, check_resume, check_world_size, load_recipe
 
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     try:
-        world = int(os.environ["WORLD_SIZE"]) if under_torchrun else None
-        recipe = load_recipe(args.recipe, overrides, world_size=world)
+        config = load_recipe(args.recipe, overrides, world_size=int(os.environ["WORLD_SIZE"]) if under_torchrun
+                             else None)
         if not under_torchrun and not args.check:
-            recipe = load_recipe(args.recipe, overrides, world_size=recipe["job"]["local_ranks"])
+            check_world_size(config, config.job.local_ranks, args.recipe)
+        check_resume(config, args.recipe)
     except RecipeError as e:
         _error(str(e))
     if args.check:
-        print(json.dumps(recipe.values, indent=1, default=str))
+        import json
+
+        print(json.dumps({k: v for k, v in config.to_dict().items() if k not in ("model_spec", "loss")}, indent=1,
+                         default=str))
         return 0
     if under_torchrun:
-        return _run_rank(recipe)
-    return _launch_local(recipe, argv)
+        return _run_rank(config, args.recipe)
+    return _launch_local(config, args.recipe, argv)
 
 
-def _launch_local(recipe, argv: list[str]) -> int:
+def _launch_local(config, recipe: str, argv: list[str]) -> int:
     """Start ``[job] local_ranks`` copies of this module through torch.distributed.run (torchrun)."""
     from torch.distributed.run import get_args_parser, run
 
-    from dist_marsm.titan import corpus
-
-    nproc = recipe["job"]["local_ranks"]
-    if recipe["model"]["hf_assets_path"] == "embedded":
-        # Build the tokenizer once here rather than racing in every rank (each would also cope).
-        from dist_marsm.titan.recipe import model_spec
-
-        corpus.tokenizer_dir(model_spec(recipe).model.vocab_size)
-    threads = recipe["job"]["threads_per_rank"]
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
+    nproc = config.job.local_ranks
+    if config.job.threads_per_rank:
+        os.environ["OMP_NUM_THREADS"] = str(config.job.threads_per_rank)
     print(f"dist_marsm.train: launching a local job with {nproc} ranks on {socket.gethostname()} "
-          f"(recipe {recipe.path}, outputs in {recipe.dump_folder})", flush=True)
+          f"(recipe {recipe}, outputs in {config.dump_folder})", flush=True)
     torchrun_args = get_args_parser().parse_args(
-        ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--module", "dist_marsm.train", *argv])
+        ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--local-ranks-filter",
+         os.environ.get("LOG_RANK", "0"), "--role", "rank", "--tee", "3", "--module", "dist_marsm.train", *argv])
     try:
         run(torchrun_args)
     except Exception as e:  # noqa: BLE001 - torchrun's ChildFailedError already printed the rank's traceback
@@ -85,33 +88,23 @@ def _launch_local(recipe, argv: list[str]) -> int:
     return 0
 
 
-def _run_rank(recipe) -> int:
+def _run_rank(config, recipe: str) -> int:
     import torch
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    print(f"dist_marsm.train: rank {rank} of {world} on {socket.gethostname()} (local rank {local_rank}), "
-          f"recipe {recipe.path}, dump_folder {recipe.dump_folder}", flush=True)
-    threads = recipe["job"]["threads_per_rank"]
-    if threads:
-        torch.set_num_threads(threads)
+    print(f"dist_marsm.train: rank {rank} of {world} on {socket.gethostname()} (local rank "
+          f"{os.environ.get('LOCAL_RANK', '0')}), recipe {recipe}, dump_folder {config.dump_folder}", flush=True)
+    if config.job.threads_per_rank:
+        torch.set_num_threads(config.job.threads_per_rank)
 
     from torchtitan.tools.logging import init_logger, logger
 
-    from dist_marsm.titan.recipe import ignored_optimizer_keys, to_trainer_config
+    from dist_marsm.titan import elastic
 
     init_logger()
-    logger.info(f"dist_marsm.train: rank {rank} of {world} on {socket.gethostname()}")
-    if recipe["job"]["description"] and rank == 0:
-        logger.info(f"recipe: {recipe['job']['description']}")
-    ignored = ignored_optimizer_keys(recipe)
-    if ignored and rank == 0:
-        logger.info(f"[optimizer] keys not used by {recipe['optimizer']['name']}: {ignored}")
-    from dist_marsm.titan import elastic, fault_injection
-
+    if config.job.description and rank == 0:
+        logger.info(f"recipe: {config.job.description}")
     elastic.fresh_store_per_restart()   # torchrun --max-restarts: a fresh rendezvous key space per attempt
-    fault_injection.install_from_env()  # no-op unless DIST_MARSM_FAULT is set (crash-restart tests)
-    config = to_trainer_config(recipe)
     trainer = None
     try:
         trainer = config.build()

@@ -17,8 +17,8 @@ RECIPE = os.path.join(ROOT, "recipes", "debug_cpu.toml")
 
 # Tiny and fast: llama3 debugmodel, 2 sequences of 64 tokens per rank, float32 everywhere.
 SMALL = ["--training.seq_len", "64", "--training.local_batch_size", "2", "--lr_scheduler.warmup_steps", "1",
-         "--training.validation_freq", "0", "--metrics.plot_file", "", "--checkpoint.keep_latest_k", "0",
-         "--optimizer.ns_dtype", "float32", "--optimizer.wire_dtype", "float32"]
+         "--validator.enable", "false", "--checkpoint.keep_latest_k", "0", "--optimizer.ns_dtype", "float32",
+         "--optimizer.wire_dtype", "float32"]
 
 
 def run_job(dump: str, nproc: int, overrides: list[str] | None = None, env: dict | None = None,
@@ -26,7 +26,7 @@ def run_job(dump: str, nproc: int, overrides: list[str] | None = None, env: dict
     """torchrun (standalone) of the driver; returns (exit code, combined log)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
            "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts), "--monitor-interval", "0.5",
-           DRIVER, "--recipe", RECIPE, "--job.dump_folder", dump, *SMALL, *(overrides or [])]
+           DRIVER, "--recipe", RECIPE, "--dump_folder", dump, *SMALL, *(overrides or [])]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     full_env.update(env or {})
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)

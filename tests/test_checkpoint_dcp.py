@@ -185,8 +185,8 @@ def bad_checkpoints(rank, world):
     dist.barrier()
     messages = {}
     model, opt = _setup(world)
-    messages["truncated data"] = _expect_error(lambda: _load(model, opt, trunc), "CheckpointException", "rror")
-    messages["truncated metadata"] = _expect_error(lambda: _load(model, opt, meta), "rror", "pickle", "EOF")
+    messages["truncated data"] = _expect_error(lambda: _load(model, opt, trunc), "CheckpointException")
+    messages["truncated metadata"] = _expect_error(lambda: _load(model, opt, meta), "UnpicklingError", "pickle", "EOF")
     messages["other optimizer"] = _expect_error(lambda: _load(model, opt, os.path.join(_dir(), "adamw")),
                                                 "momentum")
     messages["other model"] = _expect_error(lambda: _load(model, opt, os.path.join(_dir(), "wider")),

@@ -148,7 +148,16 @@ def fsdp_ns_once_and_bytes(rank, world):
     owners = opt.plan_report()[0]["owners"]
     names = dict(zip(opt.param_groups[0]["param_names"], opt.param_groups[0]["params"]))
     expected = 0
+    # Experts: FSDP2 shards dim 0, so each rank holds whole experts; each expert's owner must be the rank
+    # holding it (DTensor's own local sizes say which) and nothing is sent for them.
+    expert_rows = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(expert_rows, torch.tensor([float(names["experts"].to_local().shape[0])]))
+    holder_of = [r for r, n in enumerate(expert_rows) for _ in range(int(n))]
     for name, owner in owners.items():
+        if name.startswith("experts["):
+            first = int(name[len("experts["):].split("]")[0].split("..")[0])
+            assert owner == holder_of[first], (name, owner, holder_of)
+            continue
         p = names[name]
         assert isinstance(p, DTensor)
         sizes = [torch.zeros(1) for _ in range(world)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -110,8 +111,10 @@ def test_add_param_group_without_use_mars_is_routed_by_ndim_and_steps():
     a, w, b = _matrix(), _matrix(1, (5, 3)), torch.zeros(5, requires_grad=True)
     opt = MARSM([a], lr=0.01)
     opt.add_param_group({"params": [w, b]})
-    assert [g["use_mars"] for g in opt.param_groups] == [True, True, False]
-    for t in (a, w, b):
+    single = _matrix(2, (3, 3))
+    opt.add_param_group({"params": single})   # one tensor, not a list, as torch.optim accepts
+    assert [g["use_mars"] for g in opt.param_groups] == [True, True, False, True]
+    for t in (a, w, b, single):
         t.grad = torch.ones_like(t)
     opt.step()
     assert "exp_avg" in opt.state[b] and "momentum" in opt.state[w]
@@ -237,7 +240,7 @@ def _fsdp_opt(world, **kw):
 def lr_differs_between_ranks(rank, world):
     model, opt = _fsdp_opt(world, lr=0.01 * (1 + (rank == world - 1)))
     lm_loss(model, 0).backward()
-    with pytest.raises(RuntimeError, match=r"settings differ .* param group 0 lr 0\.01 vs 0\.02"):
+    with pytest.raises(RuntimeError, match=r"settings differ.*param group 0 lr 0\.01 vs 0\.02"):
         opt.step()
 
 
@@ -249,14 +252,30 @@ def lr_changed_on_one_rank_after_the_first_step(rank, world):
     if rank == 1:
         opt.param_groups[1]["lr"] = 0.5
     lm_loss(model, 1).backward()
-    with pytest.raises(RuntimeError, match=r"settings differ .* param group 1 lr 0\.01 vs 0\.5"):
+    with pytest.raises(RuntimeError, match=r"settings differ.*param group 1 lr 0\.01 vs 0\.5"):
         opt.step()
+
+
+def bad_value_on_one_rank_fails_every_rank(rank, world):
+    """Rank 1 sets gamma=5 after the first step: it names the bad value, the others the difference,
+    and nobody waits for the process group's timeout."""
+    model, opt = _fsdp_opt(world, lr=0.01)
+    lm_loss(model, 0).backward()
+    opt.step()
+    opt.zero_grad()
+    if rank == 1:
+        opt.param_groups[0]["gamma"] = 5.0
+    lm_loss(model, 1).backward()
+    start = time.monotonic()
+    with pytest.raises((ValueError, RuntimeError), match=r"gamma"):
+        opt.step()
+    assert time.monotonic() - start < 10, "a rank waited for the timeout"
 
 
 def _option_differs(rank, world, key, values):
     model, opt = _fsdp_opt(world, lr=0.01, **{key: values[rank == world - 1]})
     lm_loss(model, 0).backward()
-    with pytest.raises(RuntimeError, match=f"settings differ .*{key}"):
+    with pytest.raises(RuntimeError, match=f"settings differ.*{key}"):
         opt.step()
 
 
@@ -276,7 +295,7 @@ def nonfinite_policy_differs(rank, world):
     _option_differs(rank, world, "nonfinite", ("raise", "skip"))
 
 
-SCENARIOS = ["lr_differs_between_ranks", "lr_changed_on_one_rank_after_the_first_step", "owner_policy_differs",
+SCENARIOS = ["bad_value_on_one_rank_fails_every_rank", "lr_differs_between_ranks", "lr_changed_on_one_rank_after_the_first_step", "owner_policy_differs",
              "wire_dtype_differs", "bucket_mb_differs", "nonfinite_policy_differs"]
 _RESULTS: dict = {}
 

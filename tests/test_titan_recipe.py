@@ -17,7 +17,8 @@ import torch
 
 pytest.importorskip("torchtitan")
 
-from dist_marsm.titan.recipe import SCHEMA, RecipeError, load_recipe  # noqa: E402
+from dist_marsm.settings import BY_NAME  # noqa: E402
+from dist_marsm.titan.recipe import RecipeError, load_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
@@ -92,7 +93,7 @@ def test_impossible_combinations(tmp_path):
 
 def test_nothing_starts_on_a_bad_recipe(tmp_path):
     """The entry point stops before launching anything: exit code 2, one error line naming key and file."""
-    p = write(tmp_path, "[optimizer]\nmomentum = 2.0\n[job]\ndump_folder = " + repr(str(tmp_path / "out")) + "\n")
+    p = write(tmp_path, "dump_folder = " + repr(str(tmp_path / "out")) + "\n[optimizer]\nmomentum = 2.0\n")
     out = subprocess.run([sys.executable, "-m", "dist_marsm.train", "--recipe", p], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 2
@@ -102,20 +103,26 @@ def test_nothing_starts_on_a_bad_recipe(tmp_path):
 
 # ------------------------------------------------------------------ overrides
 def test_overrides_use_the_recipes_types(tmp_path):
-    p = write(tmp_path, "[optimizer]\nlr = 0.01\n[training]\nsteps = 5\n")
-    r = load_recipe(p, ["--optimizer.lr", "1e-3", "--training.steps=7", "--optimizer.adamw_betas", "0.8,0.9",
-                        "--checkpoint.enable", "false", "--optimizer.adamw_lr", "none", "--optimizer.clip=off",
+    """Overrides go through tyro (torchtitan's CLI): typed by the config's annotations."""
+    p = write(tmp_path, "[optimizer]\nlr = 0.01\nadamw_lr = 0.02\n[training]\nsteps = 5\n[lr_scheduler]\n"
+                        "warmup_steps = 1\n[checkpoint]\ninitial_load_path = \"none\"\n")
+    r = load_recipe(p)
+    assert r.optimizer.adamw_lr == 0.02 and r.checkpoint.initial_load_path is None   # optional fields
+    r = load_recipe(p, ["--optimizer.lr", "1e-3", "--training.steps=7", "--optimizer.adamw_betas", "0.8", "0.9",
+                        "--checkpoint.enable", "false", "--optimizer.adamw_lr", "None", "--optimizer.clip=False",
                         "--optimizer.adamw_patterns", r"^layers\.0\.,norm"])
-    assert r["optimizer"]["lr"] == 1e-3 and isinstance(r["optimizer"]["lr"], float)
-    assert r["training"]["steps"] == 7 and isinstance(r["training"]["steps"], int)
-    assert r["optimizer"]["adamw_betas"] == [0.8, 0.9]
-    assert r["checkpoint"]["enable"] is False and r["optimizer"]["clip"] is False
-    assert r["optimizer"]["adamw_lr"] is None
-    assert r["optimizer"]["adamw_patterns"] == [r"^layers\.0\.", "norm"]
-    r = load_recipe(p, ["--optimizer.adamw_betas", "[0.85, 0.99]", "--optimizer.lr", "2"])
-    assert r["optimizer"]["adamw_betas"] == [0.85, 0.99] and r["optimizer"]["lr"] == 2.0
-    # Untouched keys keep the recipe's values or the schema defaults.
-    assert r["training"]["steps"] == 5 and r["optimizer"]["gamma"] == SCHEMA["optimizer"]["gamma"].default
+    assert r.optimizer.lr == 1e-3 and isinstance(r.optimizer.lr, float)
+    assert r.training.steps == 7 and isinstance(r.training.steps, int)
+    assert r.optimizer.adamw_betas == (0.8, 0.9)
+    assert r.checkpoint.enable is False and r.optimizer.clip is False
+    assert r.optimizer.adamw_lr is None
+    assert r.optimizer.adamw_patterns == [r"^layers\.0\.", "norm"]
+    r = load_recipe(p, ["--optimizer.adamw_betas", "0.85", "0.99", "--optimizer.lr", "2", "--job.dump_folder", "/x",
+                        "--parallelism.data_parallel_shard_degree", "-1"])
+    assert r.optimizer.adamw_betas == (0.85, 0.99) and r.optimizer.lr == 2.0
+    assert r.dump_folder == "/x" and r.parallelism.data_parallel_shard_degree == -1   # the SLURM tests' spelling
+    # Untouched keys keep the recipe's values or the declaration's defaults.
+    assert r.training.steps == 5 and r.optimizer.gamma == BY_NAME["gamma"].default
 
 
 @pytest.mark.parametrize("args,key", [(["--training.steps", "1.5"], "[training] steps"),
@@ -132,30 +139,36 @@ def test_bad_overrides_name_the_override(tmp_path, args, key):
 # ------------------------------------------------------------------ every shipped recipe translates
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipe_translates(recipe):
+    """Every value the file sets is the config's value at that path (read back independently with tomllib)."""
+    import tomllib
+
     from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
 
     from dist_marsm.titan import cpu_shims
-    from dist_marsm.titan.recipe import to_trainer_config
+    from dist_marsm.titan.optimizer_container import param_groups_of
 
-    r = load_recipe(str(recipe))
-    config = to_trainer_config(r)
-    o = r["optimizer"]
-    names = [g.optimizer_name for g in config.optimizer.param_groups]
-    assert names == [o["name"]]
-    kwargs = config.optimizer.param_groups[0].optimizer_kwargs
-    assert kwargs["lr"] == o["lr"] and kwargs["weight_decay"] == o["weight_decay"]
-    assert config.training.steps == r["training"]["steps"]
-    assert config.training.seq_len == r["training"]["seq_len"]
-    assert config.dump_folder == r["job"]["dump_folder"]
-    assert config.checkpoint.enable == r["checkpoint"]["enable"]
-    assert config.checkpoint.folder == r["checkpoint"]["folder"]
-    assert config.parallelism.tensor_parallel_degree == r["parallelism"]["tensor_parallel_degree"]
-    assert config.lr_scheduler.warmup_steps == r["lr_scheduler"]["warmup_steps"]
+    config = load_recipe(str(recipe))
+    raw = tomllib.loads(recipe.read_text())
+
+    def compare(obj, table, path):
+        for key, value in table.items():
+            got = getattr(obj, key)
+            if isinstance(value, dict):
+                compare(got, value, f"{path}{key}.")
+            elif key == "hf_assets_path" and value == "embedded":
+                assert os.path.isfile(os.path.join(got, "tokenizer.json")), got
+            elif key == "activation_checkpoint":
+                assert type(got).__qualname__.split(".")[0].lower().startswith(value[:4]), (value, got)
+            else:
+                want = tuple(value) if isinstance(got, tuple) else value
+                assert got == want, (path + key, got, want)
+
+    compare(config, raw, "")
+    groups, _ = param_groups_of(config.optimizer)
+    assert [g.optimizer_name for g in groups] == [raw["optimizer"]["name"]]
+    assert groups[0].optimizer_kwargs["lr"] == raw["optimizer"]["lr"]
     n_layers = len(config.model_spec.model.layers)
-    assert n_layers == {"debugmodel": 6, "8B": 32, "70B": 80}[r["model"]["flavor"]]
-    if o["name"] == "MARS-M":
-        assert kwargs["momentum"] == o["momentum"] and kwargs["gamma"] == o["gamma"]
-        assert config.optimizer.optimizer_factory_kwargs_by_name["MARS-M"]["wire_dtype"] == o["wire_dtype"]
+    assert n_layers == {"debugmodel": 6, "debugmodel_cpu": 3, "8B": 32, "70B": 80}[raw["model"]["flavor"]]
     if cpu_shims.needs_cpu_shims():   # this machine: the CPU shims were applied to the config
         assert not list(config.model_spec.model.traverse(FlexAttention.Config))
         assert len(list(config.model_spec.model.traverse(ScaledDotProductAttention.Config))) == n_layers
@@ -167,8 +180,8 @@ def test_config_registry_matches_recipe():
 
     config = config_registry.debug_cpu()
     assert isinstance(config, config_registry.MARSMTrainerConfig)
-    assert config.optimizer.param_groups[0].optimizer_name == "MARS-M"
-    assert config.training.steps == load_recipe(str(ROOT / "recipes/debug_cpu.toml"))["training"]["steps"]
+    assert config.optimizer.name == "MARS-M"
+    assert config.training.steps == load_recipe(str(ROOT / "recipes/debug_cpu.toml")).training.steps
 
 
 # ------------------------------------------------------------------ routing inside torchtitan's container
@@ -217,18 +230,16 @@ def test_marsm_routing_in_container(ac):
 
 
 def test_distmuon_routing_from_recipe():
-    from dist_marsm.titan.optimizer_container import MARSMOptimizersContainer
-    from dist_marsm.titan.recipe import optimizer_config
+    from dist_marsm.titan.optimizer_container import MARSMOptimizersContainer, param_groups_of
 
     r = load_recipe(str(ROOT / "recipes/debug_cpu_distmuon.toml"))
-    cfg = optimizer_config(r)
     model = _debug_model(False)
-    groups, _ = MARSMOptimizersContainer._build_param_groups(model, cfg.param_groups, {"fused": False,
-                                                                                       "foreach": True})
+    groups, _ = MARSMOptimizersContainer._build_param_groups(model, param_groups_of(r.optimizer)[0],
+                                                             {"fused": False, "foreach": True})
     muon = [n for g in groups["DistMuon"] for n in g["param_names"]]
     adamw = [n for g in groups["AdamW"] for n in g["param_names"]]
     assert len(muon) == 30 and len(adamw) == 15 and not set(muon) & set(adamw)
-    assert groups["AdamW"][0]["betas"] == (0.9, 0.95) and groups["AdamW"][0]["lr"] == r["optimizer"]["lr"]
+    assert groups["AdamW"][0]["betas"] == (0.9, 0.95) and groups["AdamW"][0]["lr"] == r.optimizer.lr
     assert all("adamw_kwargs" not in g and "adamw_patterns" not in g for g in groups["DistMuon"])
     assert groups["DistMuon"][0]["adjust_lr_fn"] == "match_rms_adamw"
 
@@ -242,12 +253,12 @@ class _Tiny(torch.nn.Module):
         self.lm_head = torch.nn.Linear(8, 11, bias=False)
 
 
-def _tiny_container():
-    from dist_marsm.titan.optimizer_container import marsm_container_config
+def _tiny_container(**settings):
+    from dist_marsm.titan.optimizer_container import MARSMOptimizersContainer
 
     torch.manual_seed(0)
     model = _Tiny()
-    cfg = marsm_container_config(lr=0.1, instance_kwargs={"wire_dtype": "float32"}, ns_dtype="float32")
+    cfg = MARSMOptimizersContainer.Config(**{"lr": 0.1, "wire_dtype": "float32", "ns_dtype": "float32", **settings})
     return model, cfg.build(model_parts=[model])
 
 
@@ -309,12 +320,14 @@ def test_rms_to_inf_norm_is_the_operator_norm():
 def test_loss_plot(tmp_path):
     import json
 
-    from dist_marsm.titan.metrics import write_loss_plot
+    from dist_marsm import plot
 
     rows = [{"step": s, "loss": 5 - 0.1 * s, "optimizer_time_s": 0.1} for s in range(1, 11)]
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    write_loss_plot(str(tmp_path / "m.jsonl"), None, str(tmp_path / "c.png"))
-    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows.append({"step": 10, "validation_loss": 4.2})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot.main([str(tmp_path)]) == 0
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot.main([str(tmp_path / "missing")]) == 2
 
 
 # ------------------------------------------------------------------ corpus and tokenizer
@@ -364,7 +377,11 @@ def test_cpu_shims_are_idempotent_and_cpu_only():
     for fn in ("current_device", "reset_peak_memory_stats", "empty_cache", "synchronize", "get_device_name"):
         getattr(dm, fn)()
     dm.set_device(torch.device("cpu", 0))
-    assert tt_utils.get_local_device() == torch.device("cpu", 0) if "LOCAL_RANK" in os.environ else True
+    os.environ["LOCAL_RANK"] = "1"   # rank 1 of a one-"device" CPU machine still gets cpu:0
+    try:
+        assert tt_utils.get_local_device() == torch.device("cpu", 0)
+    finally:
+        del os.environ["LOCAL_RANK"]
 
 
 def test_dcp_resume_after_a_hyperparameter_is_added(tmp_path):
@@ -393,11 +410,190 @@ def test_metrics_file_keeps_one_line_per_step_on_resume(tmp_path):
     """A run resumed at step 4 (its checkpoint was at 3) redoes steps 4.. : their old lines are dropped."""
     import json
 
-    from dist_marsm.titan.metrics import _drop_steps_from, read_jsonl
+    from dist_marsm.titan.metrics import _drop_steps_from
+
+    def read_jsonl(p):
+        return [json.loads(line) for line in p.read_text().splitlines()]
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)))
     _drop_steps_from(str(path), 4)
-    assert [r["step"] for r in read_jsonl(str(path))] == [1, 2, 3]
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
     _drop_steps_from(str(path), 1)     # a fresh run in an old folder starts the file again
-    assert read_jsonl(str(path)) == []
+    assert read_jsonl(path) == []
+
+
+# ------------------------------------------------------------------ recipe checks (issue 14)
+def test_steps_not_above_warmup_stops_before_training(tmp_path):
+    """warm-up == steps used to crash inside torchtitan's scheduler at the last step."""
+    recipe = str(ROOT / "recipes/debug_cpu.toml")
+    msg = error_of(recipe, ["--training.steps", "8"])     # the recipe's warmup_steps is 8
+    assert recipe in msg and "[lr_scheduler] warmup_steps" in msg and "[training] steps" in msg
+    p = write(tmp_path, "[training]\nsteps = 5\n[lr_scheduler]\nwarmup_steps = 5\n")
+    msg = error_of(p)
+    assert p in msg and "[lr_scheduler] warmup_steps (5)" in msg and "[training] steps (5)" in msg
+    load_recipe(write(tmp_path, "[training]\nsteps = 6\n[lr_scheduler]\nwarmup_steps = 5\n"))   # one step after is enough
+
+
+def test_directory_as_recipe(tmp_path):
+    msg = error_of(str(tmp_path))
+    assert str(tmp_path) in msg and "is a directory" in msg
+
+
+def _fake_checkpoint(dump, step=2, **settings):
+    import torch.distributed.checkpoint as dcp
+
+    model, container = _tiny_container(**settings)
+    dcp.save({"optimizer": container}, checkpoint_id=str(dump / "checkpoint" / f"step-{step}"), no_dist=True)
+    return container
+
+
+def test_optimizer_name_change_at_resume_is_named(tmp_path):
+    from dist_marsm.titan.recipe import check_resume
+
+    recipe = str(ROOT / "recipes/debug_cpu.toml")
+    _fake_checkpoint(tmp_path)
+    config = load_recipe(recipe, ["--dump_folder", str(tmp_path), "--optimizer.name", "AdamW"])
+    with pytest.raises(RecipeError) as info:
+        check_resume(config, recipe)
+    msg = str(info.value)
+    assert recipe in msg and "[optimizer] name" in msg and "'MARS-M'" in msg and "step-2" in msg
+    check_resume(load_recipe(recipe, ["--dump_folder", str(tmp_path)]), recipe)   # same optimizer: fine
+    check_resume(load_recipe(recipe, ["--dump_folder", str(tmp_path), "--optimizer.name", "AdamW",
+                                      "--checkpoint.exclude_from_loading", "optimizer"]), recipe)
+
+
+def test_entry_point_stops_on_a_directory_and_on_another_optimizers_checkpoint(tmp_path):
+    """A short error and exit code 2, not a traceback (DCP printed ~200 lines for the second)."""
+    dump = tmp_path / "dump"
+    _fake_checkpoint(dump)
+    for args, words in [(["--recipe", str(tmp_path)], ["is a directory"]),
+                        (["--recipe", "recipes/debug_cpu.toml", "--dump_folder", str(dump), "--optimizer.name",
+                          "AdamW"], ["[optimizer] name", "recipes/debug_cpu.toml", "MARS-M"])]:
+        out = subprocess.run([sys.executable, "-m", "dist_marsm.train", *args], capture_output=True, text=True,
+                             cwd=ROOT, timeout=300)
+        assert out.returncode == 2, out.stderr[-3000:]
+        error = [line for line in out.stderr.splitlines() if "dist_marsm.train: error" in line]
+        assert len(error) == 1 and all(w in error[0] for w in words), out.stderr[-3000:]
+        assert "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------ resume policy (issue 14)
+def _step_once(model, container):
+    x = torch.randint(0, 11, (2, 5))
+    model.lm_head(model.proj(model.norm(model.tok_embeddings(x)))).sum().backward()
+    container.step()
+
+
+def test_resume_recipe_settings_win_except_the_scheduled_lr(caplog):
+    def scheduled(container):   # torch LR schedulers add initial_lr (torchtitan's drive each optimizer)
+        for optim in container.optimizers:
+            torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1.0)
+        return container
+
+    model, saved = _tiny_container(momentum=0.95, gamma=0.025)
+    scheduled(saved)
+    _step_once(model, saved)
+    sd = saved.state_dict()
+    _, resumed = _tiny_container(momentum=0.5, gamma=0.5, lr=0.3)
+    scheduled(resumed)
+    with caplog.at_level("INFO", logger="dist_marsm.titan.optimizer_container"):
+        resumed.load_state_dict(sd)
+    opt = resumed.optimizers[0]
+    for group in opt.param_groups:
+        assert group["momentum"] == 0.5 and group["gamma"] == 0.5   # the recipe's, not the checkpoint's
+        assert group["lr"] == group["initial_lr"] == 0.1             # the checkpoint's: the scheduler drives it
+    p = opt.param_groups[0]["params"][0]
+    ref = saved.optimizers[0]
+    assert torch.equal(opt.state[p]["momentum"], ref.state[ref.param_groups[0]["params"][0]]["momentum"])
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("resume: momentum 0.95 -> 0.5" in m for m in lines) == 1, lines   # once, not once per group
+    assert sum("resume: gamma 0.025 -> 0.5" in m for m in lines) == 1, lines
+    assert sum("resume: peak lr (initial_lr) stays 0.1" in m and "0.3" in m for m in lines) == 1, lines
+    assert resumed.state_dict()["param_groups.proj.weight.momentum"] == 0.5   # and saved again as such
+
+
+def test_plain_marsm_load_state_dict_restores_the_saved_values():
+    """torch.optim's contract, unchanged by the glue: MARSM.load_state_dict restores the saved settings."""
+    from dist_marsm import MARSM, build_param_groups
+
+    torch.manual_seed(0)
+    model = _Tiny()
+    a = MARSM(build_param_groups(model), lr=0.1, momentum=0.95, ns_dtype="float32", process_group=None)
+    x = torch.randint(0, 11, (2, 5))
+    model.lm_head(model.proj(model.norm(model.tok_embeddings(x)))).sum().backward()
+    a.step()
+    b = MARSM(build_param_groups(model), lr=0.1, momentum=0.5, ns_dtype="float32", process_group=None)
+    b.load_state_dict(a.state_dict())
+    assert all(g["momentum"] == 0.95 for g in b.param_groups)
+
+
+# ------------------------------------------------------------------ the typed config and its CLI
+def _help_text(cmd) -> str:
+    import re
+
+    env = dict(os.environ, COLUMNS="100")
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return re.sub(r"\s+", " ", re.sub(r"[\u2500-\u257f]", " ", out.stdout))
+
+
+def test_help_lists_every_marsm_setting_with_its_doc():
+    from dist_marsm.titan.optimizer_container import CONFIG_SETTINGS
+
+    assert {s.name for s in CONFIG_SETTINGS} >= {"momentum", "gamma", "variant", "wire_dtype", "nonfinite"}
+    ours = _help_text([sys.executable, "-m", "dist_marsm.train", "--recipe", "recipes/debug_cpu.toml",
+                       "--optimizer.gamma", "0", "--help"])
+    theirs = _help_text([sys.executable, "-m", "torchtitan.train", "--module", "dist_marsm.titan", "--config",
+                         "debug_cpu", "--help"])
+    for text in (ours, theirs):
+        for s in CONFIG_SETTINGS:
+            flag = f"--optimizer.{s.name.replace('_', '-')}"
+            assert flag in text, flag
+            assert " ".join(f"MARS-M: {s.doc}".split()[:6]) in text, s.name
+    # the defaults shown are the recipe's (lr 6e-3; the declaration's default is 3e-3)
+    assert "(default: 0.006)" in ours.split("--optimizer.lr FLOAT", 1)[1][:200]
+
+
+def test_a_new_setting_reaches_the_typed_config_and_the_loader(tmp_path, monkeypatch):
+    """Adding a setting touches the declaration only: a config class built from the declaration has it,
+    typed (Literal choices, tuples), and the TOML loader checks it (ns_method/ns_coefficients arrived so)."""
+    import typing
+
+    from dist_marsm import settings
+    from dist_marsm.titan import optimizer_container as oc
+    from dist_marsm.titan.recipe import _coerce, _BAD
+
+    r = load_recipe(str(ROOT / "recipes/debug_cpu.toml"), ["--optimizer.ns_head_dim", "64"])
+    assert r.optimizer.ns_head_dim == 64   # a setting with a None default, settable
+    extra = (settings.Setting("future_method", "quintic", "which iteration", "one of ('quintic', 'polar')",
+                              lambda x: x in ("quintic", "polar"), ("quintic", "polar")),
+             settings.Setting("future_coefficients", (3.4445, -4.775, 2.0315), "iteration coefficients",
+                              "three numbers", lambda x: isinstance(x, tuple) and len(x) == 3),
+             settings.Setting("future_rows", None, "rows per block", "None or an int >= 1",
+                              lambda x: x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1)))
+    monkeypatch.setattr(oc, "CONFIG_SETTINGS", oc.CONFIG_SETTINGS + extra)
+    fields = dict((name, ann) for name, ann, _ in oc._config_fields())
+    hints = {k: typing.get_args(v)[0] for k, v in fields.items()}
+    assert hints["future_method"] == typing.Literal["quintic", "polar"]
+    assert hints["future_coefficients"] == tuple[float, ...]
+    assert _coerce("polar", hints["future_method"]) == "polar" and _coerce("cubic", hints["future_method"]) is _BAD
+    assert _coerce([1, 2.5, 3], hints["future_coefficients"]) == (1.0, 2.5, 3.0)
+    assert _coerce(["a"], hints["future_coefficients"]) is _BAD
+    # a None default carries no type: the one the declaration's check accepts (ns_head_dim is such a setting)
+    assert hints["future_rows"] == typing.Optional[int]
+    assert _coerce(64, hints["future_rows"]) == 64 and _coerce("none", hints["future_rows"]) is None
+
+
+def test_unfused_qkv_has_the_fused_rows_as_three_matrices():
+    def attention_shapes(overrides):
+        config = load_recipe(str(ROOT / "recipes/debug_cpu.toml"), overrides)
+        with torch.device("meta"):
+            model = config.model_spec.model.build()
+        return {n.rsplit(".", 2)[-2]: tuple(p.shape) for n, p in model.named_parameters()
+                if n.startswith("layers.0.attention.qkv_linear")}
+
+    fused, unfused = attention_shapes([]), attention_shapes(["--model.fuse_qkv", "false"])
+    assert set(fused) == {"wqkv"} and set(unfused) == {"wq", "wk", "wv"}
+    assert sum(s[0] for s in unfused.values()) == fused["wqkv"][0]
+    assert {s[1] for s in unfused.values()} == {fused["wqkv"][1]}

@@ -2,13 +2,11 @@
 
     torchrun --standalone --nproc-per-node N tests/titan_driver.py --recipe R [--section.key value ...]
 
-On top of ``dist_marsm.train.main`` it (1) installs :mod:`dist_marsm.titan.fault_injection` from the
+On top of ``dist_marsm.train.main`` it (1) installs :mod:`tests.fault_injection` from the
 environment, (2) with ``DIST_MARSM_TEST_PLAN_DIR`` set, writes after every MARSM step this rank's
 owner plan and parameter names to ``<dir>/plan_rank<R>.json``, (3) with
 ``DIST_MARSM_TEST_EXCLUDE_FROM_LOADING`` / ``DIST_MARSM_TEST_VERIFY_LOAD`` set, skips states at load
-and checks the loaded state against the checkpoint files, and (4) works around a torchtitan 0.3.0
-config check (4) below: ``TrainingConfig.disable_cuda_graphs`` must be True at construction when the pipeline
-degree is > 1 (the CPU shims set it only after construction; see docs/checkpointing.md).
+and checks the loaded state against the checkpoint files.
 """
 
 from __future__ import annotations
@@ -16,21 +14,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _pp_cuda_graphs_workaround() -> None:
-    import torchtitan.config as tc
-
-    base = tc.TrainingConfig
-
-    @dataclass(kw_only=True, slots=True)
-    class TrainingConfigNoCudaGraphs(base):
-        disable_cuda_graphs: bool = True
-
-    tc.TrainingConfig = TrainingConfigNoCudaGraphs
 
 
 def _plan_dump(folder: str) -> None:
@@ -110,12 +95,11 @@ def _checkpoint_test_hooks(exclude: str, verify_path: str) -> None:
 
 
 def main() -> int:
-    from dist_marsm.titan import elastic, fault_injection
+    from dist_marsm.titan import elastic
+    from tests import fault_injection
 
     elastic.fresh_store_per_restart()
     argv = sys.argv[1:]
-    if any(a.startswith("--parallelism.pipeline_parallel_degree") for a in argv):
-        _pp_cuda_graphs_workaround()
     if os.environ.get("DIST_MARSM_TEST_PLAN_DIR"):
         _plan_dump(os.environ["DIST_MARSM_TEST_PLAN_DIR"])
     exclude = os.environ.get("DIST_MARSM_TEST_EXCLUDE_FROM_LOADING", "")

@@ -1,19 +1,12 @@
-"""The embedded default corpus and its locally built tokenizer (no downloads).
+"""The embedded corpus and its locally built tokenizer (no downloads).
 
-Corpus: the Python help topics that ship with CPython itself (``pydoc_data.topics``, 79 documents,
-about 465 KB of English prose with code samples). Documents are sorted by topic name; every 10th
-starting with the 7th (index % 10 == 6; about 11% of the text) is the validation split, the rest is
-the training split.
-
-Tokenizer: a byte-level BPE trained with the ``tokenizers`` library on the *training* split only,
-with ``<|begin_of_text|>`` / ``<|end_of_text|>`` as BOS/EOS, saved as ``tokenizer.json`` +
-``tokenizer_config.json`` in a cache directory (``$DIST_MARSM_CACHE`` or ``~/.cache/dist_marsm``)
-keyed by the corpus hash and vocabulary size. torchtitan's own ``HuggingFaceTokenizer`` loads it
-from there: the recipe's ``hf_assets_path`` simply points at that directory.
-
-torchtitan hook: the two splits are registered in ``torchtitan.hf_datasets.text_datasets.DATASETS``
-(its documented extension point) as ``pydoc_topics`` and ``pydoc_topics_validation``, so the stock
-``HuggingFaceTextDataLoader`` (and its checkpointable state) is used unchanged.
+Corpus: CPython's own help topics (``pydoc_data.topics``, 79 documents, ~465 KB of English with code),
+sorted by name; every 10th from the 7th (index % 10 == 6, ~11% of the text) is the validation split.
+Tokenizer: a byte-level BPE (``tokenizers``) trained on the training split, BOS/EOS
+``<|begin_of_text|>``/``<|end_of_text|>``, cached in ``$DIST_MARSM_CACHE`` (or ``~/.cache/dist_marsm``)
+by corpus hash and vocabulary size, loaded by torchtitan's ``HuggingFaceTokenizer``. Both splits are
+registered in torchtitan's ``DATASETS`` (its extension point) as ``pydoc_topics`` and
+``pydoc_topics_validation``, so the stock dataloader and its checkpointable state are used.
 """
 
 from __future__ import annotations
@@ -115,11 +108,3 @@ def _hf_dataset(split: str):
     from datasets import Dataset
 
     return Dataset.from_dict({"text": documents(split)})
-
-
-def token_count(split: str = "train", vocab_size: int = 2048) -> int:
-    """Tokens in a split (with one BOS per document) - for sizing runs and for tests."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(os.path.join(tokenizer_dir(vocab_size), "tokenizer.json"))
-    return sum(len(e.ids) + 1 for e in tok.encode_batch(documents(split)))

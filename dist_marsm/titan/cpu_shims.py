@@ -1,24 +1,13 @@
-"""The four things torchtitan 0.3.0's Trainer needs to run on a CPU-only machine with gloo.
+"""What torchtitan 0.3.0's Trainer needs on a CPU-only machine with gloo (no-op with an accelerator).
 
-Used only when no accelerator is present (:func:`needs_cpu_shims`); on a GPU machine nothing here
-runs, so GPU behaviour is never altered. Everything is idempotent.
-
-1. Device module. With no accelerator ``torchtitan.tools.utils.device_type/device_module`` fall back
-   to ``"cuda"``/``torch.cuda``. :func:`apply_cpu_device_module` installs ``"cpu"`` and a small CPU
-   device module answering get_device_name, current_device, device_count,
-   get_device_properties(...).total_memory, memory_stats, reset_peak_memory_stats, empty_cache,
-   set_device, synchronize - in ``torchtitan.tools.utils`` and in every already imported torchtitan
-   module that copied those names with ``from torchtitan.tools.utils import ...``.
-2. Attention. FlexAttention has no backward on CPU. :func:`adapt_trainer_config` swaps every
-   ``FlexAttention.Config`` in the model for ``ScaledDotProductAttention.Config`` (causal SDPA).
-   The Trainer then builds no attention masks and SDPA uses ``is_causal=True``. Difference: packed
-   documents in one sequence can attend to earlier documents of the same sequence (RoPE positions
-   still restart per document). Fine for a debug job; GPU runs keep FlexAttention.
-3. FSDP gradient reduction. torchtitan sets ``gradient_divide_factor=1.0``; FSDP2 then reduces with
-   ``ReduceOp.PREMUL_SUM``, which gloo lacks. The model's ``parallelize_fn`` is wrapped to call
-   ``set_force_sum_reduction_for_comms(True)`` on every FSDP module (a plain SUM, same result).
-4. SPMD backend. ``parallelism.spmd_backend = "partial_dtensor"`` gives classic FSDP2 DTensor
-   parameters (MARSM reads its plan from DTensor placements).
+1. Device module: with no accelerator torchtitan falls back to ``"cuda"``/``torch.cuda``;
+   :func:`apply_cpu_device_module` installs ``"cpu"`` and a small CPU device module (memory stats from
+   the process's peak RSS) in every torchtitan module that copied those names.
+2. Attention: FlexAttention has no backward on CPU; every ``FlexAttention.Config`` becomes causal SDPA
+   (packed documents may then attend to earlier documents of their sequence; RoPE still restarts).
+3. FSDP reduction: torchtitan's ``gradient_divide_factor=1.0`` makes FSDP2 use ``PREMUL_SUM``, which
+   gloo lacks; ``parallelize_fn`` is wrapped to force a plain SUM (same result).
+4. SPMD backend ``partial_dtensor`` (classic FSDP2 DTensors, which MARSM plans from); no CUDA graphs.
 """
 
 from __future__ import annotations
@@ -26,12 +15,11 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import resource
 import sys
 import types
 
 import torch
-
-__all__ = ["needs_cpu_shims", "apply_cpu_device_module", "adapt_trainer_config", "CPU_DEVICE_MODULE"]
 
 
 def needs_cpu_shims() -> bool:
@@ -41,57 +29,31 @@ def needs_cpu_shims() -> bool:
     return _get_available_device_type() is None
 
 
-def _total_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 16 * 2**30
-
-
 def _peak_rss_bytes() -> int:
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    except Exception:  # noqa: BLE001 - purely informational
-        return -1
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-class _CpuDeviceProperties:
-    def __init__(self):
-        self.name = platform.processor() or platform.machine() or "cpu"
-        self.total_memory = _total_memory_bytes()
-        self.multi_processor_count = os.cpu_count() or 1
+def _properties(device=None):
+    return types.SimpleNamespace(name=platform.processor() or platform.machine() or "cpu",
+                                 total_memory=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                                 multi_processor_count=os.cpu_count() or 1)
 
 
-def _make_cpu_device_module() -> types.ModuleType:
-    mod = types.ModuleType("dist_marsm_cpu_device_module")
-    mod.__doc__ = "CPU stand-in for torch.cuda as torchtitan uses it (dist_marsm.titan.cpu_shims)."
-    mod.is_available = lambda: True
-    mod.device_count = lambda: 1   # torchtitan then picks device index 0 on every rank
-    mod.current_device = lambda: 0
-    mod.set_device = lambda device: None
-    mod.synchronize = lambda device=None: None
-    mod.empty_cache = lambda: None
-    mod.reset_peak_memory_stats = lambda device=None: None
-    mod.get_device_name = lambda device=None: f"CPU ({_CpuDeviceProperties().name})"
-    mod.get_device_properties = lambda device=None: _CpuDeviceProperties()
-    # Peak resident set size of the process stands in for "reserved"/"active" peaks.
-    mod.memory_stats = lambda device=None: {"active_bytes.all.peak": _peak_rss_bytes(),
-                                            "reserved_bytes.all.peak": _peak_rss_bytes(),
-                                            "num_alloc_retries": 0, "num_ooms": 0}
-    mod.memory = types.SimpleNamespace(memory_stats=mod.memory_stats)
-    mod._dist_marsm_cpu_shim = True
-    return mod
-
-
-CPU_DEVICE_MODULE = _make_cpu_device_module()
+CPU_DEVICE_MODULE = types.ModuleType("dist_marsm_cpu_device_module", "CPU stand-in for torch.cuda as torchtitan uses it.")
+CPU_DEVICE_MODULE.__dict__.update(
+    is_available=lambda: True, device_count=lambda: 1,   # torchtitan then picks device index 0 on every rank
+    current_device=lambda: 0, set_device=lambda device: None, synchronize=lambda device=None: None,
+    empty_cache=lambda: None, reset_peak_memory_stats=lambda device=None: None,
+    get_device_name=lambda device=None: f"CPU ({_properties().name})", get_device_properties=_properties,
+    # the process's peak resident set size stands in for the "reserved"/"active" peaks
+    memory_stats=lambda device=None: {"active_bytes.all.peak": _peak_rss_bytes(),
+                                      "reserved_bytes.all.peak": _peak_rss_bytes(), "num_alloc_retries": 0,
+                                      "num_ooms": 0})
+CPU_DEVICE_MODULE.memory = types.SimpleNamespace(memory_stats=CPU_DEVICE_MODULE.memory_stats)
 
 
 def apply_cpu_device_module() -> bool:
-    """Obstacle 1. Install the CPU device type/module in torchtitan; returns False (and does nothing)
-    when an accelerator is present. Safe to call any number of times, before or after torchtitan
-    modules are imported."""
+    """Obstacle 1: the CPU device type/module in torchtitan (idempotent); False with an accelerator."""
     if not needs_cpu_shims():
         return False
     import torchtitan.tools.utils as tt_utils
@@ -108,49 +70,45 @@ def apply_cpu_device_module() -> bool:
     return True
 
 
-def _force_sum_reduction(model: torch.nn.Module) -> int:
+def _wrap_parallelize_fn(parallelize_fn):
+    """Obstacle 3: every FSDP module of the parallelized model reduces with a plain SUM."""
     from torch.distributed.fsdp import FSDPModule
 
-    count = 0
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_force_sum_reduction_for_comms(True)
-            count += 1
-    return count
-
-
-def _wrap_parallelize_fn(parallelize_fn):
     if getattr(parallelize_fn, "_dist_marsm_force_sum", False):
         return parallelize_fn
 
     @functools.wraps(parallelize_fn)
     def parallelize_with_sum_reduction(model, *args, **kwargs):
         model = parallelize_fn(model, *args, **kwargs)
-        _force_sum_reduction(model)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
         return model
 
     parallelize_with_sum_reduction._dist_marsm_force_sum = True
     return parallelize_with_sum_reduction
 
 
-def use_causal_sdpa(model_config) -> int:
-    """Obstacle 2: replace every FlexAttention config in a model config by causal SDPA; returns the count."""
-    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
-
-    found = list(model_config.traverse(FlexAttention.Config))
-    for _fqn, _cfg, parent, attr in found:
+def replace_configs(model_config, config_cls, make) -> int:
+    """Replace every ``config_cls`` config in a model config tree by ``make(old)``; returns the count."""
+    found = list(model_config.traverse(config_cls))
+    for _fqn, old, parent, attr in found:
         if isinstance(attr, int):
-            parent[attr] = ScaledDotProductAttention.Config()
+            parent[attr] = make(old)
         else:
-            setattr(parent, attr, ScaledDotProductAttention.Config())
+            setattr(parent, attr, make(old))
     return len(found)
 
 
-def adapt_trainer_config(config) -> bool:
-    """Obstacles 1-4 for one ``Trainer.Config`` (modified in place). No-op with an accelerator.
+def use_causal_sdpa(model_config) -> int:
+    """Obstacle 2: every FlexAttention config becomes causal SDPA."""
+    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
 
-    Returns True when the shims were applied.
-    """
+    return replace_configs(model_config, FlexAttention.Config, lambda old: ScaledDotProductAttention.Config())
+
+
+def adapt_trainer_config(config) -> bool:
+    """Obstacles 1-4 for one ``Trainer.Config`` (in place); False (nothing done) with an accelerator."""
     if not apply_cpu_device_module():
         return False
     spec = config.model_spec

@@ -1,15 +1,11 @@
-"""torchrun restarts (``--max-restarts``): give every restart attempt its own rendezvous keys.
+"""torchrun restarts (``--max-restarts``): every restart attempt gets its own rendezvous keys.
 
-Measured with torch 2.14.1 and ``torchrun --standalone --max-restarts 1`` (gloo, CPU): after a rank
-dies, torchrun restarts all workers against the *same* agent TCPStore and MASTER_PORT, and the
-store still holds the previous attempt's keys. The new rank 0 then reads the dead rank's old gloo
-address and fails: ``Gloo connectFullMesh failed ... Connection refused, remote=<old port>``.
-:func:`fresh_store_per_restart` wraps the store that ``init_process_group``'s env:// rendezvous
-creates in a ``PrefixStore("dist_marsm_attempt_<TORCHELASTIC_RESTART_COUNT>")``, so every attempt
-(and every process group created from the default store) uses fresh keys. It changes nothing when the
-process is not under torchelastic or on the first attempt's key layout apart from the prefix, and it
-only affects this process. Call it before ``init_process_group`` (before torchtitan's Trainer is
-built).
+After a rank dies torchrun restarts all workers against the same agent TCPStore, which still holds the
+previous attempt's keys; the new rank 0 then reads the dead rank's gloo address and fails ("Gloo
+connectFullMesh failed ... Connection refused"; torch 2.14.1, docs/checkpointing.md).
+:func:`fresh_store_per_restart` wraps the store env:// rendezvous creates in a
+``PrefixStore("dist_marsm_attempt_<TORCHELASTIC_RESTART_COUNT>")``, in this process only. Call it
+before ``init_process_group``.
 """
 
 from __future__ import annotations

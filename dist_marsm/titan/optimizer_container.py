@@ -1,124 +1,189 @@
-"""``MARS-M`` as a torchtitan optimizer name, beside ``AdamW`` and ``DistMuon``.
+"""``MARS-M`` as a torchtitan optimizer name beside ``AdamW`` and ``DistMuon``, with a typed config.
 
-torchtitan 0.3.0 resolves ``ParamGroupConfig.optimizer_name`` in
-``OptimizersContainer._resolve_optimizer_factory``, a closed dict. :class:`MARSMOptimizersContainer`
-is a small subclass that overrides three hooks and nothing else:
+:class:`MARSMOptimizersContainer.Config` has one typed field per MARSM setting, generated from
+:data:`dist_marsm.settings.SETTINGS` (``Literal`` choices, defaults, the setting's doc as tyro help),
+plus ``name`` (which optimizer) and the routing fields. torchtitan's tyro CLI therefore parses,
+checks and documents them (``--optimizer.gamma 0``, ``--help``). With ``param_groups`` left empty the
+container derives them from these fields; explicit ``param_groups`` are used as given.
 
-* ``_resolve_optimizer_factory``: ``"MARS-M"`` -> :func:`build_marsm`; other names go to torchtitan.
-* ``_build_param_groups``: the parameters a ``MARS-M`` pattern matched are split by
-  :func:`dist_marsm.build_param_groups` into the MARS-M route (matrices) and MARSM's own AdamW
-  route (``ndim < 2``, ``nn.Embedding`` weights, and names matching ``adamw_patterns``: by default
-  token/position embeddings and the output head ``lm_head``/``output``). Names are matched in
-  torchtitan's *canonical* form (``canonical_fqn``: ``_checkpoint_wrapped_module`` and other wrapper
-  segments removed), so a pattern written for the plain model also works with activation
-  checkpointing on. ``fused``/``foreach`` (torchtitan's implementation flags) are dropped from
-  MARS-M groups.
-* ``state_dict``/``load_state_dict``: MARSM param-group keys in checkpoints are frozen to
-  :data:`CHECKPOINTED_GROUP_KEYS` (format 1), so a hyperparameter added to MARSM later is not
-  expected from an older checkpoint (DCP refuses keys a checkpoint lacks); and a param-group key
-  the checkpoint lacks keeps its live value, with a warning, instead of torchtitan's ``KeyError``.
+Routing: parameters of a ``MARS-M`` group are split by :func:`dist_marsm.build_param_groups` into the
+MARS-M route (matrices) and MARSM's AdamW route (``ndim < 2``, embeddings, names matching
+``adamw_patterns``: by default token embeddings and the output head), matched on torchtitan's
+canonical names (activation-checkpoint wrappers removed). DistMuon gets the same matrices; the rest
+goes to a torch AdamW group. With pipeline parallelism each stage has its own optimizer.
 
-Instance-wide MARSM arguments (``wire_dtype``, ``bucket_mb``, ``owner_policy``, ``nonfinite``) go in
-``Config.optimizer_factory_kwargs_by_name["MARS-M"]``, torchtitan's channel for per-instance
-arguments; per-group hyperparameters (lr, momentum, gamma, ...) in ``ParamGroupConfig.optimizer_kwargs``.
-With pipeline parallelism torchtitan builds one optimizer per model part, so each stage's MARSM plans
-over its own parameters.
-
-Fused QKV (``attention.qkv_linear.wqkv.weight`` in the llama3 debug model): orthogonalized as ONE
-matrix, like every other 2-D weight; see docs/torchtitan.md for the measurement behind this.
+Resume policy (:meth:`load_state_dict`): the recipe's values win over the checkpoint's for every
+param-group setting except what the lr scheduler drives (``lr``, ``initial_lr``); each setting that
+changed is logged once, old -> new. A key the checkpoint lacks keeps its live value (with a warning).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
-from typing import Any
+import re
+import typing
+from typing import Annotated, Any, Literal, Optional
 
 import torch
-from torchtitan.components.checkpointer.utils import canonical_fqn
+import tyro
 from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
 
-from dist_marsm import DEFAULT_ADAMW_PATTERNS, MARSM, build_param_groups
+from dist_marsm import DEFAULT_ADAMW_PATTERNS, MARSM, build_param_groups, settings
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_NAME = "MARS-M"
-# Keys of a MARS-M ParamGroupConfig that steer routing and never reach MARSM's param groups.
-ROUTING_KEYS = ("adamw_patterns", "adamw_lr", "adamw_weight_decay")
-# Instance-wide MARSM constructor arguments (Config.optimizer_factory_kwargs_by_name["MARS-M"]).
-INSTANCE_KEYS = ("wire_dtype", "bucket_mb", "owner_policy", "nonfinite")
+OPTIMIZER_NAMES = ("MARS-M", "AdamW", "DistMuon")
+SCHEDULED_KEYS = ("lr", "initial_lr")         # driven by the lr scheduler: the checkpoint's values stay
 _IMPL_KEYS = ("fused", "foreach")
-# MARSM param-group keys saved in checkpoints: frozen at the keys of checkpoint format 1. Never add to
-# this set (older checkpoints lack new keys and DCP would refuse to load them); new hyperparameters
-# simply come from the recipe on resume. "initial_lr" is added by torch's LR schedulers.
-CHECKPOINTED_GROUP_KEYS = frozenset({
-    "lr", "initial_lr", "momentum", "gamma", "weight_decay", "variant", "clip", "ns_steps", "ns_dtype", "lr_adjust",
-    "matrix_view", "adamw_betas", "adamw_eps", "normalize", "normuon_beta2", "use_mars"})
+# Settings a recipe cannot express: runtime objects (the glue plans over the default process group).
+_NOT_CONFIGURABLE = ("process_group",)
+CONFIG_SETTINGS = tuple(s for s in settings.SETTINGS if s.argument and s.name not in _NOT_CONFIGURABLE)
 
 
-def build_marsm(param_groups: list[dict], **instance_kwargs: Any) -> MARSM:
-    """torchtitan optimizer factory for ``MARS-M``: param-group dicts in, a :class:`MARSM` out."""
-    unknown = set(instance_kwargs) - set(INSTANCE_KEYS)
-    if unknown:
-        raise TypeError(f"MARS-M: unknown instance arguments {sorted(unknown)}; allowed {INSTANCE_KEYS}")
-    return MARSM(param_groups, **instance_kwargs)
+def _value_type(value):
+    """The annotation of a setting's default: tuples become ``tuple[T, ...]`` of their element type."""
+    if isinstance(value, tuple):
+        return tuple[_value_type(value[0]) if value else float, ...]
+    return type(value)
+
+
+def _accepts(s: settings.Setting, value) -> bool:
+    try:
+        return bool(s.valid(value))
+    except Exception:  # noqa: BLE001 - a check that cannot take the probe does not accept it
+        return False
+
+
+def _annotation(s: settings.Setting):
+    if s.choices is not None and set(s.choices) != {True, False}:
+        values = tuple(c for c in s.choices if c is not None)
+        kind = Literal[values]  # type: ignore[valid-type]
+        return Optional[kind] if None in s.choices else kind
+    if s.default is None:   # no type in the default: the probe values the declaration's own check accepts
+        kinds = tuple(type(v) for v in (True, 1, 0.5) if _accepts(s, v))
+        return Optional[typing.Union[kinds]] if kinds else type(None)
+    return _value_type(s.default)
+
+
+def _config_fields():
+    out = [("name", Annotated[Literal[OPTIMIZER_NAMES], tyro.conf.arg(  # type: ignore[valid-type]
+        help="which optimizer: MARS-M, torch AdamW, or torchtitan's DistMuon (GPU only)")], "MARS-M")]
+    for s in CONFIG_SETTINGS:
+        default = dataclasses.field(default_factory=lambda d=s.default: d) if isinstance(s.default, list) else s.default
+        out.append((s.name, Annotated[_annotation(s), tyro.conf.arg(help=f"MARS-M: {s.doc}")], default))
+    out += [
+        ("adamw_lr", Annotated[Optional[float], tyro.conf.arg(
+            help="lr of the AdamW route (embeddings, head, vectors); None = lr")], None),
+        ("adamw_patterns", Annotated[list[str], tyro.conf.arg(
+            help="extra regexes (canonical parameter names) sent to the AdamW route")],
+         dataclasses.field(default_factory=list)),
+        ("nesterov", Annotated[bool, tyro.conf.arg(help="DistMuon: Nesterov momentum")], True),
+        ("implementation", Literal["for-loop", "foreach", "fused", "fused_opt_states_bf16"], "foreach"),
+    ]
+    return out
+
+
+def _check(self) -> None:
+    """Each MARS-M setting by the declaration's checks (canonical spellings stored); recipe-level limits."""
+    values = settings.canonicalize({s.name: getattr(self, s.name) for s in CONFIG_SETTINGS})
+    for name, value in values.items():
+        object.__setattr__(self, name, value)
+    for scope in ("group", "optimizer"):
+        try:
+            settings.validate(values, "", scope, names=set(values))
+        except ValueError as e:
+            raise ValueError(str(e).removeprefix(": ")) from None
+    problems = [(not self.lr > 0, f"lr must be > 0 (the peak learning rate), got {self.lr!r}"),
+                (self.variant == "exact", "variant 'exact' needs step(closure), which torchtitan's Trainer never "
+                                          "gives; use 'approx' or 'efficient'"),
+                (self.name == "DistMuon" and self.lr_adjust == "none", "lr_adjust 'none' has no DistMuon "
+                 "equivalent (use 'moonlight' = match_rms_adamw, or 'original')"),
+                (self.adamw_lr is not None and not self.adamw_lr > 0, f"adamw_lr must be > 0 or None, got "
+                                                                      f"{self.adamw_lr!r}")]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(message)
+    for pattern in self.adamw_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"adamw_patterns: {pattern!r} is not a regular expression ({e})") from None
+
+
+def _route_view(model: torch.nn.Module, params: list, names: list[str]):
+    """What build_param_groups reads from a model, restricted to ``params`` under canonical ``names``."""
+    view = type("_NamedView", (), {})()
+    view.modules = model.modules
+    view.named_parameters = lambda: zip(names, params)
+    return view
+
+
+def route_group(model: torch.nn.Module, group: dict) -> list[dict]:
+    """Split one torchtitan param-group dict into MARSM groups with ``use_mars`` True/False."""
+    group = {k: v for k, v in group.items() if k not in _IMPL_KEYS}
+    patterns = tuple(group.pop("adamw_patterns", None) or DEFAULT_ADAMW_PATTERNS)
+    adamw_lr, adamw_wd = group.pop("adamw_lr", None), group.pop("adamw_weight_decay", None)
+    params, names = group.pop("params"), group.pop("param_names")
+    routed = build_param_groups(_route_view(model, params, names), adamw_patterns=patterns, adamw_lr=adamw_lr,
+                                adamw_weight_decay=adamw_wd)
+    return [{**group, **g} for g in routed]   # per-route overrides win over the shared values
 
 
 def build_dist_muon_owned(param_groups: list[dict], **kwargs: Any):
-    """torchtitan's DistMuon factory; when the recipe gives no FlexShard layout, each matrix is
-    orthogonalized whole by one owner rank on the FSDP axis (``Owned`` on "fsdp"), one bucket.
-    DistMuon requires CUDA parameters (it refuses CPU ones)."""
+    """torchtitan's DistMuon; without a FlexShard layout each matrix is orthogonalized whole by one
+    owner on the FSDP axis, one bucket. DistMuon refuses CPU parameters."""
     from torchtitan.distributed.flex_shard import BucketConfig, ComputeLayout, Owned, build_dist_muon
 
     groups = [{k: v for k, v in g.items() if k not in _IMPL_KEYS} for g in param_groups]
-    if "compute_sharding_by_fqn" not in kwargs:
-        kwargs["compute_sharding_by_fqn"] = {n: ComputeLayout(shardings_by_mesh_axis={"fsdp": Owned()})
-                                             for g in groups for n in g["param_names"]}
+    kwargs.setdefault("compute_sharding_by_fqn", {n: ComputeLayout(shardings_by_mesh_axis={"fsdp": Owned()})
+                                                  for g in groups for n in g["param_names"]})
     kwargs.setdefault("bucket_configs", [BucketConfig(patterns=("*",))])
     return build_dist_muon(groups, **kwargs)
 
 
-class _NamedView:
-    """What build_param_groups reads from a model (modules(), named_parameters()), restricted to
-    some parameters and using canonical names."""
-
-    def __init__(self, model: torch.nn.Module, params: list, names: list[str]):
-        self._model, self._params, self._names = model, params, names
-
-    def modules(self):
-        return self._model.modules()
-
-    def named_parameters(self):
-        return zip(self._names, self._params)
-
-
-def route_group(model: torch.nn.Module, group: dict) -> list[dict]:
-    """Split one torchtitan param-group dict (``params``, ``param_names`` and the ParamGroupConfig's
-    optimizer_kwargs) into MARSM groups with ``use_mars`` True/False via build_param_groups."""
-    group = dict(group)
-    for key in _IMPL_KEYS:
-        group.pop(key, None)
-    patterns = tuple(group.pop("adamw_patterns", None) or DEFAULT_ADAMW_PATTERNS)
-    adamw_lr = group.pop("adamw_lr", None)
-    adamw_wd = group.pop("adamw_weight_decay", None)
-    params, names = group.pop("params"), group.pop("param_names")
-    routed = build_param_groups(_NamedView(model, params, names), adamw_patterns=patterns,
-                                adamw_lr=adamw_lr, adamw_weight_decay=adamw_wd)
-    # Per-route overrides (lr/weight_decay of the AdamW route) win over the shared hyperparameters.
-    return [{**group, **g} for g in routed]
+def param_groups_of(config) -> tuple[list[ParamGroupConfig], dict]:
+    """torchtitan ParamGroupConfigs and factory kwargs for the typed fields of ``config``."""
+    patterns = tuple(DEFAULT_ADAMW_PATTERNS) + tuple(config.adamw_patterns)
+    adamw = {"lr": config.adamw_lr or config.lr, "weight_decay": config.weight_decay,
+             "betas": tuple(config.adamw_betas), "eps": config.adamw_eps}
+    if config.name == "MARS-M":
+        kwargs = {s.name: getattr(config, s.name) for s in CONFIG_SETTINGS if s.scope == "group"}
+        kwargs["adamw_patterns"] = patterns
+        if config.adamw_lr is not None:
+            kwargs["adamw_lr"] = config.adamw_lr
+        options = {s.name: getattr(config, s.name) for s in CONFIG_SETTINGS if s.scope == "optimizer"}
+        return [ParamGroupConfig(pattern=".*", optimizer_name=OPTIMIZER_NAME, optimizer_kwargs=kwargs)], \
+            {OPTIMIZER_NAME: options}
+    if config.name == "AdamW":
+        return [ParamGroupConfig(pattern=".*", optimizer_name="AdamW", optimizer_kwargs={**adamw, "lr": config.lr})], {}
+    kwargs = {"lr": config.lr, "weight_decay": config.weight_decay, "momentum": config.momentum,
+              "nesterov": config.nesterov, "ns_steps": config.ns_steps, "adamw_patterns": patterns,
+              "adjust_lr_fn": {"moonlight": "match_rms_adamw", "original": "original"}[config.lr_adjust],
+              "adamw_kwargs": adamw}
+    return [ParamGroupConfig(pattern=".*", optimizer_name="DistMuon", optimizer_kwargs=kwargs)], {}
 
 
 class MARSMOptimizersContainer(OptimizersContainer):
-    """torchtitan's OptimizersContainer plus the ``MARS-M`` optimizer name (see module docstring)."""
+    """torchtitan's OptimizersContainer plus the ``MARS-M`` name, a typed config and the resume policy."""
 
-    @dataclass(kw_only=True, slots=True)
-    class Config(OptimizersContainer.Config):
-        pass
+    Config = dataclasses.make_dataclass(
+        "Config", _config_fields(), bases=(OptimizersContainer.Config,), kw_only=True, slots=True,
+        namespace={"__post_init__": _check, "__qualname__": "MARSMOptimizersContainer.Config",
+                   "__doc__": "torchtitan's optimizer config with one typed field per MARS-M setting."})
+
+    def __init__(self, config, *, model_parts: list[torch.nn.Module]) -> None:
+        if not config.param_groups:
+            groups, factory_kwargs = param_groups_of(config)
+            config = dataclasses.replace(config, param_groups=groups, optimizer_factory_kwargs_by_name={
+                **factory_kwargs, **config.optimizer_factory_kwargs_by_name})
+        super().__init__(config, model_parts=model_parts)
 
     @staticmethod
     def _resolve_optimizer_factory(name: str):
         if name == OPTIMIZER_NAME:
-            return build_marsm
+            return MARSM
         if name == "DistMuon":
             return build_dist_muon_owned
         return OptimizersContainer._resolve_optimizer_factory(name)
@@ -127,78 +192,93 @@ class MARSMOptimizersContainer(OptimizersContainer):
     def _build_param_groups(model, param_group_configs, impl_kwargs):
         groups, patterns = OptimizersContainer._build_param_groups(model, param_group_configs, impl_kwargs)
         if OPTIMIZER_NAME in groups:
-            new_groups, new_patterns = [], []
-            for group, pattern in zip(groups[OPTIMIZER_NAME], patterns[OPTIMIZER_NAME]):
-                for routed in route_group(model, group):
-                    new_groups.append(routed)
-                    new_patterns.append(f"{pattern} [{'MARS-M' if routed['use_mars'] else 'AdamW'} route]")
-            groups[OPTIMIZER_NAME], patterns[OPTIMIZER_NAME] = new_groups, new_patterns
-        # DistMuon groups written by a recipe (they carry "adamw_kwargs"): the same routing, with the
-        # non-matrix parameters moved to a torch AdamW group (DistMuon takes matrices only).
+            pairs = [(routed, f"{pattern} [{'MARS-M' if routed['use_mars'] else 'AdamW'} route]")
+                     for group, pattern in zip(groups[OPTIMIZER_NAME], patterns[OPTIMIZER_NAME])
+                     for routed in route_group(model, group)]
+            groups[OPTIMIZER_NAME], patterns[OPTIMIZER_NAME] = [g for g, _ in pairs], [p for _, p in pairs]
+        # DistMuon groups from the typed config carry "adamw_kwargs": their non-matrix parameters move
+        # to a torch AdamW group (DistMuon takes matrices only).
         if any("adamw_kwargs" in g for g in groups.get("DistMuon", [])):
-            muon_groups, muon_patterns = [], []
+            muon, muon_patterns = [], []
             for group, pattern in zip(groups["DistMuon"], patterns["DistMuon"]):
                 if "adamw_kwargs" not in group:
-                    muon_groups.append(group)
+                    muon.append(group)
                     muon_patterns.append(pattern)
                     continue
                 group = dict(group)
                 adamw_kwargs = group.pop("adamw_kwargs")
                 for routed in route_group(model, group):
-                    use_mars = routed.pop("use_mars")
-                    if use_mars:
-                        muon_groups.append(routed)
+                    if routed.pop("use_mars"):
+                        muon.append(routed)
                         muon_patterns.append(f"{pattern} [DistMuon route]")
                     else:
                         keep = {k: routed[k] for k in ("params", "param_names")}
                         groups["AdamW"].append({**keep, **impl_kwargs, **adamw_kwargs})
                         patterns["AdamW"].append(f"{pattern} [AdamW route]")
-            groups["DistMuon"], patterns["DistMuon"] = muon_groups, muon_patterns
+            groups["DistMuon"], patterns["DistMuon"] = muon, muon_patterns
         return groups, patterns
 
     def state_dict(self) -> dict[str, Any]:
-        """torchtitan's flat FQN-keyed dict, with MARSM param-group keys limited to
-        :data:`CHECKPOINTED_GROUP_KEYS`. A hyperparameter added to MARSM later is then neither saved
-        nor expected when DCP loads an older checkpoint (DCP fails on a key the checkpoint lacks);
-        it keeps its live (recipe) value."""
+        """torchtitan's flat FQN-keyed dict; MARSM param-group keys limited to the declaration's
+        checkpointed keys (a setting not checkpointed is neither saved nor expected at load)."""
         result = super().state_dict()
         for optim in self.optimizers:
-            if not isinstance(optim, MARSM):
-                continue
-            for group in optim.param_groups:
-                for fqn in group.get("param_names") or []:
-                    for key in group:
-                        if key not in CHECKPOINTED_GROUP_KEYS:
-                            result.pop(f"param_groups.{fqn}.{key}", None)
+            if isinstance(optim, MARSM):
+                for group in optim.param_groups:
+                    for fqn in group.get("param_names") or []:
+                        for key in group:
+                            if key not in settings.CHECKPOINTED_GROUP_KEYS:
+                                result.pop(f"param_groups.{fqn}.{key}", None)
         return result
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        missing = []
-        state_dict = dict(state_dict)  # shallow copy: the caller's dict is not modified
+        """Load the state; then the recipe's (live) settings win except ``SCHEDULED_KEYS`` (see module doc)."""
+        state_dict, missing = dict(state_dict), set()
+        live = [[dict(g) for g in optim.param_groups] for optim in self.optimizers]
         for optim in self.optimizers:
             for group in optim.param_groups:
                 names = group.get("param_names") or []
-                if not names:
-                    continue
                 for key, value in group.items():
-                    flat = f"param_groups.{names[0]}.{key}"
-                    if key not in ("params", "param_names") and flat not in state_dict:
-                        missing.append(key)
+                    flat = f"param_groups.{names[0]}.{key}" if names else None
+                    if flat and key not in ("params", "param_names") and flat not in state_dict:
+                        missing.add(key)
                         state_dict[flat] = value
         if missing:
-            logger.warning("optimizer checkpoint lacks param-group keys %s; keeping their current values",
-                           sorted(set(missing)))
+            logger.warning(f"optimizer checkpoint lacks param-group keys {sorted(missing)}; keeping their "
+                           "current values")
         super().load_state_dict(state_dict)
+        changed, kept = {}, {}
+        for optim, groups in zip(self.optimizers, live):
+            for group, recipe in zip(optim.param_groups, groups):
+                for key, value in recipe.items():
+                    if key in ("params", "param_names") or _same(group.get(key), value):
+                        continue
+                    if key in SCHEDULED_KEYS:
+                        kept.setdefault(key, (group[key], value))
+                        continue
+                    changed.setdefault(key, (group.get(key), value))
+                    group[key] = value
+        for key, (old, new) in changed.items():
+            logger.info(f"resume: {key} {old!r} -> {new!r} (the recipe's value wins over the checkpoint's)")
+        if "initial_lr" in kept:   # the scheduler's peak; "lr" itself always differs mid-schedule
+            saved, recipe = kept["initial_lr"]
+            logger.info(f"resume: peak lr (initial_lr) stays {saved!r} from the checkpoint's lr schedule; the "
+                        f"recipe gives {recipe!r} (start a new dump_folder to change it)")
 
 
-def marsm_param_group(lr: float, **optimizer_kwargs: Any) -> ParamGroupConfig:
-    """A catch-all ``MARS-M`` ParamGroupConfig (embeddings/head/vectors still go to the AdamW route)."""
-    return ParamGroupConfig(pattern=r".*", optimizer_name=OPTIMIZER_NAME, optimizer_kwargs={"lr": lr, **optimizer_kwargs})
+def _same(a, b) -> bool:
+    a, b = (tuple(x) if isinstance(x, list) else x for x in (a, b))
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
 
 
-def marsm_container_config(lr: float, instance_kwargs: dict | None = None,
-                           **optimizer_kwargs: Any) -> MARSMOptimizersContainer.Config:
-    return MARSMOptimizersContainer.Config(
-        param_groups=[marsm_param_group(lr, **optimizer_kwargs)],
-        optimizer_factory_kwargs_by_name={OPTIMIZER_NAME: dict(instance_kwargs or {})},
-    )
+def checkpoint_optimizer_name(step_dir: str) -> str | None:
+    """Which optimizer wrote a DCP checkpoint folder, from its metadata (None: no optimizer state)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(step_dir).read_metadata().state_dict_metadata.keys()
+    groups = [k for k in keys if k.startswith("optimizer.param_groups.")]
+    if not groups:
+        return None
+    if any(k.endswith(".gamma") for k in groups):
+        return OPTIMIZER_NAME
+    return "DistMuon" if any(k.endswith(".adjust_lr_fn") for k in groups) else "AdamW"

@@ -15,8 +15,7 @@ Set in the environment of every rank (torchrun passes it on):
 The exit is ``os._exit`` (no clean-up, no flush, no destroy_process_group), which is how a killed
 or OOM-ed rank looks to its peers. :func:`install_from_env` patches torchtitan's ``Trainer.train_step``
 and DCP's ``FileSystemWriter.write_data`` (class attributes, this process only) and does nothing when
-``DIST_MARSM_FAULT`` is unset. ``python -m dist_marsm.titan.fault_injection --recipe ...`` is
-``python -m dist_marsm.train --recipe ...`` with the faults installed (run it under torchrun).
+``DIST_MARSM_FAULT`` is unset. tests/titan_driver.py installs it; the production entry point never does.
 """
 
 from __future__ import annotations
@@ -111,17 +110,3 @@ def install_from_env() -> bool:
     FileSystemWriter.write_data = write_data
     return True
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``dist_marsm.train.main`` with the environment's fault installed (one rank, under torchrun)."""
-    from dist_marsm.titan import elastic
-
-    elastic.fresh_store_per_restart()
-    install_from_env()
-    from dist_marsm import train
-
-    return train.main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
