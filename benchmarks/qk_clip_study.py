@@ -1,12 +1,14 @@
-"""Loss and max attention logit with QK-clip off and on: torchtitan's llama3 debugmodel with MARS-M.
+"""Loss and max attention logit with QK-clip off and on, and with per-head Newton-Schulz: torchtitan's
+llama3 debugmodel with MARS-M.
 
-    python benchmarks/qk_clip_study.py [--steps 200] [--taus 2,8] [--seed 0]
+    python benchmarks/qk_clip_study.py [--steps 200] [--taus 2,8] [--head-dims 16] [--seed 0] [--name N]
 
 One process, one thread, the CPU recipe's model and hyperparameters (recipes/debug_cpu.toml: batch 4 x
 256 tokens of the embedded corpus, MARS-M lr 6e-3 with 8 warm-up steps and cosine decay to 0.1x, weight
 decay 0.01, float32 Newton-Schulz, gradient-norm clip 1.0), torchtitan's own initialization. Both runs
 measure the per-head max logits with the same hooks; "off" is tau=None (measured, never clipped).
-Writes benchmarks/results/qk_clip_study.{json,md} and docs/qk_clip.png.
+``--head-dims`` adds unclipped runs whose q/k/v are orthogonalized per head (``ns_head_dim``).
+Writes benchmarks/results/<name>.{json,md} and docs/<name>.png (name: qk_clip_study, or with --name).
 """
 
 from __future__ import annotations
@@ -71,11 +73,11 @@ def lm_loss(model, tokens):
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tokens[:, 1:].reshape(-1))
 
 
-def run(tau, args, train, val):
+def run(tau, args, train, val, head_dim=None):
     from dist_marsm.titan.qk_clip_hooks import install_qk_clip
 
     model = build_model(args.seed)
-    opt = MARSM(build_param_groups(model), lr=6e-3, weight_decay=0.01, momentum=0.95, gamma=0.025,
+    opt = MARSM(build_param_groups(model, head_dim=head_dim), lr=6e-3, weight_decay=0.01, momentum=0.95, gamma=0.025,
                 variant="approx", ns_dtype="float32", wire_dtype="float32")
     warm, floor = 8, 0.1
 
@@ -106,7 +108,12 @@ def run(tau, args, train, val):
     with torch.no_grad():
         val_loss = sum(lm_loss(model, batches(val, 10_000 + i, 4, 256, args.seed)).item() for i in range(8)) / 8
     hooks.remove()
-    return dict(tau=tau, log=log, val_loss=val_loss, seconds=time.time() - t0)
+    return dict(tau=tau, head_dim=head_dim, log=log, val_loss=val_loss, seconds=time.time() - t0)
+
+
+def _label(r) -> str:
+    label = "QK-clip off" if r["tau"] is None else f"QK-clip tau={r['tau']:g}"
+    return label + (f", per-head NS ({r['head_dim']} rows)" if r.get("head_dim") else "")
 
 
 def plot(results, taus, path):
@@ -117,7 +124,7 @@ def plot(results, taus, path):
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for r in results:
-        label = "QK-clip off" if r["tau"] is None else f"QK-clip tau={r['tau']:g}"
+        label = _label(r)
         steps = [e["step"] for e in r["log"]]
         a.plot(steps, [e["max_logit"] for e in r["log"]], label=label)
         b.plot(steps, [e["loss"] for e in r["log"]], label=label)
@@ -137,26 +144,30 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--taus", default="2,8", help="comma-separated thresholds; an unclipped run always comes first")
+    ap.add_argument("--head-dims", default="", help="comma-separated ns_head_dim values for extra unclipped runs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="qk_clip_study")
     args = ap.parse_args()
     torch.set_num_threads(1)
     train, val = token_stream("train"), token_stream("validation")
-    taus = [float(t) for t in args.taus.split(",")]
-    results = [run(None, args, train, val)] + [run(t, args, train, val) for t in taus]
+    taus = [float(t) for t in args.taus.split(",") if t]
+    head_dims = [int(h) for h in args.head_dims.split(",") if h]
+    results = ([run(None, args, train, val)] + [run(t, args, train, val) for t in taus]
+               + [run(None, args, train, val, head_dim=h) for h in head_dims])
     rows = []
     for r in results:
         log = r["log"]
-        rows.append(["off" if r["tau"] is None else f"{r['tau']:g}", max(e["max_logit"] for e in log),
+        rows.append([_label(r), max(e["max_logit"] for e in log),
                      log[-1]["max_logit"], sum(e["heads_clipped"] for e in log),
                      sum(e["loss"] for e in log[-10:]) / 10, r["val_loss"], r["seconds"]])
     md = (f"llama3 debugmodel, MARS-M (CPU recipe hyperparameters), {args.steps} steps, batch 4 x 256, seed "
           f"{args.seed} (one seed: differences below the seed-to-seed spread are not evidence), 1 process, "
           "1 thread, under load.\n\n")
-    md += markdown_table(["tau", "max logit (run)", "max logit (last step)", "head-clips (sum over steps)",
+    md += markdown_table(["run", "max logit (run)", "max logit (last step)", "head-clips (sum over steps)",
                           "train loss (last 10)", "val loss (8 batches)", "seconds"], rows)
     print(md)
-    plot(results, taus, ROOT / "docs" / "qk_clip.png")
-    save("qk_clip_study", {"args": vars(args), "results": results}, md)
+    plot(results, taus, ROOT / "docs" / ("qk_clip.png" if args.name == "qk_clip_study" else f"{args.name}.png"))
+    save(args.name, {"args": vars(args), "results": results}, md)
 
 
 if __name__ == "__main__":
