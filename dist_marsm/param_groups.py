@@ -6,10 +6,16 @@ import re
 
 import torch
 
-# Token/position embeddings and the output head go to AdamW (MARS-M reference, Moonlight).
+# Token/position embeddings and the output head go to AdamW (MARS-M reference, Moonlight). An MoE
+# router's gate is a small classifier head like the output layer (its rows are per-expert logit
+# directions fed to a softmax/top-k, and the load-balancing bias acts on those logits), so it goes to
+# AdamW too; routed experts ([E, out, in], a batch of E matrices), shared experts and MLA's low-rank
+# projections are matrices and go to MARS-M. Reasons and sources: docs/moe.md.
+MOE_ROUTER_PATTERN = r"(^|\.)(router\.gate|gate)\.weight$"
 DEFAULT_ADAMW_PATTERNS = (
     r"(^|\.)(tok_embeddings|embed_tokens|embeddings?|wte|wpe)\.",
     r"(^|\.)(output|lm_head)\.weight$",
+    MOE_ROUTER_PATTERN,
 )
 
 
@@ -22,8 +28,11 @@ def build_param_groups(
     """Two param groups: matrices for MARS-M (``use_mars=True``) and the rest for AdamW.
 
     A parameter goes to AdamW if it has ndim < 2, belongs to an ``nn.Embedding``, or its name
-    matches one of ``adamw_patterns`` (regular expressions, searched in the full name). Names
-    are kept in ``param_names`` so errors and plans can name parameters.
+    matches one of ``adamw_patterns`` (regular expressions, searched in the full name): by default
+    embeddings, the output head and an MoE router's gate. Everything else with ndim >= 2 is a
+    matrix or a batch of matrices (MoE expert stacks [E, out, in] are E matrices). Buffers (an MoE
+    layer's expert bias and token counts) are not parameters: no optimizer updates them (torchtitan's
+    load-balancing hook does). Names are kept in ``param_names`` so errors and plans can name parameters.
     """
     if isinstance(adamw_patterns, (str, bytes)) or not all(isinstance(p, str) for p in adamw_patterns):
         raise TypeError(f"build_param_groups: adamw_patterns must be a tuple of regular-expression strings, "

@@ -168,7 +168,7 @@ def test_shipped_recipe_translates(recipe):
     assert [g.optimizer_name for g in groups] == [raw["optimizer"]["name"]]
     assert groups[0].optimizer_kwargs["lr"] == raw["optimizer"]["lr"]
     n_layers = len(config.model_spec.model.layers)
-    assert n_layers == {"debugmodel": 6, "8B": 32, "70B": 80}[raw["model"]["flavor"]]
+    assert n_layers == {"debugmodel": 6, "debugmodel_cpu": 3, "8B": 32, "70B": 80}[raw["model"]["flavor"]]
     if cpu_shims.needs_cpu_shims():   # this machine: the CPU shims were applied to the config
         assert not list(config.model_spec.model.traverse(FlexAttention.Config))
         assert len(list(config.model_spec.model.traverse(ScaledDotProductAttention.Config))) == n_layers

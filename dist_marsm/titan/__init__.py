@@ -1,3 +1,4 @@
 """torchtitan 0.3.0 glue (layer 4): the only package that imports torchtitan; importing it alone is cheap.
-Modules: docs/torchtitan.md (table of files).
+Modules: optimizer_container, recipe, config_registry, metrics, cpu_shims, corpus, elastic, moe
+(docs/torchtitan.md describes each).
 """

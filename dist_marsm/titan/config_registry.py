@@ -8,6 +8,6 @@ import functools
 
 from dist_marsm.titan.recipe import MARSMTrainerConfig, recipe_config
 
-RECIPES = ("debug_cpu", "debug_cpu_adamw", "debug_cpu_distmuon", "llama3_8b", "llama3_70b")
+RECIPES = ("debug_cpu", "debug_cpu_adamw", "debug_cpu_distmuon", "moe_debug_cpu", "llama3_8b", "llama3_70b")
 __all__ = ["MARSMTrainerConfig", *RECIPES]
 globals().update({name: functools.partial(recipe_config, name) for name in RECIPES})

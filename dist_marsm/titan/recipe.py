@@ -27,12 +27,13 @@ from torchtitan.components.validate import Validator
 from torchtitan.hf_datasets.text_datasets import DATASETS, HuggingFaceTextDataLoader
 from torchtitan.trainer import Trainer
 
-from dist_marsm.titan import corpus, cpu_shims
+from dist_marsm.titan import corpus, cpu_shims, moe
 from dist_marsm.titan.metrics import MARSMMetricsProcessor
 from dist_marsm.titan.optimizer_container import MARSMOptimizersContainer, checkpoint_optimizer_name
 
 
 corpus.register_datasets()
+moe.register_flavors()
 
 
 class RecipeError(ValueError):
