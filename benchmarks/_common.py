@@ -48,6 +48,33 @@ def llama3_matrix_shapes(name: str) -> list[tuple[int, int]]:
     return per_layer * c["n_layers"]
 
 
+def llama3_params(name: str) -> int:
+    """All parameters: the matrices above, embeddings and output head, and the RMSNorm weights."""
+    c = LLAMA3[name]
+    matrices = sum(math.prod(s) for s in llama3_matrix_shapes(name))
+    return matrices + 2 * c["vocab"] * c["dim"] + (2 * c["n_layers"] + 1) * c["dim"]
+
+
+# One GPU's bf16 dense matmul numbers. "gemm_tflops" is the rate Newton-Schulz is costed at; "peak_tflops" is the
+# datasheet peak that MFU is quoted against (H100 SXM and H200 SXM are the same GH100 compute die: both 989).
+GPUS = {
+    "H100": dict(gemm_tflops=989.0, peak_tflops=989.0, hbm_tbs=3.35,
+                 source="H100 SXM datasheet peak, dense bf16 (1979 with sparsity); not measured, so its ms are "
+                        "optimistic"),
+    "H200": dict(gemm_tflops=790.0, peak_tflops=989.0, hbm_tbs=4.8,
+                 source="bf16 dense GEMM measured at about 790 TFLOP/s on one H200 in an earlier session of this "
+                        "project (80% of the 989 datasheet peak; no result file in this repository)"),
+}
+TOKENS_PER_STEP = 4 * 2**20   # 4M tokens per optimizer step (e.g. 1024 sequences of 4096)
+MFU = 0.40                    # model FLOPs utilization of the forward + backward, against the datasheet peak
+
+
+def train_step_seconds(model: str, world: int, gpu: str, tokens: int = TOKENS_PER_STEP, mfu: float = MFU) -> float:
+    """Forward + backward time of one step: 6 x parameters x tokens FLOPs (attention FLOPs left out),
+    split evenly over ``world`` GPUs running at ``mfu`` of the datasheet peak."""
+    return 6 * llama3_params(model) * tokens / (world * mfu * GPUS[gpu]["peak_tflops"] * 1e12)
+
+
 # ---------------------------------------------------------------- model
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):

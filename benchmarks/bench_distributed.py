@@ -15,8 +15,20 @@ sends per optimizer step (counted by wrapping torch.distributed's collectives du
 all_to_all_single = the input minus this rank's own split; all_gather_into_tensor = input x (W-1);
 all_reduce = 2 (W-1)/W x tensor, ring), and the per-model configuration each optimizer needed.
 
-The perfect-split floor is the single-process Newton-Schulz time of all the model's matrices
-(measured on rank 0 with the same thread count, same dtype, stacked same-shape batches) divided by W.
+Two Newton-Schulz floors, both timed with the function the MARS-M owners call on their full matrices
+(``owner_orthogonalize`` below: the library's own stacking rule and method, never a policy of this script),
+on the owner plan of a MARSM built for the model (default owner policy), fp32 inputs as the momentum is:
+- plan floor: per repetition, every rank at once (as in a step) orthogonalizes exactly the matrices it owns
+  in that plan; the repetition's time is the slowest rank's; median over ``--ns-reps``. A floor for every
+  MARS-M row: each step is the slowest rank's, and each rank's step contains that same call on those same
+  matrices, plus the communication and element-wise math the floor leaves out.
+- perfect-split floor: rank 0 alone orthogonalizes all matrices in one call, divided by W. A floor for any
+  one-owner-per-matrix plan when the call's time is additive over matrices (it is, up to the per-call
+  overhead that grouping more matrices in one call can only save): the busiest rank owns at least 1/W of
+  the work.
+Each MARS-M row's floors are timed on that optimizer's own plan right after its measured steps, so floor and
+step see the same machine load; the floors of a fresh plan, timed before the first optimizer, are in the
+table header and serve the naive Muon row.
 """
 
 from __future__ import annotations
@@ -88,9 +100,9 @@ class NaiveFSDPMuon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=3e-3, momentum=0.95, weight_decay=0.1, ns_dtype=torch.bfloat16,
-                 wire_dtype=torch.bfloat16):
+                 wire_dtype=torch.bfloat16, ns_method="standard"):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.ns_dtype, self.wire_dtype = ns_dtype, wire_dtype
+        self.ns_dtype, self.wire_dtype, self.ns_method = ns_dtype, wire_dtype, ns_method
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -134,7 +146,7 @@ class NaiveFSDPMuon(torch.optim.Optimizer):
         for i, f in enumerate(fulls):
             by_shape[tuple(f.shape)].append(i)
         for shape, idx in by_shape.items():
-            out = newton_schulz(torch.stack([fulls[i] for i in idx]), 5, self.ns_dtype)
+            out = newton_schulz(torch.stack([fulls[i] for i in idx]), 5, self.ns_dtype, method=self.ns_method)
             for k, i in enumerate(idx):
                 p, group = items[i]
                 start = me * chunk[i]
@@ -149,11 +161,11 @@ class NaiveFSDPMuon(torch.optim.Optimizer):
 LR, WD = 3e-3, 0.1
 
 
-def build_optimizer(kind: str, model, ns_dtype: str):
+def build_optimizer(kind: str, model, ns_dtype: str, ns_method: str = "standard"):
     ns = getattr(torch, ns_dtype)
     if kind.startswith("marsm"):
         from dist_marsm import MARSM
-        kw = dict(lr=LR, weight_decay=WD, ns_dtype=ns_dtype)
+        kw = dict(lr=LR, weight_decay=WD, ns_dtype=ns_dtype, ns_method=ns_method)
         kw.update({
             "marsm_approx_bf16": dict(variant="approx", wire_dtype="bfloat16"),
             "marsm_approx_fp32": dict(variant="approx", wire_dtype="float32"),
@@ -164,7 +176,7 @@ def build_optimizer(kind: str, model, ns_dtype: str):
         return MARSM(configure_marsm(model), **kw)
     if kind == "naive_muon":
         muon, rest = configure_naive(model)
-        return Combined(NaiveFSDPMuon(muon["params"], lr=LR, weight_decay=WD, ns_dtype=ns),
+        return Combined(NaiveFSDPMuon(muon["params"], lr=LR, weight_decay=WD, ns_dtype=ns, ns_method=ns_method),
                         torch.optim.AdamW(rest["params"], lr=LR, betas=(0.9, 0.95), weight_decay=WD, foreach=True))
     if kind == "adamw":
         return torch.optim.AdamW(configure_adamw(model), lr=LR, betas=(0.9, 0.95), weight_decay=WD, foreach=True)
@@ -240,32 +252,74 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def ns_single_process(shapes, ns_dtype: str, device, reps: int, kernel: str = "dist_marsm") -> float:
-    """Median seconds of Newton-Schulz on every matrix in this process.
+# ============================================================ the floors
+def owner_orthogonalize(fulls: dict, entries: list) -> dict:
+    """What ``dist_marsm.collectives.OwnerCompute.run`` calls on the full matrices a rank owns (position ->
+    full matrix in, position -> Newton-Schulz result out). Looked up at call time so the floors take the
+    owners' kernel path; when the library's choice moves, this line moves with it."""
+    from dist_marsm import collectives
+    return collectives._orthogonalize_batched(fulls, entries)
 
-    kernel "dist_marsm": dist_marsm.newton_schulz on same-shape stacks (what MARSM and the naive Muon run);
-    "distmuon": DistMuon's own _zeropower_via_newtonschulz, one call per matrix (what its Owned layout runs).
-    """
-    if kernel == "distmuon":
-        from torchtitan.distributed.flex_shard.dist_muon import _zeropower_via_newtonschulz as distmuon_ns
-        mats = [torch.randn(*s, device=device) for s in shapes]
-        run = lambda: [distmuon_ns(m, ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps=5, eps=1e-7)  # noqa: E731
-                       for m in mats]
-    else:
-        from dist_marsm.newton_schulz import newton_schulz
-        by_shape = defaultdict(int)
-        for s in shapes:
-            by_shape[s] += 1
-        mats = [torch.randn(n, *s, device=device) for s, n in by_shape.items()]
-        run = lambda: [newton_schulz(m, 5, getattr(torch, ns_dtype)) for m in mats]  # noqa: E731
+
+def _timed(run, device, reps: int, barrier: bool) -> list[float]:
+    """Seconds of ``run()`` per repetition after one untimed warm-up."""
     times = []
     for _ in range(reps + 1):
+        if barrier:
+            dist.barrier()
         sync(device)
         t = time.perf_counter()
         run()
         sync(device)
         times.append(time.perf_counter() - t)
-    return median(times[1:])
+    return times[1:]
+
+
+def owner_floors(opt, device, reps: int, rank: int, world: int) -> dict:
+    """The plan floor and the perfect-split floor of the module docstring, on the owner plan of ``opt``
+    (a MARSM that has stepped once, so its plan is built)."""
+    plans = [fg.plan for fg in opt._flat_groups]
+    gen = torch.Generator(device=device).manual_seed(1)
+    fulls = [{pos: torch.randn(e.shape, generator=gen, device=device) for pos, e in enumerate(plan.entries)}
+             for plan in plans]
+    mine = [{pos: f for pos, f in fs.items() if plan.entries[pos].owner == plan.my_rank}
+            for plan, fs in zip(plans, fulls)]
+
+    def run(selected):
+        for plan, fs in zip(plans, selected):
+            if fs:
+                owner_orthogonalize(fs, plan.entries)
+
+    own = _timed(lambda: run(mine), device, reps, barrier=True)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, own)
+    whole = _timed(lambda: run(fulls), device, reps, barrier=False) if rank == 0 else None
+    dist.barrier()
+    owned_flops = [sum(e.flops for plan in plans for e in plan.entries if e.owner == r) for r in range(world)]
+    return {"plan_floor_s": median([max(r[i] for r in everyone) for i in range(reps)]),
+            "plan_floor_per_rank_s": everyone, "ns_single_process_s": median(whole) if whole else None,
+            "max_rank_ns_gflop": max(owned_flops) / 1e9}
+
+
+def model_floors(config, mesh, device, args, rank, world) -> dict:
+    """Both floors on a fresh MARSM's plan for ``config`` (built by one step, as in the timed runs)."""
+    from dist_marsm import MARSM
+    model = fsdp_model(config, mesh, device)
+    opt = MARSM(configure_marsm(model), ns_dtype=args.ns_dtype, ns_method=args.ns_method)
+    lm_loss(model, 0, args.batch, args.seq, device).backward()
+    opt.step()
+    floors = owner_floors(opt, device, args.ns_reps, rank, world)
+    del opt, model
+    gc.collect()
+    return floors
+
+
+def ns_single_process_distmuon(shapes, device, reps: int) -> float:
+    """Median seconds of DistMuon's own _zeropower_via_newtonschulz, one call per matrix (its Owned layout)."""
+    from torchtitan.distributed.flex_shard.dist_muon import _zeropower_via_newtonschulz as distmuon_ns
+    mats = [torch.randn(*s, device=device) for s in shapes]
+    return median(_timed(lambda: [distmuon_ns(m, ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps=5, eps=1e-7)
+                                  for m in mats], device, reps, barrier=False))
 
 
 def fsdp_model(config, mesh, device):
@@ -279,7 +333,7 @@ def fsdp_model(config, mesh, device):
 
 def run_one(kind, config, mesh, device, args, world):
     model = fsdp_model(config, mesh, device)
-    opt = build_optimizer(kind, model, args.ns_dtype)
+    opt = build_optimizer(kind, model, args.ns_dtype, args.ns_method)
     opt_times, step_times, counter = [], [], {"bytes": 0}
     for step in range(args.warmup + args.steps):
         dist.barrier()
@@ -300,6 +354,8 @@ def run_one(kind, config, mesh, device, args, world):
             step_times.append(t2 - t0)
     rec = {"opt": opt_times, "step": step_times, "bytes_sent": counter["bytes"], "state_bytes": state_bytes(opt),
            "loss": float(loss.detach())}
+    if kind.startswith("marsm"):   # this optimizer's own plan, timed right after its steps (same load)
+        rec["floors"] = owner_floors(opt, device, args.ns_reps, dist.get_rank(), world)
     inner = opt.optimizer if hasattr(opt, "optimizer") else opt
     if hasattr(inner, "last_step_stats"):
         s = inner.last_step_stats
@@ -309,22 +365,8 @@ def run_one(kind, config, mesh, device, args, world):
     return rec
 
 
-def _owner_ns_per_matrix():
-    """A/B experiment for a proposed library change (benchmark only): the owner orthogonalizes one matrix per
-    call instead of stacking same-shape matrices. Same results; only the batching differs."""
-    import dist_marsm.collectives as collectives
-    from dist_marsm.newton_schulz import newton_schulz, resolve_dtype
-
-    def per_matrix(fulls, entries):
-        return {pos: newton_schulz(full, entries[pos].ns_steps, resolve_dtype(entries[pos].ns_dtype))
-                for pos, full in fulls.items()}
-    collectives._orthogonalize_batched = per_matrix
-
-
 def rank_main(rank, world, port, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if args.owner_ns_per_matrix:
-        _owner_ns_per_matrix()
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -337,10 +379,10 @@ def rank_main(rank, world, port, args, queue):
     out = {}
     for config in args.models:
         shapes = matrix_shapes(make_model(config))
-        floor_1p = ns_single_process(shapes, args.ns_dtype, device, args.ns_reps) if rank == 0 else None
+        floors = model_floors(config, mesh, device, args, rank, world)
         floor_dm = None
         if rank == 0 and any(k.startswith("distmuon") for k in args.kinds):
-            floor_dm = ns_single_process(shapes, "bfloat16", device, 1, kernel="distmuon")
+            floor_dm = ns_single_process_distmuon(shapes, device, 1)
         dist.barrier()
         res = {}
         for kind in args.kinds:
@@ -354,8 +396,7 @@ def rank_main(rank, world, port, args, queue):
             res[kind] = everyone
             if rank == 0:
                 print(f"[{config}] {kind}: {time.perf_counter() - t:.1f}s", flush=True)
-        out[config] = {"shapes": shapes, "ns_single_process_s": floor_1p, "ns_single_process_distmuon_s": floor_dm,
-                       "results": res}
+        out[config] = {"shapes": shapes, **floors, "ns_single_process_distmuon_s": floor_dm, "results": res}
     if rank == 0:
         queue.put(out)
     dist.barrier()
@@ -364,12 +405,13 @@ def rank_main(rank, world, port, args, queue):
 
 # ============================================================ report
 def summarize(out, args, world):
+    from dist_marsm.newton_schulz import newton_schulz_flops
     tables, data = [], {"args": vars(args), "world": world, "models": {}}
     for config, o in out.items():
         shapes = o["shapes"]
-        from dist_marsm.newton_schulz import newton_schulz_flops
-        ns_flops = sum(newton_schulz_flops(s) for s in shapes)
-        floor = o["ns_single_process_s"] / world
+        ns_flops = sum(newton_schulz_flops(s, 5, args.ns_method, dtype=args.ns_dtype) for s in shapes)
+        split = o["ns_single_process_s"] / world
+        plan_floor = o["plan_floor_s"]
         floor_dm = o["ns_single_process_distmuon_s"] / world if o.get("ns_single_process_distmuon_s") else None
         rows, recs = [], {}
         adamw_opt = adamw_step = None
@@ -385,32 +427,49 @@ def summarize(out, args, world):
                               config_lines=config_lines(KINDS[kind][1]), per_rank=per_rank)
             if kind == "adamw":
                 adamw_opt, adamw_step = opt, step
+        headers = (["optimizer", "opt step ms", "train step ms", "opt / AdamW", "train / AdamW", "plan floor ms",
+                    "opt / plan floor", "perfect-split floor ms", "opt / perfect-split floor"]
+                   + (["opt / own-kernel floor"] if floor_dm else [])
+                   + ["state bytes/rank", "sent bytes/rank/step", "config lines"])
         for kind in args.kinds:
             r = recs[kind]
             label = KINDS[kind][0]
             if "error" in r:
-                rows.append([label, r["error"][:80]] + ["-"] * 8)
+                rows.append([label, r["error"][:80]] + ["-"] * (len(headers) - 2))
                 continue
             r["opt_over_adamw"] = r["opt_s"] / adamw_opt if adamw_opt else None
             r["step_over_adamw"] = r["step_s"] / adamw_step if adamw_step else None
-            r["opt_over_floor"] = r["opt_s"] / floor if kind != "adamw" else None
-            r["opt_over_own_kernel_floor"] = (r["opt_s"] / floor_dm if kind.startswith("distmuon") and floor_dm
-                                              else r["opt_over_floor"])
+            own = r["per_rank"][0].get("floors")  # MARS-M rows: floors on its own plan, right after its steps
+            r["plan_floor_s"] = own["plan_floor_s"] if own else None
+            r["perfect_split_floor_s"] = own["ns_single_process_s"] / world if own else split
+            r["opt_over_plan_floor"] = r["opt_s"] / r["plan_floor_s"] if own else None
+            r["opt_over_split_floor"] = r["opt_s"] / r["perfect_split_floor_s"] if kind != "adamw" else None
+            r["opt_over_own_kernel_floor"] = r["opt_s"] / floor_dm if kind.startswith("distmuon") and floor_dm else None
             rows.append([label, r["opt_s"] * 1e3, r["step_s"] * 1e3, r["opt_over_adamw"], r["step_over_adamw"],
-                         r["opt_over_floor"], r["opt_over_own_kernel_floor"], human_bytes(r["state_bytes"]), human_bytes(r["bytes_sent"]),
-                         r["config_lines"]])
+                         r["plan_floor_s"] * 1e3 if own else None, r["opt_over_plan_floor"],
+                         r["perfect_split_floor_s"] * 1e3 if kind != "adamw" else None, r["opt_over_split_floor"]]
+                        + ([r["opt_over_own_kernel_floor"]] if floor_dm else [])
+                        + [human_bytes(r["state_bytes"]), human_bytes(r["bytes_sent"]), r["config_lines"]])
         head = (f"### {config} model ({MODEL_CONFIGS[config]}), {world} ranks, {args.threads} thread(s)/rank, "
-                f"NS in {args.ns_dtype} (DistMuon: always bf16)\n\n"
-                f"{len(shapes)} matrices, {ns_flops / 1e9:.1f} GFLOP of Newton-Schulz per step; single-process NS "
-                f"{o['ns_single_process_s'] * 1e3:.1f} ms -> perfect-split floor {floor * 1e3:.1f} ms"
+                f"NS in {args.ns_dtype}, method {args.ns_method} (DistMuon: always bf16, its own kernel)"
+                "\n\n"
+                f"{len(shapes)} matrices, {ns_flops / 1e9:.1f} GFLOP of Newton-Schulz per step; busiest owner "
+                f"{o['max_rank_ns_gflop']:.2f} GFLOP. Floors are timed with the owners' own Newton-Schulz call "
+                f"on the owner plan: plan floor = the slowest rank orthogonalizing the matrices it owns (all ranks "
+                f"at once); perfect-split floor = all matrices in one process / W. Each MARS-M row's floors are "
+                f"measured on its own optimizer's plan right after its steps; before the first optimizer, on a "
+                f"fresh plan: plan floor {plan_floor * 1e3:.1f} ms, single-process NS "
+                f"{o['ns_single_process_s'] * 1e3:.1f} ms -> perfect-split floor {split * 1e3:.1f} ms (used for the "
+                "naive Muon row)"
                 + (f"; DistMuon's own NS kernel (one bf16 addmm-based call per matrix) single-process "
                    f"{o['ns_single_process_distmuon_s'] * 1e3:.1f} ms -> its floor {floor_dm * 1e3:.1f} ms" if floor_dm
-                   else "") + f". Median of {args.steps} steps after {args.warmup} warm-up; each step = slowest rank.\n\n")
-        table = markdown_table(["optimizer", "opt step ms", "train step ms", "opt / AdamW", "train / AdamW",
-                                "opt / floor", "opt / own-kernel floor", "state bytes/rank", "sent bytes/rank/step", "config lines"], rows)
-        tables.append(head + table)
-        data["models"][config] = {"shapes": shapes, "ns_gflop": ns_flops / 1e9, "ns_single_process_s":
-                                  o["ns_single_process_s"], "floor_s": floor, "distmuon_kernel_floor_s": floor_dm,
+                   else "") + f". Median of {args.steps} steps after {args.warmup} warm-up; each step = slowest rank; "
+                f"floors: median of {args.ns_reps} repetitions after one warm-up.\n\n")
+        tables.append(head + markdown_table(headers, rows))
+        data["models"][config] = {"shapes": shapes, "ns_gflop": ns_flops / 1e9,
+                                  "ns_single_process_s": o["ns_single_process_s"], "perfect_split_floor_s": split,
+                                  "plan_floor_s": plan_floor, "plan_floor_per_rank_s": o["plan_floor_per_rank_s"],
+                                  "max_rank_ns_gflop": o["max_rank_ns_gflop"], "distmuon_kernel_floor_s": floor_dm,
                                   "results": recs}
     return data, "\n\n".join(tables)
 
@@ -420,8 +479,11 @@ def main():
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--models", default="debug", help="comma list of " + ",".join(MODEL_CONFIGS))
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma list of " + ",".join(KINDS))
+    from dist_marsm.newton_schulz import NS_METHODS
+    ap.add_argument("--ns-method", default="standard", choices=NS_METHODS,
+                    help="Newton-Schulz method for MARS-M, naive and the floors (DistMuon: its own kernel)")
     ap.add_argument("--ns-dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                    help="Newton-Schulz dtype for MARS-M, naive and the floor (DistMuon hard-codes bf16)")
+                    help="Newton-Schulz dtype for MARS-M, naive and the floors (DistMuon hard-codes bf16)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=2)
@@ -429,8 +491,6 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ns-reps", type=int, default=3)
     ap.add_argument("--pg-timeout", type=float, default=1800)
-    ap.add_argument("--owner-ns-per-matrix", action="store_true",
-                    help="experiment: MARS-M owners orthogonalize one matrix per call (no stacking)")
     ap.add_argument("--name", default=None, help="results file stem (default bench_distributed_<ranks>r)")
     args = ap.parse_args()
     args.models = args.models.split(",")
@@ -455,7 +515,8 @@ def main():
         p.join(timeout=60)
     data, md = summarize(out, args, world)
     print("\n" + md)
-    name = args.name or f"bench_distributed_{world}r{'_' + args.ns_dtype if args.ns_dtype != 'bfloat16' else ''}"
+    name = args.name or (f"bench_distributed_{world}r{'_' + args.ns_dtype if args.ns_dtype != 'bfloat16' else ''}"
+                         f"{'_' + args.ns_method if args.ns_method != 'standard' else ''}")
     save(name, data, md)
 
 

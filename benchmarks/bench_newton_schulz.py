@@ -14,8 +14,9 @@ the FLOP ratio can be explained by the kernels' speeds.
 accuracy: the result's singular values (min and max; the quintic is not meant to converge to 1) and
 its distance to the exact polar factor U V^T of the input (float64 SVD), relative Frobenius norm, after
 3, 4 and 5 steps, per method, restart schedule and coefficient set, in float32 and bfloat16. Inputs:
-Gaussian matrices, matrices with a log-uniform spectrum (1 down to 1e-4) and a 1/i spectrum (the hard
-cases: small singular values), and real MARS-M momenta from the debug model after a few steps.
+real MARS-M momenta from the debug model after a few steps, Gaussian 1024 x 3584 matrices, and ones
+with a log-uniform spectrum (1 down to 1e-4) or a 1/i spectrum (the hard cases: small singular values);
+``--large`` adds a 2048 x 7168 one.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def matmul_rates(m: int, n: int, dtype, repeats: int) -> dict:
 def speed(args) -> None:
     rows, records = [], []
     for shape in SPEED_SHAPES:
-        reps = max(2, args.repeats // 2) if shape[0] * shape[1] > 4_000_000 else args.repeats
+        reps = min(3, args.repeats) if shape[0] * shape[1] > 4_000_000 else args.repeats
         m, n = min(shape), max(shape)
         g = torch.Generator().manual_seed(0)
         mat = torch.randn(*shape, generator=g)
@@ -73,26 +74,34 @@ def speed(args) -> None:
                     continue  # same FLOPs as muon in float32 (no restarts within 5 steps)
                 res = {}
                 for method in ("standard", "gram"):
-                    flops = newton_schulz_flops(shape, 5, method, dtype=dtype, coefficients=coeffs)
-                    used = method_used(shape, 5, method, dtype=dtype, coefficients=coeffs)
-                    sec = timed(lambda: newton_schulz(mat, 5, dtype, method=method, coefficients=coeffs), reps)
-                    res[method] = (sec, flops, used)
+                    res[method] = (newton_schulz_flops(shape, 5, method, dtype=dtype, coefficients=coeffs),
+                                   method_used(shape, 5, method, dtype=dtype, coefficients=coeffs))
+                    newton_schulz(mat, 5, dtype, method=method, coefficients=coeffs)  # warm-up
+                times = {"standard": [], "gram": []}
+                for rep in range(reps):  # alternating, so load drift on the shared machine hits both alike
+                    for method in (("standard", "gram") if rep % 2 == 0 else ("gram", "standard")):
+                        t = time.perf_counter()
+                        newton_schulz(mat, 5, dtype, method=method, coefficients=coeffs)
+                        times[method].append(time.perf_counter() - t)
+                paired = median([a / b for a, b in zip(times["standard"], times["gram"])])
+                res = {m: (median(times[m]), *res[m]) for m in res}
                 (ts, fs, _), (tg, fg, used) = res["standard"], res["gram"]
                 restarts = gram_restarts(5, dtype, coeffs) if used == "gram" else "-"
                 rec = dict(shape=shape, dtype=dname, coefficients=coeffs, gram_used=used, restarts=restarts,
                            standard_s=ts, gram_s=tg, standard_gflop=fs / 1e9, gram_gflop=fg / 1e9,
-                           speedup=ts / tg, flop_ratio=fs / fg, standard_gflops=fs / ts / 1e9,
-                           gram_gflops=fg / tg / 1e9, matmul_gflops=rates)
+                           speedup=ts / tg, paired_speedup=paired, times=times, flop_ratio=fs / fg,
+                           standard_gflops=fs / ts / 1e9, gram_gflops=fg / tg / 1e9, matmul_gflops=rates)
                 records.append(rec)
                 rows.append([f"{shape[0]} x {shape[1]}", dname, coeffs, f"{used} {restarts}", ts * 1e3, tg * 1e3,
-                             ts / tg, fs / fg, fs / 1e9, fg / 1e9, fs / ts / 1e9, fg / tg / 1e9,
+                             ts / tg, paired, fs / fg, fs / 1e9, fg / 1e9, fs / ts / 1e9, fg / tg / 1e9,
                              f"{rates['XXt']:.0f} / {rates['SS']:.0f} / {rates['SX']:.0f}"])
                 print(rows[-1], flush=True)
     headers = ["shape", "dtype", "coefficients", "gram runs (restarts)", "standard ms", "gram ms", "speed-up",
-               "FLOP ratio", "standard GFLOP", "gram GFLOP", "standard GFLOP/s", "gram GFLOP/s",
-               "matmul GFLOP/s XX^T / SS / SX"]
+               "median paired speed-up", "FLOP ratio", "standard GFLOP", "gram GFLOP", "standard GFLOP/s",
+               "gram GFLOP/s", "matmul GFLOP/s XX^T / SS / SX"]
     md = (f"Newton-Schulz, 5 steps, one call per matrix, one thread (torch.set_num_threads(1)), median of "
-          f"{args.repeats} (large shapes: half that) after a warm-up call. Machine shared with other jobs.\n\n"
+          f"{args.repeats} calls (2048 x 7168: 3) after a warm-up call, standard and gram alternating; "
+          "'paired' is the median of the per-round ratios. Machine shared with other jobs.\n\n"
           + markdown_table(headers, rows))
     print(md)
     save("bench_newton_schulz_speed", {"records": records, "repeats": args.repeats}, md)
@@ -135,11 +144,13 @@ def measure(mat: torch.Tensor, polar: torch.Tensor, **kw) -> dict:
 
 
 def accuracy(args) -> None:
-    inputs = {f"{k} {m}x{n}": synthetic(m, n, k, seed=i)
-              for i, (m, n, k) in enumerate([(1024, 3584, "gaussian"), (1024, 3584, "log-uniform"),
-                                             (1024, 3584, "1/i"), (3584, 1024, "1/i"), (2048, 7168, "1/i")])}
-    inputs.update(real_momenta(args.momentum_steps))
+    synthetic_inputs = [(1024, 3584, "gaussian"), (1024, 3584, "log-uniform"), (1024, 3584, "1/i"),
+                        (3584, 1024, "1/i"), (256, 1024, "1/i")] + ([(2048, 7168, "1/i")] if args.large else [])
+    inputs = real_momenta(args.momentum_steps)
+    inputs.update({f"{k} {m}x{n}": synthetic(m, n, k, seed=i) for i, (m, n, k) in enumerate(synthetic_inputs)})
     rows, records = [], []
+    headers = ["input", "dtype", "coefficients", "steps", "variant", "sv min", "sv max",
+               "||Y - UV^T|| / ||UV^T||", "||Y - Y_standard|| / ||Y_standard||"]
     for name, mat in inputs.items():
         u, _, vh = torch.linalg.svd(mat, full_matrices=False)
         polar = u @ vh
@@ -173,12 +184,11 @@ def accuracy(args) -> None:
                         rows.append([name, dname, coeffs, steps, label, r["sv_min"], r["sv_max"], r["polar_err"],
                                      r.get("vs_standard")])
                         print(rows[-1], flush=True)
-    headers = ["input", "dtype", "coefficients", "steps", "variant", "sv min", "sv max",
-               "||Y - UV^T|| / ||UV^T||", "||Y - Y_standard|| / ||Y_standard||"]
-    md = ("Singular values of the Newton-Schulz result Y and its distance to the exact polar factor U V^T of "
-          "the input (float64 SVD). 'gram default' uses `gram_restarts(steps, dtype, coefficients)`.\n\n"
-          + markdown_table(headers, rows))
-    save("bench_newton_schulz_accuracy", {"records": records}, md)
+        # saved after every input: on the shared machine a full run takes long
+        md = ("Singular values of the Newton-Schulz result Y and its distance to the exact polar factor U V^T of "
+              "the input (float64 SVD). 'gram default' uses `gram_restarts(steps, dtype, coefficients)`.\n\n"
+              + markdown_table(headers, rows))
+        save("bench_newton_schulz_accuracy", {"records": records}, md)
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -216,6 +226,7 @@ def main() -> None:
     ap.add_argument("--part", choices=("speed", "accuracy", "plan"), required=True)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--momentum-steps", type=int, default=10)
+    ap.add_argument("--large", action="store_true", help="accuracy: also a 2048 x 7168 input (slow SVDs)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"speed": speed, "accuracy": accuracy, "plan": plan}[args.part](args)

@@ -625,7 +625,7 @@ def write_markdown(summary: dict, path: Path, png: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- main
-def ns_study(n_seeds: int) -> int:
+def ns_study(n_seeds: int, allow_run: bool = True) -> int:
     """Paired runs of NS_STUDY at MARS-M approx's best lr of the full study, seeds 0..n_seeds-1."""
     lr = json.loads((RESULTS / "summary.json").read_text())["rows"]["marsm_approx"]["lr"]
     finals = {opt: {} for opt in NS_STUDY}
@@ -633,7 +633,7 @@ def ns_study(n_seeds: int) -> int:
     runs = {}
     for seed in range(n_seeds):
         for opt in NS_STUDY:
-            r = ensure(RESULTS, run_spec(FULL, opt, lr, seed), allow_run=True)
+            r = ensure(RESULTS, run_spec(FULL, opt, lr, seed), allow_run=allow_run)
             if r:
                 runs[r["name"]] = r
                 finals[opt][seed] = r["final_val"]
@@ -654,6 +654,9 @@ def ns_study(n_seeds: int) -> int:
         lines.append(f"| {LABELS[opt]} | {fmt(m)} +- {fmt(sd)} | "
                      + ", ".join(fmt(finals[opt][s]) for s in sorted(finals[opt]))
                      + f" | {d[0]:+.4f} +- {d[1]:.4f} | {mean_std(times[opt])[0]:.0f} |")
+    missing = [f"{opt} seed {s}" for s in range(n_seeds) for opt in NS_STUDY if s not in finals[opt]]
+    if missing:
+        lines.append(f"\nNot run (CPU time): {', '.join(missing)}.")
     md = "\n".join(lines) + "\n"
     (RESULTS / "ns_study.json").write_text(json.dumps({"lr": lr, "rows": rows, "machine": machine_info(runs)},
                                                       indent=1, default=str) + "\n")
@@ -683,7 +686,7 @@ def main(argv=None) -> int:
         tmp.replace(cache_path(out, spec["name"]))
         return 0
     if args.ns_study:
-        return ns_study(args.seeds)
+        return ns_study(args.seeds, allow_run=not args.no_run)
     study = QUICK if args.quick else FULL
     out = RESULTS / "quick" if args.quick else RESULTS
     doc_md = out / "loss_study.md" if args.quick else ROOT / "docs" / "loss_study.md"

@@ -139,7 +139,7 @@ class OwnerCompute:
             for q in senders:
                 block = e.layout.blocks[q]
                 values = local_inputs[pos] if q == me else pieces[q].pop(block_numel(block))
-                put_block(full, block, values.reshape([index_len(i) for i in block]).to(full.dtype))
+                put_block(full, block, values.reshape([index_len(i) for i in block]))
             fulls[pos] = full
         return fulls
 

@@ -44,26 +44,32 @@ def block_numel(block: tuple[Index, ...]) -> int:
     return math.prod(index_len(i) for i in block)
 
 
+def _covers(index: Index, size: int) -> bool:
+    return isinstance(index, slice) and index.start == 0 and index.stop == size
+
+
 def take_block(full: torch.Tensor, block: tuple[Index, ...]) -> torch.Tensor:
     """The sub-tensor of ``full`` selected by one index set per dim (a copy only where needed)."""
     out = full
     for dim, index in enumerate(block):
-        out = out[(slice(None),) * dim + (index,)] if isinstance(index, slice) else out.index_select(
-            dim, index.to(out.device))
+        if _covers(index, out.size(dim)):
+            continue
+        out = out.narrow(dim, index.start, index.stop - index.start) if isinstance(index, slice) else \
+            out.index_select(dim, index.to(out.device))
     return out
 
 
 def put_block(full: torch.Tensor, block: tuple[Index, ...], values: torch.Tensor) -> None:
     """Inverse of ``take_block``: write ``values`` into the positions ``block`` selects."""
     if all(isinstance(i, slice) for i in block):
-        full[block] = values
+        take_block(full, block).copy_(values)   # slices give a view: write through it
         return
     ndim = len(block)
     grids = []
     for dim, index in enumerate(block):
         t = torch.arange(index.start, index.stop, device=full.device) if isinstance(index, slice) else index.to(full.device)
         grids.append(t.view((1,) * dim + (-1,) + (1,) * (ndim - dim - 1)))
-    full.index_put_(tuple(grids), values)
+    full.index_put_(tuple(grids), values.to(full.dtype))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ DEFAULT_ADAMW_PATTERNS = (
     r"(^|\.)(output|lm_head)\.weight$",
     MOE_ROUTER_PATTERN,
 )
+# Attention projections whose rows are heads ([heads * head_dim, dim]): query, key, value, fused QKV.
+DEFAULT_HEAD_PATTERNS = (r"(^|\.)(wq|wk|wv|wqkv|q_proj|k_proj|v_proj|qkv_proj)\.weight$",)
 
 
 def build_param_groups(
@@ -24,6 +26,8 @@ def build_param_groups(
     adamw_patterns: tuple[str, ...] = DEFAULT_ADAMW_PATTERNS,
     adamw_lr: float | None = None,
     adamw_weight_decay: float | None = None,
+    head_dim: int | None = None,
+    head_patterns: tuple[str, ...] = DEFAULT_HEAD_PATTERNS,
 ) -> list[dict]:
     """Two param groups: matrices for MARS-M (``use_mars=True``) and the rest for AdamW.
 
@@ -33,23 +37,30 @@ def build_param_groups(
     matrix or a batch of matrices (MoE expert stacks [E, out, in] are E matrices). Buffers (an MoE
     layer's expert bias and token counts) are not parameters: no optimizer updates them (torchtitan's
     load-balancing hook does). Names are kept in ``param_names`` so errors and plans can name parameters.
+
+    With ``head_dim``, the MARS-M matrices whose names match ``head_patterns`` (attention q/k/v) form a
+    third group with ``ns_head_dim=head_dim``: each head's rows are orthogonalized on their own.
     """
-    if isinstance(adamw_patterns, (str, bytes)) or not all(isinstance(p, str) for p in adamw_patterns):
-        raise TypeError(f"build_param_groups: adamw_patterns must be a tuple of regular-expression strings, "
-                        f"got {adamw_patterns!r} (a single pattern needs a 1-tuple: ({adamw_patterns!r},))")
+    for arg, patterns in (("adamw_patterns", adamw_patterns), ("head_patterns", head_patterns)):
+        if isinstance(patterns, (str, bytes)) or not all(isinstance(p, str) for p in patterns):
+            raise TypeError(f"build_param_groups: {arg} must be a tuple of regular-expression strings, "
+                            f"got {patterns!r} (a single pattern needs a 1-tuple: ({patterns!r},))")
     compiled = [re.compile(p) for p in adamw_patterns]
+    heads = [re.compile(p) for p in head_patterns] if head_dim is not None else []
     embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    mars, adamw = ([], []), ([], [])
+    mars, per_head, adamw = ([], []), ([], []), ([], [])
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         to_adamw = p.ndim < 2 or id(p) in embedding_params or any(c.search(name) for c in compiled)
-        target = adamw if to_adamw else mars
+        target = adamw if to_adamw else per_head if any(c.search(name) for c in heads) else mars
         target[0].append(p)
         target[1].append(name)
     groups = []
     if mars[0]:
         groups.append({"params": mars[0], "param_names": mars[1], "use_mars": True})
+    if per_head[0]:
+        groups.append({"params": per_head[0], "param_names": per_head[1], "use_mars": True, "ns_head_dim": head_dim})
     if adamw[0]:
         group = {"params": adamw[0], "param_names": adamw[1], "use_mars": False}
         if adamw_lr is not None:

@@ -289,6 +289,21 @@ def gram_fsdp_fp32(rank, world):
     assert "gram" in methods.values() and "standard" in methods.values(), methods
 
 
+def ns_method_differs_between_ranks(rank, world):
+    """Ranks must agree on the method (their owner plans are built from its FLOPs): every rank raises."""
+    from test_distributed import _mesh_1d, fsdp_wrap, lm_loss, make_model
+
+    from dist_marsm import MARSM, build_param_groups
+
+    model = fsdp_wrap(make_model(), _mesh_1d(world))
+    opt = MARSM(build_param_groups(model), lr=0.01, ns_method="gram" if rank == world - 1 else "standard")
+    lm_loss(model, 0).backward()
+    with pytest.raises(RuntimeError, match="settings differ .*ns_method"):
+        opt.step()
+
+
 def test_distributed_gram_equals_single_process():
-    results = run_scenarios("test_newton_schulz", ["gram_fsdp_fp32"], world=2)
-    assert results["gram_fsdp_fp32"] == [None, None], results
+    names = ["gram_fsdp_fp32", "ns_method_differs_between_ranks"]
+    results = run_scenarios("test_newton_schulz", names, world=2)
+    for name in names:
+        assert results[name] == [None, None], f"{name}: {results[name]}"

@@ -135,3 +135,20 @@ _check = scenario_check("test_units", SCENARIOS, timeout=300)
 @pytest.mark.parametrize("world", [2, 3])
 def test_per_head_and_experts_under_fsdp(world):
     _check(world, SCENARIOS[0])
+
+
+@pytest.mark.slow
+def test_per_head_on_the_cpu_recipe_at_two_ranks(tmp_path):
+    """The debug recipe with ``--optimizer.ns_head_dim 16`` trains at 2 ranks, and each step orthogonalizes
+    one matrix per head of every fused wqkv (torchtitan's llama3 debugmodel: 6 layers, 16 query and 16
+    key/value heads of 16 rows, so 48 heads per layer) plus wo, w1, w2, w3 whole."""
+    import json
+
+    from _titan_jobs import losses, run_job
+
+    rc, log = run_job(str(tmp_path), 2, ["--training.steps", "4", "--optimizer.ns_head_dim", "16"])
+    assert rc == 0, log[-3000:]
+    loss = losses(str(tmp_path))
+    assert loss[4] < loss[1], loss
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert rows[-1]["ns_matrices_total"] == 6 * (16 + 2 * 16 + 4), rows[-1]

@@ -69,6 +69,10 @@ def marsm_stats(optimizers) -> dict[str, float]:
             for key, name in (("step_time_s", "marsm_step_time_s"), ("ns_matrices", "ns_matrices"),
                               ("bytes_sent", "bytes_sent")):
                 out[name] = out.get(name, 0) + opt.last_step_stats.get(key, 0)
+    qk_clip = getattr(optimizers, "qk_clip", None)
+    if qk_clip is not None and qk_clip.clip.last_stats:
+        out["qk_clip_max_logit"] = qk_clip.clip.last_stats["max_logit"]
+        out["qk_clip_heads_clipped"] = qk_clip.clip.last_stats["heads_clipped"]
     return out
 
 
@@ -132,7 +136,7 @@ class MARSMMetricsProcessor(MetricsProcessor):
             extra_metrics: dict[str, Any] | None = None):
         extra = dict(extra_metrics or {})
         stats = marsm_stats(self._optimizers)
-        if stats and dist.is_initialized():
+        if "ns_matrices" in stats and dist.is_initialized():
             # Matrices orthogonalized by the whole job this step (each exactly once).
             total = torch.tensor([stats["ns_matrices"]], dtype=torch.int64, device=_comm_device())
             dist.all_reduce(total)

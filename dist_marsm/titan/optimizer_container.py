@@ -19,6 +19,8 @@ import tyro
 from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
 
 from dist_marsm import DEFAULT_ADAMW_PATTERNS, MARSM, build_param_groups, settings
+from dist_marsm.qk_clip import QKClipSettings
+from dist_marsm.titan.qk_clip_hooks import install_qk_clip
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,9 @@ def _config_fields():
          dataclasses.field(default_factory=list)),
         ("nesterov", Annotated[bool, tyro.conf.arg(help="DistMuon: Nesterov momentum")], True),
         ("implementation", Literal["for-loop", "foreach", "fused", "fused_opt_states_bf16"], "foreach"),
+        ("qk_clip_tau", Annotated[Optional[float], tyro.conf.arg(
+            help="QK-clip (MuonClip) threshold on each head's max pre-softmax logit; None = off "
+                 "(docs/attention.md)")], None),
     ]
     return out
 
@@ -94,6 +99,10 @@ def _check(self) -> None:
     for bad, message in problems:
         if bad:
             raise ValueError(message)
+    try:
+        QKClipSettings(tau=self.qk_clip_tau)
+    except ValueError as e:
+        raise ValueError(f"qk_clip_tau: {e}") from None
     for pattern in self.adamw_patterns:
         try:
             re.compile(pattern)
@@ -107,9 +116,11 @@ def route_group(model: torch.nn.Module, group: dict) -> list[dict]:
     patterns = tuple(group.pop("adamw_patterns", None) or DEFAULT_ADAMW_PATTERNS)
     adamw_lr, adamw_wd = group.pop("adamw_lr", None), group.pop("adamw_weight_decay", None)
     params, names = group.pop("params"), group.pop("param_names")
+    head_dim = group.pop("ns_head_dim", None)   # per head for attention q/k/v only, not every matrix
     # build_param_groups reads modules() and named_parameters(): the model's, restricted to this group
     view = types.SimpleNamespace(modules=model.modules, named_parameters=lambda: zip(names, params))
-    routed = build_param_groups(view, adamw_patterns=patterns, adamw_lr=adamw_lr, adamw_weight_decay=adamw_wd)
+    routed = build_param_groups(view, adamw_patterns=patterns, adamw_lr=adamw_lr, adamw_weight_decay=adamw_wd,
+                                head_dim=head_dim)
     return [{**group, **g} for g in routed]   # per-route overrides win over the shared values
 
 
@@ -161,6 +172,9 @@ class MARSMOptimizersContainer(OptimizersContainer):
             config = dataclasses.replace(config, param_groups=groups, optimizer_factory_kwargs_by_name={
                 **factory_kwargs, **config.optimizer_factory_kwargs_by_name})
         super().__init__(config, model_parts=model_parts)
+        # QK-clip runs as this container's step post-hook, over all model parts (one all-reduce per step).
+        self.qk_clip = None if config.qk_clip_tau is None else install_qk_clip(
+            model_parts, config.qk_clip_tau, optimizer=self)
 
     @staticmethod
     def _resolve_optimizer_factory(name: str):
