@@ -499,8 +499,7 @@ def main():
     if torch.cuda.is_available():
         world = min(world, torch.cuda.device_count())
     import torch.multiprocessing as mp
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from _spawn import free_port
+    from torch.distributed.elastic.utils.distributed import get_free_port as free_port
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

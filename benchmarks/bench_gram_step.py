@@ -94,8 +94,7 @@ def main():
     CONFIG.update(dim=args.dim, ffn=args.ffn, n_layers=args.layers)
     import torch.multiprocessing as mp
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from _spawn import free_port
+    from torch.distributed.elastic.utils.distributed import get_free_port as free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

@@ -8,18 +8,15 @@ timeout so a hang becomes an error, and the parent kills stragglers after ``time
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from torch.distributed.elastic.utils.distributed import get_free_port as free_port
 
 
 def _rank_main(rank, world, port, module, names, queue, pg_timeout_s):
@@ -65,3 +62,18 @@ def run_scenarios(module: str, names: list[str], world: int, timeout: float = 60
         if p.is_alive():
             p.kill()
     return results
+
+
+def scenario_check(module: str, scenarios, **kwargs):
+    """``check(world, scenario)`` asserts that ``scenario`` passed on every rank. ``scenarios`` is a list
+    or ``{world: list}``; each world size's scenarios run together once, on the first check."""
+    @functools.cache
+    def results(world):
+        names = scenarios[world] if isinstance(scenarios, dict) else scenarios
+        return run_scenarios(module, names, world, **kwargs)
+
+    def check(world: int, scenario: str) -> None:
+        failed = [(r, e) for r, e in enumerate(results(world)[scenario]) if e is not None]
+        assert not failed, "\n".join(f"rank {r}:\n{e}" for r, e in failed)
+
+    return check

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _spawn import run_scenarios  # noqa: E402
+from _spawn import run_scenarios
 
 pytestmark = pytest.mark.slow
 

@@ -30,14 +30,12 @@ Ranks are spawned once (2 gloo ranks); every scenario runs on both.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from _spawn import run_scenarios
+from _spawn import scenario_check
 
 WORLD = 2
 STEPS = 4
@@ -76,8 +74,7 @@ def _loss(model, step):
 
 
 def _distmuon(model, **kw):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from distmuon_cpu import build_dist_muon_cpu
+    from benchmarks.distmuon_cpu import build_dist_muon_cpu
     from torchtitan.distributed.flex_shard import BucketConfig, ComputeLayout, Owned
 
     names, params = zip(*model.named_parameters())
@@ -148,19 +145,11 @@ def lr_scale_is_detected(rank, world):
 
 SCENARIOS = ["same_algorithm_agrees", "same_algorithm_fp32_wire_agrees", "nesterov_is_detected",
              "lr_scale_is_detected"]
-_RESULTS: dict = {}
-
-
-def _results():
-    if not _RESULTS:
-        _RESULTS.update(run_scenarios("test_distmuon_parity", SCENARIOS, WORLD, timeout=600))
-    return _RESULTS
+_check = scenario_check("test_distmuon_parity", SCENARIOS, timeout=600)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_distmuon_parity(scenario):
     pytest.importorskip("torchtitan.distributed.flex_shard")
-    errors = _results()[scenario]
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    assert not failed, "\n".join(f"rank {r}:\n{e}" for r, e in failed)
+    _check(WORLD, scenario)

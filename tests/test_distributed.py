@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _spawn import run_scenarios
+from _spawn import scenario_check
 
 STEPS = 10
 
@@ -328,18 +328,10 @@ SCENARIOS = {
         "hsdp_2x2", "fsdp_tp_2x2"],
 }
 
-_RESULTS: dict[int, dict] = {}
-
-
-def _results(world):
-    if world not in _RESULTS:
-        _RESULTS[world] = run_scenarios("test_distributed", SCENARIOS[world], world)
-    return _RESULTS[world]
+_check = scenario_check("test_distributed", SCENARIOS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world,scenario", [(w, s) for w, names in SCENARIOS.items() for s in names])
 def test_scenario(world, scenario):
-    errors = _results(world)[scenario]
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    assert not failed, "\n".join(f"rank {r}:\n{e}" for r, e in failed)
+    _check(world, scenario)

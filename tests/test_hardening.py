@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from _spawn import run_scenarios
+from _spawn import scenario_check
 from test_distributed import _mesh_1d, fsdp_wrap, lm_loss, make_model
 
 from dist_marsm import MARSM, NonFiniteGradientError, build_param_groups
@@ -297,14 +297,11 @@ def nonfinite_policy_differs(rank, world):
 
 SCENARIOS = ["bad_value_on_one_rank_fails_every_rank", "lr_differs_between_ranks", "lr_changed_on_one_rank_after_the_first_step", "owner_policy_differs",
              "wire_dtype_differs", "bucket_mb_differs", "nonfinite_policy_differs"]
-_RESULTS: dict = {}
+_check = scenario_check("test_hardening", SCENARIOS, timeout=300, pg_timeout_s=30)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_ranks_that_disagree_all_raise(scenario, world):
-    if world not in _RESULTS:
-        _RESULTS[world] = run_scenarios("test_hardening", SCENARIOS, world, timeout=300, pg_timeout_s=30)
-    failed = [(r, e) for r, e in enumerate(_RESULTS[world][scenario]) if e is not None]
-    assert not failed, "\n".join(f"rank {r}:\n{e}" for r, e in failed)
+    _check(world, scenario)

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from _spawn import run_scenarios
+from _spawn import scenario_check
 from dist_marsm import MARSM
 from test_optimizer import SHAPES, grads_for, make_params, ref_ns_any
 
@@ -150,14 +150,10 @@ SCENARIOS = {
         "fsdp_tp_rowwise_neuron_is_a_clear_error"],
     3: ["fsdp_neuron_fp32_equals_single", "fsdp_neuron_extra_traffic_is_two_norms_per_matrix"],
 }
-_RESULTS: dict[int, dict] = {}
+_check = scenario_check("test_normuon", SCENARIOS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world,scenario", [(w, s) for w, names in SCENARIOS.items() for s in names])
 def test_scenario(world, scenario):
-    if world not in _RESULTS:
-        _RESULTS[world] = run_scenarios("test_normuon", SCENARIOS[world], world)
-    errors = _RESULTS[world][scenario]
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    assert not failed, "\n".join(f"rank {r}:\n{e}" for r, e in failed)
+    _check(world, scenario)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _spawn import run_scenarios
+from _spawn import scenario_check
 from dist_marsm.qk_clip import AttentionSpec, QKClip, QKClipSettings, per_head_max_logits
 
 REL = 2e-5
@@ -528,18 +528,14 @@ def scenario_fsdp_training(rank, world):
 
 
 SCENARIOS = ["scenario_replicated", "scenario_fsdp_shards", "scenario_fsdp_training"]
-_RESULTS: dict[int, dict] = {}
+_check = scenario_check("test_qk_clip", SCENARIOS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_distributed(world, scenario):
-    if world not in _RESULTS:
-        _RESULTS[world] = run_scenarios("test_qk_clip", SCENARIOS, world)
-    errors = _RESULTS[world][scenario]
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    assert not failed, "\n".join(f"rank {r}:\n{e}" for r, e in failed)
+    _check(world, scenario)
 
 
 def test_recipe_key_wires_qk_clip_into_the_optimizer_container():

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from _spawn import run_scenarios
+from _spawn import scenario_check
 from test_distributed import _mesh_1d, fsdp_wrap, full, lm_loss, make_model
 
 
@@ -199,13 +199,10 @@ def collective_timeout_is_an_error_not_a_hang(rank, world):
 SCENARIOS = ["nonfinite_raise_names_param_step_rank", "nonfinite_skip_leaves_everything_untouched",
              "hyperparameter_mismatch_raises", "deterministic_repeat_bit_identical",
              "bf16_wire_no_drift_over_120_steps", "soak_memory_flat", "collective_timeout_is_an_error_not_a_hang"]
-_RESULTS: dict = {}
+_check = scenario_check("test_reliability", SCENARIOS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_scenario(scenario):
-    if not _RESULTS:
-        _RESULTS.update(run_scenarios("test_reliability", SCENARIOS, 2))
-    failed = [(r, e) for r, e in enumerate(_RESULTS[scenario]) if e is not None]
-    assert not failed, "\n".join(f"rank {r}:\n{e}" for r, e in failed)
+    _check(2, scenario)

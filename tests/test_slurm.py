@@ -59,7 +59,7 @@ def recipe() -> str:
 def overrides(dump: Path, steps: int = STEPS) -> list[str]:
     """The debug recipe shortened: a few steps, warm-up within them, checkpoints every CKPT_INTERVAL steps,
     FSDP over however many ranks the launcher starts."""
-    return ["--training.steps", str(steps), "--lr_scheduler.warmup_steps", "2", "--job.dump_folder", str(dump),
+    return ["--training.steps", str(steps), "--lr_scheduler.warmup_steps", "2", "--dump_folder", str(dump),
             "--checkpoint.enable", "true", "--checkpoint.interval", str(CKPT_INTERVAL),
             "--parallelism.data_parallel_shard_degree", "-1"]
 

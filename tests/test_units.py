@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from _spawn import run_scenarios
+from _spawn import scenario_check
 from test_distributed import _mesh_1d, full
 
 from dist_marsm import MARSM
@@ -128,16 +128,13 @@ def per_head_fsdp_equals_single_process(rank, world):
 
 
 SCENARIOS = ["per_head_fsdp_equals_single_process"]
-_RESULTS: dict = {}
+_check = scenario_check("test_units", SCENARIOS, timeout=300)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_per_head_and_experts_under_fsdp(world):
-    if world not in _RESULTS:
-        _RESULTS[world] = run_scenarios("test_units", SCENARIOS, world, timeout=300)
-    failed = [(r, e) for r, e in enumerate(_RESULTS[world][SCENARIOS[0]]) if e is not None]
-    assert not failed, "\n".join(f"rank {r}:\n{e}" for r, e in failed)
+    _check(world, SCENARIOS[0])
 
 
 @pytest.mark.slow

@@ -1,8 +1,5 @@
-"""``python -m torchtitan.train --module dist_marsm.titan --config <name>``: the shipped recipes by name.
-
-torchtitan's ConfigManager imports ``<module>.config_registry`` and calls the function ``--config``
-names; each returns the config of ``recipes/<name>.toml`` (or ``$DIST_MARSM_RECIPES/<name>.toml``), and
-torchtitan's tyro applies the command line on top (``--optimizer.gamma 0``, ``--help``).
+"""``python -m torchtitan.train --module dist_marsm.titan --config <name>``: the shipped recipes by name
+(``recipes/<name>.toml`` or ``$DIST_MARSM_RECIPES/<name>.toml``); torchtitan's tyro applies the command line.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""The embedded corpus and its locally built tokenizer (no downloads).
+"""The embedded corpus (``pydoc_data.topics``) and its locally built BPE tokenizer (no downloads).
 
-Corpus: CPython's own help topics (``pydoc_data.topics``, 79 documents, ~465 KB of English with code),
-sorted by name; every 10th from the 7th (index % 10 == 6, ~11% of the text) is the validation split.
-Tokenizer: a byte-level BPE (``tokenizers``) trained on the training split, BOS/EOS
-``<|begin_of_text|>``/``<|end_of_text|>``, cached in ``$DIST_MARSM_CACHE`` (or ``~/.cache/dist_marsm``)
-by corpus hash and vocabulary size, loaded by torchtitan's ``HuggingFaceTokenizer``. Both splits are
-registered in torchtitan's ``DATASETS`` (its extension point) as ``pydoc_topics`` and
-``pydoc_topics_validation``, so the stock dataloader and its checkpointable state are used.
+Both splits are registered in torchtitan's ``DATASETS`` (its extension point) as ``pydoc_topics`` and
+``pydoc_topics_validation``. Split rule, tokenizer and cache: docs/torchtitan.md.
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
 """What torchtitan 0.3.0's Trainer needs on a CPU-only machine with gloo (no-op with an accelerator).
 
-1. Device module: with no accelerator torchtitan falls back to ``"cuda"``/``torch.cuda``;
-   :func:`apply_cpu_device_module` installs ``"cpu"`` and a small CPU device module (memory stats from
-   the process's peak RSS) in every torchtitan module that copied those names.
-2. Attention: FlexAttention has no backward on CPU; every ``FlexAttention.Config`` becomes causal SDPA
-   (packed documents may then attend to earlier documents of their sequence; RoPE still restarts).
-3. FSDP reduction: torchtitan's ``gradient_divide_factor=1.0`` makes FSDP2 use ``PREMUL_SUM``, which
-   gloo lacks; ``parallelize_fn`` is wrapped to force a plain SUM (same result).
-4. SPMD backend ``partial_dtensor`` (classic FSDP2 DTensors, which MARSM plans from); no CUDA graphs.
+The four obstacles (device module, FlexAttention backward, PREMUL_SUM, SPMD backend) are described in
+docs/torchtitan.md; each function below names the one it removes.
 """
 
 from __future__ import annotations

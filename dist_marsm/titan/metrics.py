@@ -1,17 +1,8 @@
 """MARS-M metrics through torchtitan's MetricsProcessor and its logger backends, plus a JSON-lines backend.
 
-:class:`MARSMMetricsProcessor` adds to torchtitan's metrics at every logged step (all backends get them):
-``optimizer_time_s`` (the container's ``step()``, any optimizer), ``marsm_step_time_s``, ``ns_matrices``
-(this rank), ``ns_matrices_total`` (all ranks), ``bytes_sent`` (summed over this rank's MARSM instances)
-and ``output_rms_inf_norm``. :class:`JsonlLogger` writes one JSON object per logged step to
-``<dump_folder>/<jsonl_file>`` on torchtitan's metrics rank: ``step``, ``loss``, every metric under its
-torchtitan name, and ``validation_loss`` objects for validation steps; a resumed run first drops the
-lines of steps it redoes. The console keeps torchtitan's one line per step.
-
-RMS->inf operator norm of the output matrix W (d_out x d_in), inputs in the RMS norm, logits in the max
-norm: max_x ||W x||_inf / ||x||_rms = sqrt(d_in) * max_i ||W[i, :]||_2, the norm "Optimal Scaling Needs
-Optimal Norm" (Filatov et al., 2025) tracks (docs/hyperparameters.md). Exact on DTensor shards: row sums
-of squares are all-reduced over mesh dims that shard columns, the maximum over dims that shard rows.
+Added at every logged step: optimizer time, MARSM step time, Newton-Schulz matrices (this rank and all
+ranks), bytes sent, and the output layer's RMS->inf operator norm
+max_x ||W x||_inf / ||x||_rms = sqrt(d_in) * max_i ||W[i, :]||_2 (docs/hyperparameters.md).
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
 """``MARS-M`` as a torchtitan optimizer name beside ``AdamW`` and ``DistMuon``, with a typed config.
 
-:class:`MARSMOptimizersContainer.Config` has one typed field per MARSM setting, generated from
-:data:`dist_marsm.settings.SETTINGS` (``Literal`` choices, defaults, the setting's doc as tyro help),
-plus ``name`` (which optimizer) and the routing fields. torchtitan's tyro CLI therefore parses,
-checks and documents them (``--optimizer.gamma 0``, ``--help``). With ``param_groups`` left empty the
-container derives them from these fields; explicit ``param_groups`` are used as given.
-
-Routing: parameters of a ``MARS-M`` group are split by :func:`dist_marsm.build_param_groups` into the
-MARS-M route (matrices) and MARSM's AdamW route (``ndim < 2``, embeddings, names matching
-``adamw_patterns``: by default token embeddings and the output head), matched on torchtitan's
-canonical names (activation-checkpoint wrappers removed). DistMuon gets the same matrices; the rest
-goes to a torch AdamW group. With pipeline parallelism each stage has its own optimizer.
-
-Resume policy (:meth:`load_state_dict`): the recipe's values win over the checkpoint's for every
-param-group setting except what the lr scheduler drives (``lr``, ``initial_lr``); each setting that
-changed is logged once, old -> new. A key the checkpoint lacks keeps its live value (with a warning).
+One typed field per MARSM setting, generated from :data:`dist_marsm.settings.SETTINGS`, so torchtitan's
+tyro CLI parses, checks and documents them. Routing, checkpoint keys and the resume policy (the recipe's
+values win except what the lr scheduler drives): docs/torchtitan.md.
 """
 
 from __future__ import annotations
@@ -22,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import types
 import typing
 from typing import Annotated, Any, Literal, Optional
 
@@ -121,14 +110,6 @@ def _check(self) -> None:
             raise ValueError(f"adamw_patterns: {pattern!r} is not a regular expression ({e})") from None
 
 
-def _route_view(model: torch.nn.Module, params: list, names: list[str]):
-    """What build_param_groups reads from a model, restricted to ``params`` under canonical ``names``."""
-    view = type("_NamedView", (), {})()
-    view.modules = model.modules
-    view.named_parameters = lambda: zip(names, params)
-    return view
-
-
 def route_group(model: torch.nn.Module, group: dict) -> list[dict]:
     """Split one torchtitan param-group dict into MARSM groups with ``use_mars`` True/False."""
     group = {k: v for k, v in group.items() if k not in _IMPL_KEYS}
@@ -136,8 +117,10 @@ def route_group(model: torch.nn.Module, group: dict) -> list[dict]:
     adamw_lr, adamw_wd = group.pop("adamw_lr", None), group.pop("adamw_weight_decay", None)
     params, names = group.pop("params"), group.pop("param_names")
     head_dim = group.pop("ns_head_dim", None)   # per head for attention q/k/v only, not every matrix
-    routed = build_param_groups(_route_view(model, params, names), adamw_patterns=patterns, adamw_lr=adamw_lr,
-                                adamw_weight_decay=adamw_wd, head_dim=head_dim)
+    # build_param_groups reads modules() and named_parameters(): the model's, restricted to this group
+    view = types.SimpleNamespace(modules=model.modules, named_parameters=lambda: zip(names, params))
+    routed = build_param_groups(view, adamw_patterns=patterns, adamw_lr=adamw_lr, adamw_weight_decay=adamw_wd,
+                                head_dim=head_dim)
     return [{**group, **g} for g in routed]   # per-route overrides win over the shared values
 
 
@@ -248,14 +231,12 @@ class MARSMOptimizersContainer(OptimizersContainer):
         """Load the state; then the recipe's (live) settings win except ``SCHEDULED_KEYS`` (see module doc)."""
         state_dict, missing = dict(state_dict), set()
         live = [[dict(g) for g in optim.param_groups] for optim in self.optimizers]
-        for optim in self.optimizers:
-            for group in optim.param_groups:
-                names = group.get("param_names") or []
-                for key, value in group.items():
-                    flat = f"param_groups.{names[0]}.{key}" if names else None
-                    if flat and key not in ("params", "param_names") and flat not in state_dict:
-                        missing.add(key)
-                        state_dict[flat] = value
+        for group in (g for groups in live for g in groups if g.get("param_names")):
+            for key, value in group.items():
+                flat = f"param_groups.{group['param_names'][0]}.{key}"
+                if key not in ("params", "param_names") and flat not in state_dict:
+                    missing.add(key)
+                    state_dict[flat] = value
         if missing:
             logger.warning(f"optimizer checkpoint lacks param-group keys {sorted(missing)}; keeping their "
                            "current values")

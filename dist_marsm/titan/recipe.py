@@ -1,15 +1,8 @@
-"""TOML recipes as a thin loader onto torchtitan's ``Trainer.Config`` tree, and CLI overrides through tyro.
+"""TOML recipes onto torchtitan's ``Trainer.Config`` tree by field path, CLI overrides through tyro.
 
-A recipe's tables are the config's fields by path: ``[training] steps`` is ``config.training.steps``,
-``[validator.dataloader] dataset`` is ``config.validator.dataloader.dataset``, top-level keys
-(``dump_folder``) are the root's. :func:`load_recipe` walks the file onto a default
-:class:`MARSMTrainerConfig`; each value is checked against the field's annotation and every table is
-rebuilt with ``dataclasses.replace``, so ``__post_init__`` checks run (torchtitan's, the typed MARS-M
-config's, and the cross-field ones below). Unknown keys (with the closest valid names), wrong types and
-impossible values raise one :class:`RecipeError` naming the key and the file. Overrides
-(``--optimizer.gamma 0``) then go through tyro exactly as torchtitan's ``ConfigManager`` does, with the
-recipe's values as defaults; ``--help`` lists every field with its doc. TOML has no null: the string
-``"none"`` sets an optional field to None.
+Each value is checked against its field's annotation and every table rebuilt with ``dataclasses.replace``
+(so ``__post_init__`` checks run); a problem raises one :class:`RecipeError` naming key and file. TOML has
+no null: the string ``"none"`` sets an optional field to None. See docs/torchtitan.md.
 """
 
 from __future__ import annotations
