@@ -51,7 +51,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import (Combined, MODEL_CONFIGS, fmt, human_bytes, lm_loss, make_model, markdown_table, matrix_shapes,  # noqa: E402
+from _common import (Combined, MODEL_CONFIGS, human_bytes, lm_loss, make_model, markdown_table, matrix_shapes,  # noqa: E402
                      median, save)
 
 # ============================================================ per-model configuration, one function each

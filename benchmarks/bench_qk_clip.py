@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import LLAMA3, markdown_table, median, save  # noqa: E402
 
-from dist_marsm.qk_clip import QKClip, per_head_max_logits  # noqa: E402
+from dist_marsm.qk_clip import per_head_max_logits  # noqa: E402
 
 
 def build_model():

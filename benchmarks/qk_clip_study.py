@@ -14,7 +14,6 @@ Writes benchmarks/results/<name>.{json,md} and docs/<name>.png (name: qk_clip_st
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time

@@ -10,7 +10,6 @@ block never travels. Bytes sent are counted from the split sizes, not estimated.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
 
 import torch
 import torch.distributed as dist

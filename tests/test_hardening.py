@@ -14,7 +14,6 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from _spawn import scenario_check

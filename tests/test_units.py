@@ -8,7 +8,6 @@ by about 1e-6 relative on these sizes, so 1e-5 of the update.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
