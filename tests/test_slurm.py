@@ -88,8 +88,10 @@ def assert_loss_falls(ls: dict[int, float]):
 
 
 def assert_mars_m_ran(records: list[dict]):
-    """Every step orthogonalized matrices (MARS-M's Newton-Schulz), not an AdamW fallback."""
-    assert records and all(r.get("ns_matrices_total", r.get("ns_matrices", 0)) > 0 for r in records), records[:2]
+    """Every training step orthogonalized matrices (MARS-M's Newton-Schulz), not an AdamW fallback.
+    Validation rows (``validation_loss``, no ``loss``) are not steps."""
+    steps = [r for r in records if "loss" in r]
+    assert steps and all(r.get("ns_matrices_total", r.get("ns_matrices", 0)) > 0 for r in steps), steps[:2]
 
 
 def submit(cluster, tmp: Path, name: str, nodes: int, per_node: int, extra_sbatch=(), env=None, steps=STEPS):
