@@ -524,7 +524,7 @@ class MARSM(torch.optim.Optimizer):
             if not group["clip"] or group["variant"] == "efficient":
                 continue
             c = corrected[pos]
-            if c is _local(m.param.grad) or c.data_ptr() == _local(m.param.grad).data_ptr():
+            if c.data_ptr() == _local(m.param.grad).data_ptr():
                 c = corrected[pos] = c.clone()   # never scale the gradient itself
             factors = [mars_math.unit_clip_factor(sq_norms[s]) for s in m.slot_list]
             mats = [c] if c.ndim == 2 else c.reshape(-1, *c.shape[-2:]).unbind(0)
