@@ -125,6 +125,13 @@ def test_overrides_use_the_recipes_types(tmp_path):
     assert r.training.steps == 5 and r.optimizer.gamma == BY_NAME["gamma"].default
 
 
+def test_recipe_lists_keep_their_items(tmp_path):
+    """A TOML list is one value per item (a regex may hold a comma); an empty list is empty."""
+    p = write(tmp_path, '[optimizer]\nadamw_patterns = ["^x{1,2}$", "norm"]\n[checkpoint]\nexclude_from_loading = []\n')
+    r = load_recipe(p)
+    assert r.optimizer.adamw_patterns == ["^x{1,2}$", "norm"] and r.checkpoint.exclude_from_loading == []
+
+
 @pytest.mark.parametrize("args,key", [(["--training.steps", "1.5"], "[training] steps"),
                                       (["--optimizer.lr", "fast"], "[optimizer] lr"),
                                       (["--optimizer.momentum", "1"], "[optimizer] momentum"),
@@ -558,11 +565,12 @@ def test_help_lists_every_marsm_setting_with_its_doc():
 def test_a_new_setting_reaches_the_typed_config_and_the_loader(tmp_path, monkeypatch):
     """Adding a setting touches the declaration only: a config class built from the declaration has it,
     typed (Literal choices, tuples), and the TOML loader checks it (ns_method/ns_coefficients arrived so)."""
+    import dataclasses
     import typing
 
     from dist_marsm import settings
     from dist_marsm.titan import optimizer_container as oc
-    from dist_marsm.titan.recipe import _coerce, _BAD
+    from dist_marsm.titan import recipe
 
     r = load_recipe(str(ROOT / "recipes/debug_cpu.toml"), ["--optimizer.ns_head_dim", "64"])
     assert r.optimizer.ns_head_dim == 64   # a setting with a None default, settable
@@ -573,16 +581,26 @@ def test_a_new_setting_reaches_the_typed_config_and_the_loader(tmp_path, monkeyp
              settings.Setting("future_rows", None, "rows per block", "None or an int >= 1",
                               lambda x: x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1)))
     monkeypatch.setattr(oc, "CONFIG_SETTINGS", oc.CONFIG_SETTINGS + extra)
-    fields = dict((name, ann) for name, ann, _ in oc._config_fields())
-    hints = {k: typing.get_args(v)[0] for k, v in fields.items()}
+    fields = oc._config_fields()
+    hints = {name: typing.get_args(ann)[0] for name, ann, _ in fields}
     assert hints["future_method"] == typing.Literal["quintic", "polar"]
     assert hints["future_coefficients"] == tuple[float, ...]
-    assert _coerce("polar", hints["future_method"]) == "polar" and _coerce("cubic", hints["future_method"]) is _BAD
-    assert _coerce([1, 2.5, 3], hints["future_coefficients"]) == (1.0, 2.5, 3.0)
-    assert _coerce(["a"], hints["future_coefficients"]) is _BAD
     # a None default carries no type: the one the declaration's check accepts (ns_head_dim is such a setting)
     assert hints["future_rows"] == typing.Optional[int]
-    assert _coerce(64, hints["future_rows"]) == 64 and _coerce("none", hints["future_rows"]) is None
+    # The TOML loader (tyro under the annotations) takes and checks them with no change of its own.
+    config_cls = dataclasses.make_dataclass("Config", fields, kw_only=True)
+
+    def load(table):
+        options, subcommands = recipe._recipe_args(config_cls(), table, "r.toml", ("optimizer",))
+        return recipe._parse(config_cls(), [a.replace("--optimizer.", "--") for a in options], "r.toml", "t",
+                             overrides=False)
+
+    c = load({"future_method": "polar", "future_coefficients": [1, 2.5, 3], "future_rows": 64})
+    assert (c.future_method, c.future_coefficients, c.future_rows) == ("polar", (1.0, 2.5, 3.0), 64)
+    assert load({"future_rows": "none"}).future_rows is None
+    for table in ({"future_method": "cubic"}, {"future_coefficients": ["a"]}, {"future_rows": 1.5}):
+        with pytest.raises(RecipeError, match=f"r.toml: {next(iter(table))} must be"):
+            load(table)
 
 
 def test_unfused_qkv_has_the_fused_rows_as_three_matrices():

@@ -11,11 +11,9 @@ import contextlib
 import dataclasses
 import difflib
 import io
-import math
 import os
 import re
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,8 +111,6 @@ LIMITS = {
     ("lr_scheduler", "warmup_steps"): (lambda v: v >= 0, ">= 0"),
     ("lr_scheduler", "min_lr_factor"): (lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("lr_scheduler", "decay_ratio"): (lambda v: v is None or 0 <= v <= 1, "in [0, 1] or none"),
-    ("checkpoint", "interval"): (lambda v: v > 0, "> 0"),
-    ("checkpoint", "keep_latest_k"): (lambda v: v == 0 or v >= 2, "0 or >= 2"),
     ("checkpoint", "load_step"): (lambda v: v >= -1, ">= -1"),
     ("checkpoint", "exclude_from_loading"): (lambda v: set(v) <= _STATES, f"a subset of {sorted(_STATES)}"),
     ("metrics", "log_freq"): (lambda v: v > 0, "> 0"),
@@ -177,118 +173,101 @@ class MARSMTrainerConfig(Trainer.Config):
             cpu_shims.adapt_trainer_config(self)
 
 
-# ----------------------------------------------------------------------------- the TOML walk
-def _strip(ann):
+# ----------------------------------------------------------------------------- TOML and CLI through tyro
+def _label(flag: str) -> str:
+    *section, key = flag.removeprefix("--").split(".")
+    return f"[{'.'.join(section)}] {key}" if section else key
+
+
+def _bare(ann):
     while typing.get_origin(ann) is Annotated:
         ann = typing.get_args(ann)[0]
     return ann
 
 
-def _members(ann) -> tuple:
-    """The members of a union annotation (``X | Y``, ``Optional[X]``), else ()."""
-    return typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types.UnionType) else ()
-
-
-def _describe(ann) -> str:
-    ann = _strip(ann)
-    origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if origin is Literal:
-        return f"one of {list(args)}"
-    if _members(ann):
-        others = [a for a in args if a is not type(None)]
-        return " or ".join(_describe(a) for a in others) + (' (or "none")' if len(others) < len(args) else "")
-    if origin in (list, tuple):
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(ann, str(ann))
-
-
-_BAD = object()
-
-
-def _coerce(raw, ann):
-    """``raw`` (a TOML value) as a value of type ``ann``, or _BAD."""
-    ann = _strip(ann)
-    origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if ann is Any or ann is dict or origin is dict:
-        return raw
-    if origin is Literal:
-        return raw if any(raw == a and type(raw) is type(a) for a in args) else _BAD
-    if _members(ann):
-        if raw == "none" and type(None) in args:
-            return None
-        for a in args:
-            if a is not type(None) and (value := _coerce(raw, a)) is not _BAD:
-                return value
-        return _BAD
-    if origin in (list, tuple):
-        if not isinstance(raw, list):
-            return _BAD
-        kinds = [args[0]] * len(raw) if (origin is list or (len(args) == 2 and args[1] is Ellipsis)) else list(args)
-        if len(kinds) != len(raw):
-            return _BAD
-        items = [_coerce(x, k) for x, k in zip(raw, kinds)]
-        return _BAD if any(x is _BAD for x in items) else origin(items)
-    if ann is float:
-        ok = isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw)
-        return float(raw) if ok else _BAD
-    if ann is int:
-        return raw if isinstance(raw, int) and not isinstance(raw, bool) else _BAD
-    return raw if isinstance(ann, type) and isinstance(raw, ann) else _BAD
-
-
-def _subcommand(ann, name: str):
-    """A union of configs (torchtitan's activation_checkpoint): the member tyro names ``name``."""
-    names = {}
-    for member in typing.get_args(ann):
-        meta = [m for m in typing.get_args(member)[1:] if hasattr(m, "name")] if typing.get_origin(
-            member) is Annotated else []
-        if meta:
-            names[meta[0].name] = _strip(member)
-    if name not in names:
-        return _BAD, list(names)
-    kind = names[name]
-    return (None if kind is type(None) else kind()), list(names)
-
-
-def _label(path: tuple, key: str) -> str:
-    return f"[{'.'.join(path)}] {key}" if path else key
-
-
-def _walk(obj, table: dict, where: str, path: tuple = ()):
-    hints = typing.get_type_hints(type(obj), include_extras=True)
-    known = [f.name for f in dataclasses.fields(obj) if f.init and "Suppress" not in repr(hints.get(f.name))]
-    updates = {}
+def _recipe_args(config, table: dict, where: str, path: tuple = ()) -> tuple[list[str], list[str]]:
+    """A recipe's values as tyro arguments (options, then subcommands), each key checked to be a field."""
+    hints = typing.get_type_hints(type(config), include_extras=True)
+    known = [f.name for f in dataclasses.fields(config) if f.init and "Suppress" not in repr(hints[f.name])]
+    options, subcommands = [], []
     for key, raw in table.items():
+        flag = ".".join((*path, key))
         if key not in known:
-            what = "section" if not path and isinstance(raw, dict) else "key"
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {known}"
-            name = f"[{key}]" if what == "section" else _label(path, key)
-            raise RecipeError(f"{where}: unknown {what} {name}{hint}")
-        current, ann = getattr(obj, key), hints[key]
+            name = f"section [{key}]" if not path and isinstance(raw, dict) else f"key {_label(flag)}"
+            raise RecipeError(f"{where}: unknown {name}" + (f"; did you mean {', '.join(close)}?" if close
+                                                             else f"; known: {known}"))
+        ann, current = _bare(hints[key]), getattr(config, key)
+        members = [_bare(m) for m in typing.get_args(ann)]
+        if isinstance(raw, dict) != dataclasses.is_dataclass(current) and not (
+                isinstance(raw, str) and any(map(dataclasses.is_dataclass, members))):
+            raise RecipeError(f"{where}: {_label(flag)} must be " + ("a table" if dataclasses.is_dataclass(current)
+                                                                  else "a value, not a table"))
         if isinstance(raw, dict):
-            if not dataclasses.is_dataclass(current):
-                raise RecipeError(f"{where}: {_label(path, key)} must be {_describe(ann)}, not a table")
-            updates[key] = _walk(current, raw, where, (*path, key))
-        elif dataclasses.is_dataclass(current) or any(dataclasses.is_dataclass(_strip(m)) for m in _members(_strip(ann))):
-            value, names = _subcommand(_strip(ann), raw) if isinstance(raw, str) else (_BAD, [])
-            if value is _BAD:
-                raise RecipeError(f"{where}: {_label(path, key)} must be a table" +
-                                  (f" or one of {names}" if names else "") + f", got {raw!r}")
-            updates[key] = value
+            more, subs = _recipe_args(current, raw, where, (*path, key))
+            options, subcommands = options + more, subcommands + subs
+        elif any(map(dataclasses.is_dataclass, members)):   # a choice of configs by name (activation_checkpoint)
+            subcommands.append(f"{flag}:{raw}")
         else:
-            value = _coerce(raw, ann)
-            if value is _BAD:
-                raise RecipeError(f"{where}: {_label(path, key)} must be {_describe(ann)}, got {raw!r} "
-                                  f"({type(raw).__name__})")
-            updates[key] = value
+            items = raw if isinstance(raw, list) else [raw]
+            none = raw == "none" and type(None) in members   # TOML has no null
+            tokens = ["None"] if none else [str(x) if not isinstance(x, bool) else str(x).capitalize() for x in items]
+            options += [f"--{flag}", *tokens] if isinstance(raw, list) else [f"--{flag}={tokens[0]}"]
+    return options, subcommands
+
+
+def _parse(default, args: list[str], where: str, prog: str, overrides: bool):
+    """``tyro.cli`` over ``default``; a failure raises one RecipeError naming the key (and the override)."""
+    from torchtitan.config.manager import ConfigManager, custom_registry
+
+    if overrides:   # torchtitan's CLI rules (comma lists); booleans as in TOML
+        ConfigManager()
+        args = [re.sub(r"(^|=)(true|false)$", lambda m: m[1] + m[2].capitalize(), a) for a in args]
+    cli = dict(args=args, default=default, prog=prog, config=(tyro.conf.FlagConversionOff,),
+               registry=custom_registry if overrides else None)
+    if "--help" in args or "-h" in args:
+        return tyro.cli(type(default), **cli)
+    text = io.StringIO()
     try:
-        return dataclasses.replace(obj, **updates)
+        with contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
+            return tyro.cli(type(default), **cli)
+    except SystemExit:
+        lines = [re.sub(r"[\u2500-\u257f]|-{3,}", " ", line).strip() for line in text.getvalue().splitlines()]
+        message = re.sub(" +", " ", " ".join(line for line in lines if line and "For full helptext" not in line
+                                              and "initial_load_model_only" not in line))
     except (ValueError, TypeError) as e:
-        msg = str(e)
-        if path and not msg.startswith("[") and not any(k in msg for k in updates):
-            msg = f"{', '.join(updates)}: {msg}"    # a torchtitan check whose message names no key
-        raise RecipeError(f"{where}: {msg if msg.startswith('[') or not path else _label(path, msg)}") from None
+        message = str(e)
+    message, said = _named(message, args)
+    raise RecipeError(f"{where}: " + (f"override {said or ' '.join(args)}: " if overrides else "") + message)
+
+
+def _named(message: str, args: list[str]) -> tuple[str, str | None]:
+    """tyro's message led by the recipe label of the key it is about, and that key's flag as given."""
+    given = {a[2:].split("=")[0].replace("-", "_"): a.split("=")[0] for a in args if a.startswith("--")}
+    message = re.sub(r"^\s*(Value error|Invalid choice|Unrecognized options|Missing argument)\s+", "", message)
+    text = message.replace("-", "_")    # tyro spells flags with dashes
+    reason = re.sub(r"^Error parsing [\w.-]+:\s*", "", message)
+    if hint := re.search(r"\s*Argument helptext:\s+--\S+\s+(\S+)", reason):    # tyro's metavar: the type
+        reason = f"must be {hint[1]}: {reason[:hint.start()]}"
+    if unknown := re.match(r"Unrecognized options: (.*?)\s*(Available subcommands: (.*?))?\s*(Perhaps you meant:"
+                           r" (.*))?$", reason):
+        close = ", ".join(dict.fromkeys(re.findall(r"--[\w.-]+", unknown[5] or "")))
+        choices = unknown[3] if ":" in unknown[1] else None
+        reason = f"unknown {unknown[1]}" + (f"; did you mean {close}?" if close else "") + (
+            f"; choices: {choices}" if choices else "")
+    if choice := re.match(r"invalid choice (.+) for argument '[^']+'\. Expected one of (.+?)\.?$", reason):
+        reason = f"must be one of {choice[2]}, got {choice[1]}"
+    key = next((k for k in given if re.search(r"__" + re.escape(k) + r"(?!\w)", text)), None)
+    section = re.match(r"Error parsing ([a-z][\w.]*): ", text)
+    if section:     # a section's own __post_init__ check: the key it names, else the keys set there
+        keys = [k for k in given if k.rpartition(".")[0] == section[1]]
+        key = next((k for k in keys if reason.startswith(k.rpartition(".")[2] + " ")), None)
+        if key:
+            return _label(key) + reason[len(key.rpartition(".")[2]):], given[key]
+        names = ", ".join(k.rpartition(".")[2] for k in keys)
+        return f"[{section[1]}] " + (f"{names}: " if names else "") + reason, given[keys[0]] if keys else None
+    return (_label(key) + (" " if reason.startswith("must be") else ": ") + reason, given[key]) if key else \
+        (reason.strip(), None)
 
 
 # ----------------------------------------------------------------------------- entry
@@ -307,42 +286,17 @@ def read_toml(path: str) -> dict:
 def load_recipe(path: str, overrides: list[str] | None = None, world_size: int | None = None,
                 prog: str = "python -m dist_marsm.train") -> MARSMTrainerConfig:
     """Read a recipe, apply CLI overrides and check it. Raises :class:`RecipeError` naming key and file."""
-    config = _walk(MARSMTrainerConfig(hf_assets_path="./"), read_toml(path), path)
-    config = apply_overrides(config, list(overrides or []), path, prog)
+    config = MARSMTrainerConfig(hf_assets_path="./")
+    options, subcommands = _recipe_args(config, read_toml(path), path)
+    if options or subcommands:
+        config = _parse(config, options + subcommands, path, prog, overrides=False)
+    if overrides:
+        config = _parse(config, list(overrides), path, prog, overrides=True)
     if config.hf_assets_path == "embedded":
         config.hf_assets_path = corpus.tokenizer_dir(config.model_spec.model.vocab_size)
     if world_size is not None:
         check_world_size(config, world_size, path)
     return config
-
-
-def apply_overrides(config, args: list[str], where: str, prog: str):
-    """``--section.key value`` through tyro (torchtitan's registry), the recipe's values as defaults."""
-    if not args:
-        return config
-    from torchtitan.config.manager import ConfigManager, custom_registry
-
-    ConfigManager()   # registers torchtitan's tyro rules (comma lists) in its registry
-    # Booleans take a value (--checkpoint.enable false), as in the recipe; TOML spells them in lower case.
-    args = [re.sub(r"(^|=)(true|false)$", lambda m: m[1] + m[2].capitalize(), a) for a in args]
-    cli = dict(args=args, default=config, registry=custom_registry, prog=prog, config=(tyro.conf.FlagConversionOff,))
-    if "--help" in args or "-h" in args:
-        return tyro.cli(type(config), **cli)
-    text = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
-            return tyro.cli(type(config), **cli)
-    except SystemExit:
-        lines = [re.sub(r"[\u2500-\u257f]|-{3,}", " ", line).strip() for line in text.getvalue().splitlines()]
-        message = " ".join(line for line in lines if line and "For full helptext" not in line
-                           and "initial_load_model_only" not in line)
-    except (ValueError, TypeError) as e:
-        message = str(e)
-    flags = [a.split("=")[0] for a in args if a.startswith("--")]
-    bad = next((f for f in flags if f in message or f"{f[2:].split('.')[-1]} must" in message), None)
-    label = f" ({_label(tuple(bad[2:].split('.')[:-1]), bad[2:].split('.')[-1])})" if bad else ""
-    message = re.sub(r"^Value error\s+Error parsing [\w.-]+:\s*", "", re.sub(" +", " ", message))
-    raise RecipeError(f"{where}: override {bad or ' '.join(args)}{label}: {message}")
 
 
 def check_world_size(config, world: int, where: str) -> None:
