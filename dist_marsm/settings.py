@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 
@@ -42,6 +42,19 @@ class Setting:
     replan: bool = False                          # a change rebuilds the owner plan
     argument: bool = True                         # a MARSM constructor argument (else set by routing)
     canonical: Callable[[Any], Any] | None = None  # accepted spellings -> the one stored
+    kind: Any = None                              # the value's type where the default does not show it
+
+    @property
+    def annotation(self):
+        """The value's type, for typed configs: a Literal of the choices where the set is closed."""
+        if self.choices is not None and set(self.choices) != {True, False}:
+            values = Literal[tuple(c for c in self.choices if c is not None)]  # type: ignore[misc]
+            return Optional[values] if None in self.choices else values
+        if self.kind is not None:
+            return self.kind
+        if self.default is None:
+            raise TypeError(f"setting {self.name}: a None default shows no type; declare its kind")
+        return tuple[type(self.default[0]), ...] if isinstance(self.default, tuple) else type(self.default)
 
 
 def _real(x) -> bool:
@@ -111,11 +124,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ns_coefficients", "muon", "per-iteration (a, b, c) of the Newton-Schulz quintic: muon "
             "(3.4445, -4.7750, 2.0315 each iteration), polar_express (Amsel et al. 2025), or a list of triples",
             f"one of {tuple(NS_COEFFICIENT_SETS)} or a non-empty list of (a, b, c) triples of finite numbers",
-            _coefficients_ok, checkpointed=False, replan=True, canonical=_coefficients),
+            _coefficients_ok, checkpointed=False, replan=True, canonical=_coefficients,
+            kind=Literal[tuple(NS_COEFFICIENT_SETS)]),   # typed configs take set names; triples: the Python API
     Setting("ns_head_dim", None, "rows per attention head: orthogonalize each head's rows of q/k/v on its own "
             "(per-head Newton-Schulz); None: the whole matrix", "None or an int >= 1",
             lambda x: x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1),
-            checkpointed=False, replan=True),
+            checkpointed=False, replan=True, kind=Optional[int]),
     Setting("lr_adjust", "moonlight", "moonlight 0.2*sqrt(max(A,B)), original sqrt(max(1,A/B)), or none",
             f"one of {LR_ADJUST_MODES}", _choice(LR_ADJUST_MODES), LR_ADJUST_MODES, replan=True),
     Setting("matrix_view", "batch", "ndim > 2: a batch of matrices over leading dims (MoE experts) or "
@@ -132,7 +146,7 @@ SETTINGS: tuple[Setting, ...] = (
             canonical=_float),
     Setting("use_mars", None, "route: True orthogonalizes matrices, False sends the group to AdamW; "
             "unset splits a group by ndim", "True or False", lambda x: isinstance(x, bool), (True, False),
-            replan=True, argument=False),
+            replan=True, argument=False, kind=Optional[bool]),
     # One per optimizer: they shape the owner plan and the step's collectives.
     Setting("wire_dtype", "bfloat16", "dtype of momentum and results on the wire between ranks",
             f"one of {WIRE_DTYPES}", _choice(WIRE_DTYPES), WIRE_DTYPES, scope="optimizer", replan=True,

@@ -579,14 +579,14 @@ def test_a_new_setting_reaches_the_typed_config_and_the_loader(tmp_path, monkeyp
              settings.Setting("future_coefficients", (3.4445, -4.775, 2.0315), "iteration coefficients",
                               "three numbers", lambda x: isinstance(x, tuple) and len(x) == 3),
              settings.Setting("future_rows", None, "rows per block", "None or an int >= 1",
-                              lambda x: x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1)))
+                              lambda x: x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1),
+                              kind=typing.Optional[int]))
     monkeypatch.setattr(oc, "CONFIG_SETTINGS", oc.CONFIG_SETTINGS + extra)
     fields = oc._config_fields()
     hints = {name: typing.get_args(ann)[0] for name, ann, _ in fields}
     assert hints["future_method"] == typing.Literal["quintic", "polar"]
     assert hints["future_coefficients"] == tuple[float, ...]
-    # a None default carries no type: the one the declaration's check accepts (ns_head_dim is such a setting)
-    assert hints["future_rows"] == typing.Optional[int]
+    assert hints["future_rows"] == typing.Optional[int]   # a None default: the declared kind
     # The TOML loader (tyro under the annotations) takes and checks them with no change of its own.
     config_cls = dataclasses.make_dataclass("Config", fields, kw_only=True)
 

@@ -1,8 +1,6 @@
-"""``MARS-M`` as a torchtitan optimizer name beside ``AdamW`` and ``DistMuon``, with a typed config.
-
-One typed field per MARSM setting, generated from :data:`dist_marsm.settings.SETTINGS`, so torchtitan's
-tyro CLI parses, checks and documents them. Routing, checkpoint keys and the resume policy (the recipe's
-values win except what the lr scheduler drives): docs/torchtitan.md.
+"""``MARS-M`` as a torchtitan optimizer name beside ``AdamW`` and ``DistMuon``, with a typed config whose
+fields are generated from :data:`dist_marsm.settings.SETTINGS`. Routing, checkpoint keys and the resume
+policy: docs/torchtitan.md.
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ import dataclasses
 import logging
 import re
 import types
-import typing
 from typing import Annotated, Any, Literal, Optional
 
 import torch
@@ -25,58 +22,26 @@ from dist_marsm.titan.qk_clip_hooks import install_qk_clip
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_NAME = "MARS-M"
-OPTIMIZER_NAMES = ("MARS-M", "AdamW", "DistMuon")
 SCHEDULED_KEYS = ("lr", "initial_lr")         # driven by the lr scheduler: the checkpoint's values stay
 _IMPL_KEYS = ("fused", "foreach")
-# Settings a recipe cannot express: runtime objects (the glue plans over the default process group).
-_NOT_CONFIGURABLE = ("process_group",)
-CONFIG_SETTINGS = tuple(s for s in settings.SETTINGS if s.argument and s.name not in _NOT_CONFIGURABLE)
-
-
-def _value_type(value):
-    """The annotation of a setting's default: tuples become ``tuple[T, ...]`` of their element type."""
-    if isinstance(value, tuple):
-        return tuple[_value_type(value[0]) if value else float, ...]
-    return type(value)
-
-
-def _accepts(s: settings.Setting, value) -> bool:
-    try:
-        return bool(s.valid(value))
-    except Exception:  # noqa: BLE001 - a check that cannot take the probe does not accept it
-        return False
-
-
-def _annotation(s: settings.Setting):
-    if s.choices is not None and set(s.choices) != {True, False}:
-        values = tuple(c for c in s.choices if c is not None)
-        kind = Literal[values]  # type: ignore[valid-type]
-        return Optional[kind] if None in s.choices else kind
-    if s.default is None:   # no type in the default: the probe values the declaration's own check accepts
-        kinds = tuple(type(v) for v in (True, 1, 0.5) if _accepts(s, v))
-        return Optional[typing.Union[kinds]] if kinds else type(None)
-    return _value_type(s.default)
+# process_group is a runtime object: the glue plans over the default process group.
+CONFIG_SETTINGS = tuple(s for s in settings.SETTINGS if s.argument and s.name != "process_group")
 
 
 def _config_fields():
-    out = [("name", Annotated[Literal[OPTIMIZER_NAMES], tyro.conf.arg(  # type: ignore[valid-type]
-        help="which optimizer: MARS-M, torch AdamW, or torchtitan's DistMuon (GPU only)")], "MARS-M")]
-    for s in CONFIG_SETTINGS:
-        default = dataclasses.field(default_factory=lambda d=s.default: d) if isinstance(s.default, list) else s.default
-        out.append((s.name, Annotated[_annotation(s), tyro.conf.arg(help=f"MARS-M: {s.doc}")], default))
-    out += [
-        ("adamw_lr", Annotated[Optional[float], tyro.conf.arg(
-            help="lr of the AdamW route (embeddings, head, vectors); None = lr")], None),
-        ("adamw_patterns", Annotated[list[str], tyro.conf.arg(
-            help="extra regexes (canonical parameter names) sent to the AdamW route")],
-         dataclasses.field(default_factory=list)),
-        ("nesterov", Annotated[bool, tyro.conf.arg(help="DistMuon: Nesterov momentum")], True),
-        ("implementation", Literal["for-loop", "foreach", "fused", "fused_opt_states_bf16"], "foreach"),
-        ("qk_clip_tau", Annotated[Optional[float], tyro.conf.arg(
-            help="QK-clip (MuonClip) threshold on each head's max pre-softmax logit; None = off "
-                 "(docs/attention.md)")], None),
-    ]
-    return out
+    def arg(kind, doc):
+        return Annotated[kind, tyro.conf.arg(help=doc)]
+
+    return [("name", arg(Literal["MARS-M", "AdamW", "DistMuon"],
+                         "which optimizer: MARS-M, torch AdamW, or torchtitan's DistMuon (GPU only)"), "MARS-M"),
+            *[(s.name, arg(s.annotation, f"MARS-M: {s.doc}"), s.default) for s in CONFIG_SETTINGS],
+            ("adamw_lr", arg(Optional[float], "lr of the AdamW route (embeddings, head, vectors); None = lr"), None),
+            ("adamw_patterns", arg(list[str], "extra regexes (canonical parameter names) sent to the AdamW route"),
+             dataclasses.field(default_factory=list)),
+            ("nesterov", arg(bool, "DistMuon: Nesterov momentum"), True),
+            ("implementation", Literal["for-loop", "foreach", "fused", "fused_opt_states_bf16"], "foreach"),
+            ("qk_clip_tau", arg(Optional[float], "QK-clip (MuonClip) threshold on each head's max pre-softmax "
+                                                 "logit; None = off (docs/attention.md)"), None)]
 
 
 def _check(self) -> None:
@@ -96,18 +61,16 @@ def _check(self) -> None:
                  "equivalent (use 'moonlight' = match_rms_adamw, or 'original')"),
                 (self.adamw_lr is not None and not self.adamw_lr > 0, f"adamw_lr must be > 0 or None, got "
                                                                       f"{self.adamw_lr!r}")]
-    for bad, message in problems:
-        if bad:
-            raise ValueError(message)
+    if message := next((m for bad, m in problems if bad), None):
+        raise ValueError(message)
     try:
         QKClipSettings(tau=self.qk_clip_tau)
+        for pattern in self.adamw_patterns:
+            re.compile(pattern)
     except ValueError as e:
         raise ValueError(f"qk_clip_tau: {e}") from None
-    for pattern in self.adamw_patterns:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"adamw_patterns: {pattern!r} is not a regular expression ({e})") from None
+    except re.error as e:
+        raise ValueError(f"adamw_patterns: {e.pattern!r} is not a regular expression ({e})") from None
 
 
 def route_group(model: torch.nn.Module, group: dict) -> list[dict]:
@@ -125,8 +88,8 @@ def route_group(model: torch.nn.Module, group: dict) -> list[dict]:
 
 
 def build_dist_muon_owned(param_groups: list[dict], **kwargs: Any):
-    """torchtitan's DistMuon; without a FlexShard layout each matrix is orthogonalized whole by one
-    owner on the FSDP axis, one bucket. DistMuon refuses CPU parameters."""
+    """torchtitan's DistMuon with each matrix orthogonalized whole by one owner on the FSDP axis, one
+    bucket (its default without a FlexShard layout). DistMuon refuses CPU parameters."""
     from torchtitan.distributed.flex_shard import BucketConfig, ComputeLayout, Owned, build_dist_muon
 
     groups = [{k: v for k, v in g.items() if k not in _IMPL_KEYS} for g in param_groups]
@@ -143,9 +106,7 @@ def param_groups_of(config) -> tuple[list[ParamGroupConfig], dict]:
              "betas": tuple(config.adamw_betas), "eps": config.adamw_eps}
     if config.name == "MARS-M":
         kwargs = {s.name: getattr(config, s.name) for s in CONFIG_SETTINGS if s.scope == "group"}
-        kwargs["adamw_patterns"] = patterns
-        if config.adamw_lr is not None:
-            kwargs["adamw_lr"] = config.adamw_lr
+        kwargs.update(adamw_patterns=patterns, **({"adamw_lr": config.adamw_lr} if config.adamw_lr else {}))
         options = {s.name: getattr(config, s.name) for s in CONFIG_SETTINGS if s.scope == "optimizer"}
         return [ParamGroupConfig(pattern=".*", optimizer_name=OPTIMIZER_NAME, optimizer_kwargs=kwargs)], \
             {OPTIMIZER_NAME: options}
@@ -178,65 +139,53 @@ class MARSMOptimizersContainer(OptimizersContainer):
 
     @staticmethod
     def _resolve_optimizer_factory(name: str):
-        if name == OPTIMIZER_NAME:
-            return MARSM
-        if name == "DistMuon":
-            return build_dist_muon_owned
-        return OptimizersContainer._resolve_optimizer_factory(name)
+        ours = {OPTIMIZER_NAME: MARSM, "DistMuon": build_dist_muon_owned}
+        return ours[name] if name in ours else OptimizersContainer._resolve_optimizer_factory(name)
 
     @staticmethod
     def _build_param_groups(model, param_group_configs, impl_kwargs):
+        """MARS-M groups split into their two routes; DistMuon groups from the typed config (they carry
+        ``adamw_kwargs``) send their non-matrix parameters to a torch AdamW group (DistMuon takes matrices)."""
         groups, patterns = OptimizersContainer._build_param_groups(model, param_group_configs, impl_kwargs)
-        if OPTIMIZER_NAME in groups:
-            pairs = [(routed, f"{pattern} [{'MARS-M' if routed['use_mars'] else 'AdamW'} route]")
-                     for group, pattern in zip(groups[OPTIMIZER_NAME], patterns[OPTIMIZER_NAME])
-                     for routed in route_group(model, group)]
-            groups[OPTIMIZER_NAME], patterns[OPTIMIZER_NAME] = [g for g, _ in pairs], [p for _, p in pairs]
-        # DistMuon groups from the typed config carry "adamw_kwargs": their non-matrix parameters move
-        # to a torch AdamW group (DistMuon takes matrices only).
-        if any("adamw_kwargs" in g for g in groups.get("DistMuon", [])):
-            muon, muon_patterns = [], []
-            for group, pattern in zip(groups["DistMuon"], patterns["DistMuon"]):
-                if "adamw_kwargs" not in group:
-                    muon.append(group)
-                    muon_patterns.append(pattern)
+        for name in (n for n in (OPTIMIZER_NAME, "DistMuon") if n in groups):
+            kept = []
+            for group, pattern in zip(groups[name], patterns[name]):
+                adamw = dict(group).pop("adamw_kwargs", None)
+                if name == "DistMuon" and adamw is None:
+                    kept.append((group, pattern))
                     continue
-                group = dict(group)
-                adamw_kwargs = group.pop("adamw_kwargs")
-                for routed in route_group(model, group):
-                    if routed.pop("use_mars"):
-                        muon.append(routed)
-                        muon_patterns.append(f"{pattern} [DistMuon route]")
+                for routed in route_group(model, {k: v for k, v in group.items() if k != "adamw_kwargs"}):
+                    if name == OPTIMIZER_NAME:
+                        kept.append((routed, f"{pattern} [{'MARS-M' if routed['use_mars'] else 'AdamW'} route]"))
+                    elif routed.pop("use_mars"):
+                        kept.append((routed, f"{pattern} [DistMuon route]"))
                     else:
-                        keep = {k: routed[k] for k in ("params", "param_names")}
-                        groups["AdamW"].append({**keep, **impl_kwargs, **adamw_kwargs})
+                        groups["AdamW"].append({"params": routed["params"], "param_names": routed["param_names"],
+                                                **impl_kwargs, **adamw})
                         patterns["AdamW"].append(f"{pattern} [AdamW route]")
-            groups["DistMuon"], patterns["DistMuon"] = muon, muon_patterns
+            groups[name], patterns[name] = [g for g, _ in kept], [p for _, p in kept]
         return groups, patterns
 
     def state_dict(self) -> dict[str, Any]:
         """torchtitan's flat FQN-keyed dict; MARSM param-group keys limited to the declaration's
         checkpointed keys (a setting not checkpointed is neither saved nor expected at load)."""
         result = super().state_dict()
-        for optim in self.optimizers:
-            if isinstance(optim, MARSM):
-                for group in optim.param_groups:
-                    for fqn in group.get("param_names") or []:
-                        for key in group:
-                            if key not in settings.CHECKPOINTED_GROUP_KEYS:
-                                result.pop(f"param_groups.{fqn}.{key}", None)
+        for group in (g for optim in self.optimizers if isinstance(optim, MARSM) for g in optim.param_groups):
+            for fqn in group.get("param_names") or []:
+                for key in set(group) - settings.CHECKPOINTED_GROUP_KEYS:
+                    result.pop(f"param_groups.{fqn}.{key}", None)
         return result
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load the state; then the recipe's (live) settings win except ``SCHEDULED_KEYS`` (see module doc)."""
+        """Load the state; then the recipe's (live) settings win except ``SCHEDULED_KEYS``."""
         state_dict, missing = dict(state_dict), set()
         live = [[dict(g) for g in optim.param_groups] for optim in self.optimizers]
         for group in (g for groups in live for g in groups if g.get("param_names")):
-            for key, value in group.items():
+            for key in set(group) - {"params", "param_names"}:
                 flat = f"param_groups.{group['param_names'][0]}.{key}"
-                if key not in ("params", "param_names") and flat not in state_dict:
+                if flat not in state_dict:
                     missing.add(key)
-                    state_dict[flat] = value
+                    state_dict[flat] = group[key]
         if missing:
             logger.warning(f"optimizer checkpoint lacks param-group keys {sorted(missing)}; keeping their "
                            "current values")
@@ -244,35 +193,30 @@ class MARSMOptimizersContainer(OptimizersContainer):
         changed, kept = {}, {}
         for optim, groups in zip(self.optimizers, live):
             for group, recipe in zip(optim.param_groups, groups):
-                for key, value in recipe.items():
-                    if key in ("params", "param_names") or _same(group.get(key), value):
-                        continue
-                    if key in SCHEDULED_KEYS:
-                        kept.setdefault(key, (group[key], value))
-                        continue
-                    changed.setdefault(key, (group.get(key), value))
-                    group[key] = value
-        for key, (old, new) in changed.items():
+                for key in set(recipe) - {"params", "param_names"}:
+                    old, new = group.get(key), recipe[key]
+                    if not (_plain(old) == _plain(new) and isinstance(old, bool) == isinstance(new, bool)):
+                        (kept if key in SCHEDULED_KEYS else changed).setdefault(key, (old, new))
+                        group[key] = old if key in SCHEDULED_KEYS else new
+        for key, (old, new) in sorted(changed.items()):
             logger.info(f"resume: {key} {old!r} -> {new!r} (the recipe's value wins over the checkpoint's)")
         if "initial_lr" in kept:   # the scheduler's peak; "lr" itself always differs mid-schedule
-            saved, recipe = kept["initial_lr"]
-            logger.info(f"resume: peak lr (initial_lr) stays {saved!r} from the checkpoint's lr schedule; the "
-                        f"recipe gives {recipe!r} (start a new dump_folder to change it)")
+            logger.info(f"resume: peak lr (initial_lr) stays {kept['initial_lr'][0]!r} from the checkpoint's lr "
+                        f"schedule; the recipe gives {kept['initial_lr'][1]!r} (start a new dump_folder to change it)")
 
 
-def _same(a, b) -> bool:
-    a, b = (tuple(x) if isinstance(x, list) else x for x in (a, b))
-    return a == b and isinstance(a, bool) == isinstance(b, bool)
+def _plain(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 def checkpoint_optimizer_name(step_dir: str) -> str | None:
     """Which optimizer wrote a DCP checkpoint folder, from its metadata (None: no optimizer state)."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    keys = FileSystemReader(step_dir).read_metadata().state_dict_metadata.keys()
-    groups = [k for k in keys if k.startswith("optimizer.param_groups.")]
-    if not groups:
+    keys = [k for k in FileSystemReader(step_dir).read_metadata().state_dict_metadata
+            if k.startswith("optimizer.param_groups.")]
+    if not keys:
         return None
-    if any(k.endswith(".gamma") for k in groups):
+    if any(k.endswith(".gamma") for k in keys):
         return OPTIMIZER_NAME
-    return "DistMuon" if any(k.endswith(".adjust_lr_fn") for k in groups) else "AdamW"
+    return "DistMuon" if any(k.endswith(".adjust_lr_fn") for k in keys) else "AdamW"
