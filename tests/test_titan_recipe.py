@@ -324,6 +324,30 @@ def test_rms_to_inf_norm_is_the_operator_norm():
     assert abs(rms_to_inf_norm(w.to(torch.bfloat16)) - value) / value < 1e-2
 
 
+def scenario_rms_to_inf_norm_of_dtensors(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from dist_marsm.titan.metrics import rms_to_inf_norm
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    for rows in (13, 2):     # 2 rows on 3 ranks: one rank holds none
+        w = torch.randn(rows, 7, dtype=torch.float64)
+        expected = math.sqrt(7) * float(w.norm(dim=1).max())    # the plain tensor's value, float64
+        for placement in (Shard(0), Shard(1)):
+            value = rms_to_inf_norm(distribute_tensor(w, mesh, [placement]))
+            assert abs(value - expected) < 1e-6 * expected, (rows, placement, value, expected)  # float32 sums
+
+
+def test_rms_to_inf_norm_of_sharded_weights():
+    """Rows split (FSDP) or columns split (TP), shards uneven or empty: the whole matrix's norm."""
+    from _spawn import run_scenarios
+
+    errors = run_scenarios("test_titan_recipe", ["scenario_rms_to_inf_norm_of_dtensors"], 3, timeout=300)
+    assert errors["scenario_rms_to_inf_norm_of_dtensors"] == [None] * 3, errors
+
+
 def test_loss_plot(tmp_path):
     import json
 
