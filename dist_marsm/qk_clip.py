@@ -207,6 +207,13 @@ class QKClip:
             for key, p in layer.spec.weights():
                 layer.weights.append(self._local_rows(layer.spec, key, p))
         self.last_stats: dict = {}
+        self.handles: list = []   # hooks that feed or run it (forward pre-hooks, step post-hook)
+
+    def remove(self) -> None:
+        """Detach every hook in ``handles``."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -255,7 +262,8 @@ class QKClip:
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Run :meth:`apply` after every ``optimizer.step()`` (torch's step post-hook); returns the handle."""
-        return optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: self.apply())
+        self.handles.append(optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: self.apply()))
+        return self.handles[-1]
 
     # -- per step ------------------------------------------------------------------------------------
 

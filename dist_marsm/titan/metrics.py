@@ -37,7 +37,7 @@ def marsm_stats(container) -> dict[str, float]:
                           ("bytes_sent", "bytes_sent")):
             if key in stats:
                 out[name] = out.get(name, 0) + stats[key]
-    clip = getattr(getattr(container, "qk_clip", None), "clip", None)
+    clip = getattr(container, "qk_clip", None)
     if clip is not None and clip.last_stats:
         out.update(qk_clip_max_logit=clip.last_stats["max_logit"], qk_clip_heads_clipped=clip.last_stats[
             "heads_clipped"])
