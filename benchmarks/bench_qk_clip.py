@@ -123,7 +123,7 @@ def main():
         q = torch.randn(b, length, n_heads, hd)
         k = torch.randn(b, length, attn.n_kv_heads, hd)
         capture = time_it(lambda: [per_head_max_logits(q, k) for _ in range(n_layers)], args.repeats)
-        clip = hooks.clip
+        clip = hooks
 
         def apply_all():
             for spec in (layer.spec for layer in clip._layers.values()):
