@@ -99,12 +99,10 @@ def _run_rank(config, recipe: str) -> int:
 
     from torchtitan.tools.logging import init_logger, logger
 
-    from dist_marsm.titan import elastic
-
     init_logger()
     if config.job.description and rank == 0:
         logger.info(f"recipe: {config.job.description}")
-    elastic.fresh_store_per_restart()   # torchrun --max-restarts: a fresh rendezvous key space per attempt
+    fresh_store_per_restart()
     trainer = None
     try:
         trainer = config.build()
@@ -117,6 +115,29 @@ def _run_rank(config, recipe: str) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
+
+
+def fresh_store_per_restart() -> bool:
+    """torchrun ``--max-restarts``: before ``init_process_group``, give this restart attempt its own rendezvous
+    key space (a ``PrefixStore`` per ``TORCHELASTIC_RESTART_COUNT``); the agent's TCPStore keeps the dead
+    attempt's keys (docs/checkpointing.md). Idempotent; True under torchelastic."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return False
+    import importlib
+
+    import torch.distributed as dist
+
+    rdzv = importlib.import_module("torch.distributed.rendezvous")  # the module, not dist.rendezvous()
+    original = rdzv._create_c10d_store
+    if not getattr(original, "dist_marsm_prefixed", False):
+        prefix = f"dist_marsm_attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}"
+
+        def _create_c10d_store(*args, **kwargs):
+            return dist.PrefixStore(prefix, original(*args, **kwargs))
+
+        _create_c10d_store.dist_marsm_prefixed = True
+        rdzv._create_c10d_store = _create_c10d_store
+    return True
 
 
 if __name__ == "__main__":

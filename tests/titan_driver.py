@@ -95,10 +95,10 @@ def _checkpoint_test_hooks(exclude: str, verify_path: str) -> None:
 
 
 def main() -> int:
-    from dist_marsm.titan import elastic
+    from dist_marsm import train
     from tests import fault_injection
 
-    elastic.fresh_store_per_restart()
+    train.fresh_store_per_restart()
     argv = sys.argv[1:]
     if os.environ.get("DIST_MARSM_TEST_PLAN_DIR"):
         _plan_dump(os.environ["DIST_MARSM_TEST_PLAN_DIR"])
@@ -107,7 +107,6 @@ def main() -> int:
     if exclude or verify:
         _checkpoint_test_hooks(exclude, verify)
     fault_injection.install_from_env()
-    from dist_marsm import train
 
     return train.main(argv)
 

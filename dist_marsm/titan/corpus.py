@@ -1,7 +1,5 @@
-"""The embedded corpus (``pydoc_data.topics``) and its locally built BPE tokenizer (no downloads).
-
-Both splits are registered in torchtitan's ``DATASETS`` (its extension point) as ``pydoc_topics`` and
-``pydoc_topics_validation``. Split rule, tokenizer and cache: docs/torchtitan.md.
+"""The embedded corpus (``pydoc_data.topics``), registered in torchtitan's ``DATASETS`` as ``pydoc_topics``
+and ``pydoc_topics_validation``, and its locally built BPE tokenizer (no downloads): docs/torchtitan.md.
 """
 
 from __future__ import annotations
@@ -25,18 +23,12 @@ def documents(split: str = "train") -> list[str]:
 
     if split not in ("train", "validation"):
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
-    names = sorted(topics)
-    want_validation = split == "validation"
-    return [topics[n] for i, n in enumerate(names) if (i % 10 == 6) == want_validation]
+    return [topics[n] for i, n in enumerate(sorted(topics)) if (i % 10 == 6) == (split == "validation")]
 
 
 def corpus_digest() -> str:
-    h = hashlib.sha256()
-    for split in ("train", "validation"):
-        for doc in documents(split):
-            h.update(doc.encode())
-            h.update(b"\0")
-    return h.hexdigest()[:12]
+    text = b"".join(d.encode() + b"\0" for split in ("train", "validation") for d in documents(split))
+    return hashlib.sha256(text).hexdigest()[:12]
 
 
 def cache_root() -> str:
@@ -44,11 +36,8 @@ def cache_root() -> str:
 
 
 def tokenizer_dir(vocab_size: int = 2048) -> str:
-    """Directory holding the BPE tokenizer for ``vocab_size``; trained on first use (about a second).
-
-    Concurrent callers (several ranks) are safe: each builds in a private temporary directory and
-    renames it into place; whoever loses the race uses the winner's files.
-    """
+    """Directory holding the BPE tokenizer for ``vocab_size``, trained on first use (about a second). Ranks
+    racing here each build in a private directory and rename it into place; the losers use the winner's."""
     if not 260 <= vocab_size <= 65536:
         raise ValueError(f"tokenizer vocab_size must be in [260, 65536], got {vocab_size}")
     root = cache_root()

@@ -1,7 +1,5 @@
-"""What torchtitan 0.3.0's Trainer needs on a CPU-only machine with gloo (no-op with an accelerator).
-
-The four obstacles (device module, FlexAttention backward, PREMUL_SUM, SPMD backend) are described in
-docs/torchtitan.md; each function below names the one it removes.
+"""What torchtitan 0.3.0's Trainer needs on a CPU-only machine with gloo (no-op with an accelerator). The
+four obstacles (device module, FlexAttention backward, PREMUL_SUM, SPMD backend): docs/torchtitan.md.
 """
 
 from __future__ import annotations
@@ -23,8 +21,9 @@ def needs_cpu_shims() -> bool:
     return _get_available_device_type() is None
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def _memory_stats(device=None) -> dict:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # the process's peak RSS (Linux: KiB)
+    return {"active_bytes.all.peak": peak, "reserved_bytes.all.peak": peak, "num_alloc_retries": 0, "num_ooms": 0}
 
 
 def _properties(device=None):
@@ -39,28 +38,21 @@ CPU_DEVICE_MODULE.__dict__.update(
     current_device=lambda: 0, set_device=lambda device: None, synchronize=lambda device=None: None,
     empty_cache=lambda: None, reset_peak_memory_stats=lambda device=None: None,
     get_device_name=lambda device=None: f"CPU ({_properties().name})", get_device_properties=_properties,
-    # the process's peak resident set size stands in for the "reserved"/"active" peaks
-    memory_stats=lambda device=None: {"active_bytes.all.peak": _peak_rss_bytes(),
-                                      "reserved_bytes.all.peak": _peak_rss_bytes(), "num_alloc_retries": 0,
-                                      "num_ooms": 0})
-CPU_DEVICE_MODULE.memory = types.SimpleNamespace(memory_stats=CPU_DEVICE_MODULE.memory_stats)
+    memory_stats=_memory_stats, memory=types.SimpleNamespace(memory_stats=_memory_stats))
 
 
 def apply_cpu_device_module() -> bool:
     """Obstacle 1: the CPU device type/module in torchtitan (idempotent); False with an accelerator."""
     if not needs_cpu_shims():
         return False
-    import torchtitan.tools.utils as tt_utils
     import torchtitan.trainer  # noqa: F401 - imports (nearly) every module that copies the names
 
     for name, module in list(sys.modules.items()):
-        if module is None or not (name == "torchtitan" or name.startswith("torchtitan.")):
-            continue
-        if getattr(module, "device_type", None) == "cuda":
-            module.device_type = "cpu"
-        if getattr(module, "device_module", None) is torch.cuda:
-            module.device_module = CPU_DEVICE_MODULE
-    tt_utils.device_type, tt_utils.device_module = "cpu", CPU_DEVICE_MODULE
+        if module is not None and (name == "torchtitan" or name.startswith("torchtitan.")):
+            if getattr(module, "device_type", None) == "cuda":
+                module.device_type = "cpu"
+            if getattr(module, "device_module", None) is torch.cuda:
+                module.device_module = CPU_DEVICE_MODULE
     return True
 
 
@@ -105,10 +97,9 @@ def adapt_trainer_config(config) -> bool:
     """Obstacles 1-4 for one ``Trainer.Config`` (in place); False (nothing done) with an accelerator."""
     if not apply_cpu_device_module():
         return False
-    spec = config.model_spec
-    if spec is not None:
-        use_causal_sdpa(spec.model)
-        spec.parallelize_fn = _wrap_parallelize_fn(spec.parallelize_fn)
-    config.parallelism.spmd_backend = "partial_dtensor"
+    if config.model_spec is not None:
+        use_causal_sdpa(config.model_spec.model)
+        config.model_spec.parallelize_fn = _wrap_parallelize_fn(config.model_spec.parallelize_fn)
+    config.parallelism.spmd_backend = "partial_dtensor"   # obstacle 4
     config.training.disable_cuda_graphs = True
     return True

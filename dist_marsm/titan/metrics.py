@@ -76,7 +76,6 @@ class MARSMMetricsProcessor(MetricsProcessor):
 
     def __init__(self, config: Config, *, parallel_dims, dump_folder: str = "./outputs",
                  pp_schedule: str = "1F1B", **kwargs: Any):
-        self._optimizers, self._step_start, self.last_optimizer_time_s = None, None, None
         super().__init__(config, parallel_dims=parallel_dims, dump_folder=dump_folder, pp_schedule=pp_schedule,
                          **kwargs)
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -86,30 +85,17 @@ class MARSMMetricsProcessor(MetricsProcessor):
             backends.add_logger(JsonlLogger(os.path.join(dump_folder, config.jsonl_file)))
             self.logger = backends
 
-    # The trainer assigns ``metrics_processor.optimizers`` after building the container; time its step.
-    @property
-    def optimizers(self):
-        return self._optimizers
-
-    @optimizers.setter
-    def optimizers(self, container):
-        self._optimizers = container
-        if container is not None and hasattr(container, "register_step_pre_hook"):
-            container.register_step_pre_hook(lambda *a, **k: setattr(self, "_step_start", time.perf_counter()))
-            container.register_step_post_hook(lambda *a, **k: setattr(
-                self, "last_optimizer_time_s", time.perf_counter() - self._step_start))
-
     def log(self, step: int, global_avg_loss: float, global_max_loss: float, grad_norm: float,
             extra_metrics: dict[str, Any] | None = None):
-        extra = {**(extra_metrics or {}), **marsm_stats(self._optimizers)}
+        extra = {**(extra_metrics or {}), **marsm_stats(self.optimizers)}
         if "ns_matrices" in extra and dist.is_initialized():   # the whole job's count: each matrix once
             on_gpu = dist.get_backend() != "gloo" and torch.cuda.is_available()
             total = torch.tensor([extra["ns_matrices"]], dtype=torch.int64,
                                  device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
             dist.all_reduce(total)
             extra["ns_matrices_total"] = int(total.item())
-        if self.last_optimizer_time_s is not None:
-            extra["optimizer_time_s"] = self.last_optimizer_time_s
+        if getattr(self.optimizers, "last_step_time_s", None) is not None:
+            extra["optimizer_time_s"] = self.optimizers.last_step_time_s
         weight = _output_weight(self.model_parts) if self.config.output_norm else None
         if weight is not None:
             extra["output_rms_inf_norm"] = rms_to_inf_norm(weight)

@@ -1,13 +1,6 @@
-"""The MoE debug model for CPU runs: torchtitan's deepseek_v3 at a size 2 cores train in seconds per step.
-
-:func:`register_flavors` adds the flavor ``debugmodel_cpu`` to torchtitan's deepseek_v3 registry
-(``[model] name = "deepseek_v3"``, ``flavor = "debugmodel_cpu"``): the debugmodel's structure (MLA attention
-with low-rank q and kv projections, one dense layer, then MoE layers with routed experts, shared experts,
-a softmax top-k router and the auxiliary-loss-free expert bias) at width 128. Its routed experts compute
-in their parameters' dtype (:class:`ParamDtypeGroupedExperts`): torchtitan casts to bf16 for the CUDA
-grouped GEMM, while ``torch._grouped_mm`` on CPU also takes fp32, which the fp32 CPU recipes keep (under
-bf16 mixed precision the parameters are bf16 anyway). CPU's grouped GEMM needs 16-byte-aligned strides,
-so the expert widths are multiples of 8 (bf16) and the flavor checks it.
+"""``debugmodel_cpu``, a deepseek_v3 flavor that 2 CPU cores train in seconds per step: the debugmodel's
+structure (MLA, one dense layer, MoE layers with routed and shared experts, top-k router, expert bias) at
+width 128, its experts computing in their parameters' dtype (fp32 on CPU). docs/moe.md.
 """
 
 from __future__ import annotations
@@ -22,7 +15,8 @@ FLAVOR = "debugmodel_cpu"
 
 
 class ParamDtypeGroupedExperts(GroupedExperts):
-    """torchtitan's grouped experts, computing in the parameters' dtype instead of always bf16."""
+    """torchtitan's grouped experts computing in the parameters' dtype, not always bf16 (for CUDA's grouped
+    GEMM): CPU's ``torch._grouped_mm`` also takes fp32."""
 
     @dataclasses.dataclass(kw_only=True, slots=True)
     class Config(GroupedExperts.Config):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import time
 import types
 from typing import Annotated, Any, Literal, Optional
 
@@ -136,6 +137,9 @@ class MARSMOptimizersContainer(OptimizersContainer):
         # QK-clip runs as this container's step post-hook, over all model parts (one all-reduce per step).
         self.qk_clip = None if config.qk_clip_tau is None else install_qk_clip(
             model_parts, config.qk_clip_tau, optimizer=self)
+        self.last_step_time_s, self._start = None, 0.0   # the whole step, QK-clip's post-hook included
+        self.register_step_pre_hook(lambda *_: setattr(self, "_start", time.perf_counter()))
+        self.register_step_post_hook(lambda *_: setattr(self, "last_step_time_s", time.perf_counter() - self._start))
 
     @staticmethod
     def _resolve_optimizer_factory(name: str):
@@ -207,16 +211,3 @@ class MARSMOptimizersContainer(OptimizersContainer):
 
 def _plain(value):
     return tuple(value) if isinstance(value, list) else value
-
-
-def checkpoint_optimizer_name(step_dir: str) -> str | None:
-    """Which optimizer wrote a DCP checkpoint folder, from its metadata (None: no optimizer state)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    keys = [k for k in FileSystemReader(step_dir).read_metadata().state_dict_metadata
-            if k.startswith("optimizer.param_groups.")]
-    if not keys:
-        return None
-    if any(k.endswith(".gamma") for k in keys):
-        return OPTIMIZER_NAME
-    return "DistMuon" if any(k.endswith(".adjust_lr_fn") for k in keys) else "AdamW"

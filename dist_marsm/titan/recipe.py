@@ -1,8 +1,7 @@
-"""TOML recipes onto torchtitan's ``Trainer.Config`` tree by field path, CLI overrides through tyro.
-
-Each value is checked against its field's annotation and every table rebuilt with ``dataclasses.replace``
-(so ``__post_init__`` checks run); a problem raises one :class:`RecipeError` naming key and file. TOML has
-no null: the string ``"none"`` sets an optional field to None. See docs/torchtitan.md.
+"""TOML recipes onto torchtitan's ``Trainer.Config`` tree by field path: every key is checked to be a field,
+every value is parsed by tyro (the CLI's parser, so the same types and ``__post_init__`` checks), and a
+problem raises one :class:`RecipeError` naming key and file. TOML has no null: ``"none"`` sets an optional
+field to None. CLI overrides follow, through torchtitan's tyro rules. docs/torchtitan.md.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from torchtitan.trainer import Trainer
 
 from dist_marsm.titan import corpus, cpu_shims, moe
 from dist_marsm.titan.metrics import MARSMMetricsProcessor
-from dist_marsm.titan.optimizer_container import MARSMOptimizersContainer, checkpoint_optimizer_name
+from dist_marsm.titan.optimizer_container import OPTIMIZER_NAME, MARSMOptimizersContainer
 
 
 corpus.register_datasets()
@@ -98,12 +97,9 @@ _AC = typing.get_type_hints(Trainer.Config, include_extras=True)["activation_che
 _STATES = {"optimizer", "lr_scheduler", "dataloader", "train_state"}
 # Limits torchtitan's own configs do not check (its __post_init__ checks run too).
 LIMITS = {
-    ("job", "local_ranks"): (lambda v: 1 <= v <= 64, "in [1, 64]"),
-    ("job", "threads_per_rank"): (lambda v: v >= 0, ">= 0"),
-    ("training", "steps"): (lambda v: v > 0, "> 0"),
+    ("job", "local_ranks"): (lambda v: 1 <= v <= 64, "in [1, 64]"), ("job", "threads_per_rank"): (lambda v: v >= 0, ">= 0"),
+    **{("training", k): (lambda v: v > 0, "> 0") for k in ("steps", "local_batch_size", "max_norm")},
     ("training", "seq_len"): (lambda v: v >= 2, ">= 2"),
-    ("training", "local_batch_size"): (lambda v: v > 0, "> 0"),
-    ("training", "max_norm"): (lambda v: v > 0, "> 0"),
     ("training", "global_batch_size"): (lambda v: v == -1 or v > 0, "-1 or > 0"),
     ("parallelism", "data_parallel_shard_degree"): (lambda v: v == -1 or v >= 1, "-1 or >= 1"),
     **{("parallelism", f"{k}_degree"): (lambda v: v >= 1, ">= 1")
@@ -312,33 +308,23 @@ def check_world_size(config, world: int, where: str) -> None:
 
 
 def check_resume(config, where: str) -> None:
-    """Stop before training when the checkpoint a run would resume from was written by another optimizer."""
-    ck = config.checkpoint
-    folder = Path(config.dump_folder) / ck.folder
+    """Stop before training when the checkpoint a run would resume from was written by another optimizer
+    (told by its DCP metadata: MARS-M groups hold gamma, DistMuon's adjust_lr_fn)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ck, folder = config.checkpoint, Path(config.dump_folder) / config.checkpoint.folder
     if not ck.enable or "optimizer" in ck.exclude_from_loading or not folder.is_dir():
         return
-    steps = sorted(int(d.name[5:]) for d in folder.glob("step-*") if d.name[5:].isdigit()
-                   and (d / ".metadata").exists())
+    steps = sorted(int(d.name[5:]) for d in folder.glob("step-*") if d.name[5:].isdigit() and (d / ".metadata").exists())
     step = ck.load_step if ck.load_step != -1 else (steps[-1] if steps else None)
-    if step is None or step not in steps:
+    if step not in steps:
         return
-    saved = checkpoint_optimizer_name(str(folder / f"step-{step}"))
+    keys = [k for k in FileSystemReader(str(folder / f"step-{step}")).read_metadata().state_dict_metadata
+            if k.startswith("optimizer.param_groups.")]
+    saved = None if not keys else OPTIMIZER_NAME if any(k.endswith(".gamma") for k in keys) else \
+        "DistMuon" if any(k.endswith(".adjust_lr_fn") for k in keys) else "AdamW"
     if saved is not None and saved != config.optimizer.name:
         raise RecipeError(f"{where}: [optimizer] name is {config.optimizer.name!r}, but the checkpoint it would "
                           f"resume from ({folder / f'step-{step}'}) was written by {saved!r}; resume with "
                           f"--optimizer.name {saved}, use another dump_folder, or set [checkpoint] "
                           f"exclude_from_loading = [\"optimizer\"]")
-
-
-def recipes_dir() -> Path:
-    env = os.environ.get("DIST_MARSM_RECIPES")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "recipes"
-
-
-def recipe_config(name_or_path: str) -> MARSMTrainerConfig:
-    """The config of a shipped recipe name (or a path to a .toml file), checked against WORLD_SIZE."""
-    path = Path(name_or_path)
-    if path.suffix != ".toml":
-        path = recipes_dir() / f"{name_or_path}.toml"
-    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
-    return load_recipe(str(path), world_size=world)
