@@ -18,9 +18,6 @@ from torchtitan.components.metrics import BaseLogger, LoggerContainer, MetricsPr
 
 from dist_marsm import MARSM
 
-OUTPUT_NAMES = ("lm_head.weight", "output.weight")
-
-
 @torch.no_grad()
 def rms_to_inf_norm(weight: torch.Tensor) -> float:
     """max_x ||W x||_inf / ||x||_rms = sqrt(d_in) * max_i ||W[i, :]||_2, for a tensor or a DTensor."""
@@ -89,25 +86,16 @@ class MARSMMetricsProcessor(MetricsProcessor):
             extra_metrics: dict[str, Any] | None = None):
         extra = {**(extra_metrics or {}), **marsm_stats(self.optimizers)}
         if "ns_matrices" in extra and dist.is_initialized():   # the whole job's count: each matrix once
-            on_gpu = dist.get_backend() != "gloo" and torch.cuda.is_available()
-            total = torch.tensor([extra["ns_matrices"]], dtype=torch.int64,
-                                 device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            total = torch.tensor([extra["ns_matrices"]], dtype=torch.int64, device=device)
             dist.all_reduce(total)
             extra["ns_matrices_total"] = int(total.item())
         if getattr(self.optimizers, "last_step_time_s", None) is not None:
             extra["optimizer_time_s"] = self.optimizers.last_step_time_s
-        weight = _output_weight(self.model_parts) if self.config.output_norm else None
-        if weight is not None:
-            extra["output_rms_inf_norm"] = rms_to_inf_norm(weight)
+        heads = [p.lm_head for p in self.model_parts or [] if getattr(p, "lm_head", None) is not None]
+        if self.config.output_norm and heads:   # the ranks whose pipeline stage holds the output layer
+            extra["output_rms_inf_norm"] = rms_to_inf_norm(heads[-1].weight)
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
-
-
-def _output_weight(model_parts) -> torch.Tensor | None:
-    """The output layer's weight, if this rank's model parts hold it (canonical name lm_head/output)."""
-    from torchtitan.components.checkpointer.utils import canonical_fqn
-
-    return next((p for part in reversed(list(model_parts or [])) for name, p in part.named_parameters()
-                 if canonical_fqn(name) in OUTPUT_NAMES), None)
 
 
 def _drop_steps_from(path: str, first_step: int) -> None:

@@ -1,7 +1,7 @@
 """TOML recipes onto torchtitan's ``Trainer.Config`` tree by field path: every key is checked to be a field,
-every value is parsed by tyro (the CLI's parser, so the same types and ``__post_init__`` checks), and a
-problem raises one :class:`RecipeError` naming key and file. TOML has no null: ``"none"`` sets an optional
-field to None. CLI overrides follow, through torchtitan's tyro rules. docs/torchtitan.md.
+every value is parsed by tyro (the CLI's parser: the same types and ``__post_init__`` checks), and a problem
+raises one :class:`RecipeError` naming key and file. TOML has no null: ``"none"`` sets an optional field to
+None. CLI overrides follow, through torchtitan's tyro rules. docs/torchtitan.md.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import importlib
 import io
 import os
 import re
@@ -27,7 +28,6 @@ from torchtitan.trainer import Trainer
 from dist_marsm.titan import corpus, cpu_shims, moe
 from dist_marsm.titan.metrics import MARSMMetricsProcessor
 from dist_marsm.titan.optimizer_container import OPTIMIZER_NAME, MARSMOptimizersContainer
-
 
 corpus.register_datasets()
 moe.register_flavors()
@@ -59,20 +59,17 @@ class ModelConfig:
     """llama3: one fused wqkv weight (one matrix); false: separate wq, wk, wv (three matrices)"""
 
     def spec(self):
-        import importlib
-
         try:
             module = importlib.import_module(f"torchtitan.models.{self.name}")
-            registry = module.model_registry
+            registry, flavors = module.model_registry, getattr(module, f"{self.name}_configs", None)
         except (ImportError, AttributeError):
-            raise ValueError(f"name {self.name!r} is not a torchtitan model with a model_registry") from None
-        flavors = getattr(module, f"{self.name}_configs", None)
+            raise ValueError(f"[model] name {self.name!r} is not a torchtitan model with a model_registry") from None
         if flavors is not None and self.flavor not in flavors:
-            raise ValueError(f"flavor must be one of {list(flavors)}, got {self.flavor!r}")
+            raise ValueError(f"[model] flavor must be one of {list(flavors)}, got {self.flavor!r}")
+        if not self.fuse_qkv and self.name != "llama3":
+            raise ValueError("[model] fuse_qkv = false is only supported for llama3")
         spec = registry(self.flavor, attn_backend=self.attn_backend)
         if not self.fuse_qkv:
-            if self.name != "llama3":
-                raise ValueError("fuse_qkv = false is only supported for llama3")
             unfuse_qkv(spec.model)
         return spec
 
@@ -84,11 +81,11 @@ def unfuse_qkv(model_config) -> int:
     from torchtitan.models.llama3 import _LINEAR_INIT
 
     def separate(cfg):   # QKVLinear builds both wk and wv from the one wkv config
-        dim, head = cfg.wqkv.in_features, cfg.head_dim
-        return QKVLinear.Config(head_dim=head, wq=Linear.Config(in_features=dim, out_features=cfg.n_heads * head,
-                                                                param_init=_LINEAR_INIT),
-                                wkv=Linear.Config(in_features=dim, out_features=cfg.n_kv_heads * head,
-                                                  param_init=_LINEAR_INIT))
+        def linear(rows):
+            return Linear.Config(in_features=cfg.wqkv.in_features, out_features=rows, param_init=_LINEAR_INIT)
+
+        return QKVLinear.Config(head_dim=cfg.head_dim, wq=linear(cfg.n_heads * cfg.head_dim),
+                                wkv=linear(cfg.n_kv_heads * cfg.head_dim))
 
     return cpu_shims.replace_configs(model_config, FusedQKVLinear.Config, separate)
 
@@ -97,7 +94,8 @@ _AC = typing.get_type_hints(Trainer.Config, include_extras=True)["activation_che
 _STATES = {"optimizer", "lr_scheduler", "dataloader", "train_state"}
 # Limits torchtitan's own configs do not check (its __post_init__ checks run too).
 LIMITS = {
-    ("job", "local_ranks"): (lambda v: 1 <= v <= 64, "in [1, 64]"), ("job", "threads_per_rank"): (lambda v: v >= 0, ">= 0"),
+    ("job", "local_ranks"): (lambda v: 1 <= v <= 64, "in [1, 64]"),
+    ("job", "threads_per_rank"): (lambda v: v >= 0, ">= 0"),
     **{("training", k): (lambda v: v > 0, "> 0") for k in ("steps", "local_batch_size", "max_norm")},
     ("training", "seq_len"): (lambda v: v >= 2, ">= 2"),
     ("training", "global_batch_size"): (lambda v: v == -1 or v > 0, "-1 or > 0"),
@@ -139,31 +137,25 @@ class MARSMTrainerConfig(Trainer.Config):
         from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
         from torchtitan.models.common.config_utils import decoder_vocab_size
 
-        t, p, ls = self.training, self.parallelism, self.lr_scheduler
         for (section, key), (ok, expect) in LIMITS.items():
-            value = getattr(getattr(self, section), key)
-            if not ok(value):
+            if not ok(value := getattr(getattr(self, section), key)):
                 raise ValueError(f"[{section}] {key} must be {expect}, got {value!r}")
-        total = ls.total_steps or t.steps
-        # torchtitan's scheduler needs one decay step after warm-up (warm-up == steps fails in a step).
-        if ls.warmup_steps >= total:
-            raise ValueError(f"[lr_scheduler] warmup_steps ({ls.warmup_steps}) must be < [training] steps "
-                             f"({total}): the schedule needs at least one step after warm-up")
+        warmup, total = self.lr_scheduler.warmup_steps, self.lr_scheduler.total_steps or self.training.steps
+        if warmup >= total:   # torchtitan's scheduler fails a step after warm-up == steps
+            raise ValueError(f"[lr_scheduler] warmup_steps ({warmup}) must be < [training] steps ({total}): the "
+                             "schedule needs at least one step after warm-up")
         for name, loader in (("[dataloader]", self.dataloader), ("[validator.dataloader]", self.validator.dataloader)):
             if (name == "[dataloader]" or self.validator.enable) and loader.dataset not in DATASETS:
                 raise ValueError(f"{name} dataset must be one of {sorted(DATASETS)}, got {loader.dataset!r}")
         if self.validator.enable and self.validator.dataloader.dataset == self.dataloader.dataset:
             raise ValueError(f"[validator.dataloader] dataset must differ from [dataloader] dataset "
                              f"({self.dataloader.dataset!r})")
-        try:
-            self.model_spec = self.model.spec()
-        except ValueError as e:
-            raise ValueError(f"[model] {e}") from None
+        self.model_spec = self.model.spec()
         self.loss = ChunkedLossWrapper.Config(
             loss_fn=CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(self.model_spec)))
         on_cpu = cpu_shims.needs_cpu_shims()
         # torchtitan rejects pipeline parallelism with CUDA graphs when the config is built; CPUs have none.
-        self.training.disable_cuda_graphs |= p.pipeline_parallel_degree > 1 or on_cpu
+        self.training.disable_cuda_graphs |= self.parallelism.pipeline_parallel_degree > 1 or on_cpu
         Trainer.Config.__post_init__(self)
         if on_cpu:
             cpu_shims.adapt_trainer_config(self)
@@ -176,9 +168,7 @@ def _label(flag: str) -> str:
 
 
 def _bare(ann):
-    while typing.get_origin(ann) is Annotated:
-        ann = typing.get_args(ann)[0]
-    return ann
+    return _bare(typing.get_args(ann)[0]) if typing.get_origin(ann) is Annotated else ann
 
 
 def _recipe_args(config, table: dict, where: str, path: tuple = ()) -> tuple[list[str], list[str]]:
@@ -193,21 +183,21 @@ def _recipe_args(config, table: dict, where: str, path: tuple = ()) -> tuple[lis
             name = f"section [{key}]" if not path and isinstance(raw, dict) else f"key {_label(flag)}"
             raise RecipeError(f"{where}: unknown {name}" + (f"; did you mean {', '.join(close)}?" if close
                                                              else f"; known: {known}"))
-        ann, current = _bare(hints[key]), getattr(config, key)
-        members = [_bare(m) for m in typing.get_args(ann)]
-        if isinstance(raw, dict) != dataclasses.is_dataclass(current) and not (
-                isinstance(raw, str) and any(map(dataclasses.is_dataclass, members))):
+        current, members = getattr(config, key), [_bare(m) for m in typing.get_args(_bare(hints[key]))]
+        named_config = isinstance(raw, str) and any(map(dataclasses.is_dataclass, members))  # activation_checkpoint
+        if isinstance(raw, dict) != dataclasses.is_dataclass(current) and not named_config:
             raise RecipeError(f"{where}: {_label(flag)} must be " + ("a table" if dataclasses.is_dataclass(current)
                                                                   else "a value, not a table"))
         if isinstance(raw, dict):
             more, subs = _recipe_args(current, raw, where, (*path, key))
             options, subcommands = options + more, subcommands + subs
-        elif any(map(dataclasses.is_dataclass, members)):   # a choice of configs by name (activation_checkpoint)
+        elif named_config:
             subcommands.append(f"{flag}:{raw}")
+        elif raw == "none" and type(None) in members:   # TOML has no null
+            options.append(f"--{flag}=None")
         else:
-            items = raw if isinstance(raw, list) else [raw]
-            none = raw == "none" and type(None) in members   # TOML has no null
-            tokens = ["None"] if none else [str(x) if not isinstance(x, bool) else str(x).capitalize() for x in items]
+            tokens = [str(x).capitalize() if isinstance(x, bool) else str(x) for x in (raw if isinstance(raw, list)
+                                                                                       else [raw])]
             options += [f"--{flag}", *tokens] if isinstance(raw, list) else [f"--{flag}={tokens[0]}"]
     return options, subcommands
 
@@ -219,8 +209,8 @@ def _parse(default, args: list[str], where: str, prog: str, overrides: bool):
     if overrides:   # torchtitan's CLI rules (comma lists); booleans as in TOML
         ConfigManager()
         args = [re.sub(r"(^|=)(true|false)$", lambda m: m[1] + m[2].capitalize(), a) for a in args]
-    cli = dict(args=args, default=default, prog=prog, config=(tyro.conf.FlagConversionOff,),
-               registry=custom_registry if overrides else None)
+    cli = {"args": args, "default": default, "prog": prog, "config": (tyro.conf.FlagConversionOff,),
+           "registry": custom_registry if overrides else None}
     if "--help" in args or "-h" in args:
         return tyro.cli(type(default), **cli)
     text = io.StringIO()
@@ -229,41 +219,36 @@ def _parse(default, args: list[str], where: str, prog: str, overrides: bool):
             return tyro.cli(type(default), **cli)
     except SystemExit:
         lines = [re.sub(r"[\u2500-\u257f]|-{3,}", " ", line).strip() for line in text.getvalue().splitlines()]
-        message = re.sub(" +", " ", " ".join(line for line in lines if line and "For full helptext" not in line
-                                              and "initial_load_model_only" not in line))
+        message = " ".join(line for line in lines if line and not re.search("For full helptext|initial_load", line))
     except (ValueError, TypeError) as e:
         message = str(e)
-    message, said = _named(message, args)
-    raise RecipeError(f"{where}: " + (f"override {said or ' '.join(args)}: " if overrides else "") + message)
+    message, flag = _named(re.sub(" +", " ", message), args)
+    raise RecipeError(f"{where}: " + (f"override {flag or ' '.join(args)}: " if overrides else "") + message)
 
 
 def _named(message: str, args: list[str]) -> tuple[str, str | None]:
     """tyro's message led by the recipe label of the key it is about, and that key's flag as given."""
     given = {a[2:].split("=")[0].replace("-", "_"): a.split("=")[0] for a in args if a.startswith("--")}
     message = re.sub(r"^\s*(Value error|Invalid choice|Unrecognized options|Missing argument)\s+", "", message)
-    text = message.replace("-", "_")    # tyro spells flags with dashes
-    reason = re.sub(r"^Error parsing [\w.-]+:\s*", "", message)
+    text, reason = message.replace("-", "_"), re.sub(r"^Error parsing [\w.-]+:\s*", "", message)  # tyro: dashes
     if hint := re.search(r"\s*Argument helptext:\s+--\S+\s+(\S+)", reason):    # tyro's metavar: the type
         reason = f"must be {hint[1]}: {reason[:hint.start()]}"
-    if unknown := re.match(r"Unrecognized options: (.*?)\s*(Available subcommands: (.*?))?\s*(Perhaps you meant:"
-                           r" (.*))?$", reason):
-        close = ", ".join(dict.fromkeys(re.findall(r"--[\w.-]+", unknown[5] or "")))
-        choices = unknown[3] if ":" in unknown[1] else None
-        reason = f"unknown {unknown[1]}" + (f"; did you mean {close}?" if close else "") + (
-            f"; choices: {choices}" if choices else "")
     if choice := re.match(r"invalid choice (.+) for argument '[^']+'\. Expected one of (.+?)\.?$", reason):
         reason = f"must be one of {choice[2]}, got {choice[1]}"
+    if unknown := re.match(r"Unrecognized options: (.*?)\s*(Available subcommands: .*?)?\s*(Perhaps you meant:"
+                           r" (.*))?$", reason):
+        close = ", ".join(dict.fromkeys(re.findall(r"--[\w.-]+", unknown[4] or "")))
+        reason = f"unknown {unknown[1]}" + (f"; did you mean {close}?" if close else "")
     key = next((k for k in given if re.search(r"__" + re.escape(k) + r"(?!\w)", text)), None)
-    section = re.match(r"Error parsing ([a-z][\w.]*): ", text)
-    if section:     # a section's own __post_init__ check: the key it names, else the keys set there
-        keys = [k for k in given if k.rpartition(".")[0] == section[1]]
-        key = next((k for k in keys if reason.startswith(k.rpartition(".")[2] + " ")), None)
-        if key:
+    if section := re.match(r"Error parsing ([a-z][\w.]*): ", text):   # a section's own check: the key it
+        keys = [k for k in given if k.rpartition(".")[0] == section[1]]   # names, else the keys set there
+        if key := next((k for k in keys if reason.startswith(k.rpartition(".")[2] + " ")), None):
             return _label(key) + reason[len(key.rpartition(".")[2]):], given[key]
         names = ", ".join(k.rpartition(".")[2] for k in keys)
         return f"[{section[1]}] " + (f"{names}: " if names else "") + reason, given[keys[0]] if keys else None
-    return (_label(key) + (" " if reason.startswith("must be") else ": ") + reason, given[key]) if key else \
-        (reason.strip(), None)
+    if key is None:
+        return reason.strip(), None
+    return _label(key) + (" " if reason.startswith("must be") else ": ") + reason, given[key]
 
 
 # ----------------------------------------------------------------------------- entry
