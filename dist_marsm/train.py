@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+from pathlib import Path
 import sys
 
 
@@ -46,7 +47,7 @@ def _error(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = _parse(argv)
-    from dist_marsm.titan.recipe import RecipeError, check_resume, check_world_size, load_recipe
+    from dist_marsm.titan.recipe import RecipeError, check_world_size, load_recipe
 
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     try:
@@ -66,6 +67,31 @@ def main(argv: list[str] | None = None) -> int:
     if under_torchrun:
         return _run_rank(config, args.recipe)
     return _launch_local(config, args.recipe, argv)
+
+
+def check_resume(config, where: str) -> None:
+    """Stop before training when the checkpoint a run would resume from was written by another optimizer
+    (told by its DCP metadata: MARS-M groups hold gamma, DistMuon's adjust_lr_fn)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from dist_marsm.titan.recipe import RecipeError
+
+    ck, folder = config.checkpoint, Path(config.dump_folder) / config.checkpoint.folder
+    if not ck.enable or "optimizer" in ck.exclude_from_loading or not folder.is_dir():
+        return
+    steps = sorted(int(d.name[5:]) for d in folder.glob("step-*") if d.name[5:].isdigit() and (d / ".metadata").exists())
+    step = ck.load_step if ck.load_step != -1 else (steps[-1] if steps else None)
+    if step not in steps:
+        return
+    keys = [k for k in FileSystemReader(str(folder / f"step-{step}")).read_metadata().state_dict_metadata
+            if k.startswith("optimizer.param_groups.")]
+    saved = None if not keys else "MARS-M" if any(k.endswith(".gamma") for k in keys) else \
+        "DistMuon" if any(k.endswith(".adjust_lr_fn") for k in keys) else "AdamW"
+    if saved is not None and saved != config.optimizer.name:
+        raise RecipeError(f"{where}: [optimizer] name is {config.optimizer.name!r}, but the checkpoint it would "
+                          f"resume from ({folder / f'step-{step}'}) was written by {saved!r}; resume with "
+                          f"--optimizer.name {saved}, use another dump_folder, or set [checkpoint] "
+                          f"exclude_from_loading = [\"optimizer\"]")
 
 
 def _launch_local(config, recipe: str, argv: list[str]) -> int:

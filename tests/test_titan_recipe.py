@@ -438,20 +438,29 @@ def test_dcp_resume_after_a_hyperparameter_is_added(tmp_path):
 
 
 def test_metrics_file_keeps_one_line_per_step_on_resume(tmp_path):
-    """A run resumed at step 4 (its checkpoint was at 3) redoes steps 4.. : their old lines are dropped."""
+    """A run resumed at step 4 (its checkpoint was at 3) redoes steps 4.. : their old lines are dropped, and
+    a line cut by a crash too."""
     import json
 
-    from dist_marsm.titan.metrics import _drop_steps_from
+    from dist_marsm.titan.metrics import JsonlLogger
 
-    def read_jsonl(p):
-        return [json.loads(line) for line in p.read_text().splitlines()]
+    def steps():
+        return [json.loads(line)["step"] for line in path.read_text().splitlines()]
 
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)))
-    _drop_steps_from(str(path), 4)
-    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
-    _drop_steps_from(str(path), 1)     # a fresh run in an old folder starts the file again
-    assert read_jsonl(path) == []
+    path = tmp_path / "out" / "metrics.jsonl"
+    first = JsonlLogger(str(path))
+    for s in range(1, 7):
+        first.log({"loss_metrics/global_avg_loss": 1.0 / s}, s)
+    with open(path, "a") as f:
+        f.write('{"step": 2, "lo')     # the crash
+    resumed = JsonlLogger(str(path))
+    resumed.log({"loss_metrics/global_avg_loss": 0.5}, 4)
+    resumed.log({"validation_metrics/loss": 0.7}, 4)     # a second line of the same step stays
+    assert steps() == [1, 2, 3, 4, 4]
+    assert json.loads(path.read_text().splitlines()[3])["loss"] == 0.5
+    assert json.loads(path.read_text().splitlines()[4])["validation_loss"] == 0.7
+    JsonlLogger(str(path)).log({}, 1)     # a fresh run in an old folder starts the file again
+    assert steps() == [1]
 
 
 # ------------------------------------------------------------------ recipe checks (issue 14)
@@ -480,7 +489,7 @@ def _fake_checkpoint(dump, step=2, **settings):
 
 
 def test_optimizer_name_change_at_resume_is_named(tmp_path):
-    from dist_marsm.titan.recipe import check_resume
+    from dist_marsm.train import check_resume
 
     recipe = str(ROOT / "recipes/debug_cpu.toml")
     _fake_checkpoint(tmp_path)

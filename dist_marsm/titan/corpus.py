@@ -4,10 +4,10 @@ and ``pydoc_topics_validation``, and its locally built BPE tokenizer (no downloa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 
 TRAIN_DATASET = "pydoc_topics"
@@ -45,17 +45,12 @@ def tokenizer_dir(vocab_size: int = 2048) -> str:
     if os.path.exists(os.path.join(final, "tokenizer_config.json")):
         return final
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".building-", dir=root)
-    try:
+    with tempfile.TemporaryDirectory(prefix=".building-", dir=root, ignore_cleanup_errors=True) as tmp:
         _train_tokenizer(tmp, vocab_size)
-        try:
+        with contextlib.suppress(OSError):   # another rank's build is already in place
             os.rename(tmp, final)
-        except OSError:
-            if not os.path.exists(os.path.join(final, "tokenizer_config.json")):
-                raise
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.exists(os.path.join(final, "tokenizer_config.json")):
+        raise RuntimeError(f"could not place the embedded tokenizer in {final}")
     return final
 
 

@@ -10,6 +10,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,16 +43,18 @@ def marsm_stats(container) -> dict[str, float]:
 
 
 class JsonlLogger(BaseLogger):
-    """A torchtitan logger backend: one JSON object per ``log`` call, appended to ``path``."""
+    """A torchtitan logger backend: one JSON object per ``log`` call, appended to ``path``. A run's first call
+    drops the lines of the steps it redoes after a resume, and unreadable lines (one cut by a crash)."""
 
     def __init__(self, path: str):
-        self.path, self._fresh = path, True
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.path, self._fresh = Path(path), True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        if self._fresh:      # the first step this run logs: drop the lines of steps a resumed run redoes
+        if self._fresh:
             self._fresh = False
-            _drop_steps_from(self.path, step)
+            lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+            self.path.write_text("".join(line for line in lines if _step_of(line) < step))
         record = {"step": step, **metrics, "time": time.time()}
         for ours, theirs in (("loss", "loss_metrics/global_avg_loss"), ("validation_loss", "validation_metrics/loss")):
             if theirs in metrics:
@@ -98,18 +101,8 @@ class MARSMMetricsProcessor(MetricsProcessor):
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
 
 
-def _drop_steps_from(path: str, first_step: int) -> None:
-    """Remove the lines with step >= first_step (a resumed run redoes them), and unreadable ones."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-
-    def before(line: str) -> bool:
-        try:
-            return json.loads(line)["step"] < first_step
-        except (ValueError, KeyError, TypeError):
-            return False
-
-    with open(path, "w") as f:
-        f.writelines(line for line in lines if before(line))
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

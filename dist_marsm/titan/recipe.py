@@ -16,7 +16,6 @@ import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
@@ -27,7 +26,7 @@ from torchtitan.trainer import Trainer
 
 from dist_marsm.titan import corpus, cpu_shims, moe
 from dist_marsm.titan.metrics import MARSMMetricsProcessor
-from dist_marsm.titan.optimizer_container import OPTIMIZER_NAME, MARSMOptimizersContainer
+from dist_marsm.titan.optimizer_container import MARSMOptimizersContainer
 
 corpus.register_datasets()
 moe.register_flavors()
@@ -290,26 +289,3 @@ def check_world_size(config, world: int, where: str) -> None:
     if world % others:
         raise RecipeError(f"{where}: [parallelism] non-FSDP degrees multiply to {others}, which does not divide "
                           f"the job's {world} ranks")
-
-
-def check_resume(config, where: str) -> None:
-    """Stop before training when the checkpoint a run would resume from was written by another optimizer
-    (told by its DCP metadata: MARS-M groups hold gamma, DistMuon's adjust_lr_fn)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    ck, folder = config.checkpoint, Path(config.dump_folder) / config.checkpoint.folder
-    if not ck.enable or "optimizer" in ck.exclude_from_loading or not folder.is_dir():
-        return
-    steps = sorted(int(d.name[5:]) for d in folder.glob("step-*") if d.name[5:].isdigit() and (d / ".metadata").exists())
-    step = ck.load_step if ck.load_step != -1 else (steps[-1] if steps else None)
-    if step not in steps:
-        return
-    keys = [k for k in FileSystemReader(str(folder / f"step-{step}")).read_metadata().state_dict_metadata
-            if k.startswith("optimizer.param_groups.")]
-    saved = None if not keys else OPTIMIZER_NAME if any(k.endswith(".gamma") for k in keys) else \
-        "DistMuon" if any(k.endswith(".adjust_lr_fn") for k in keys) else "AdamW"
-    if saved is not None and saved != config.optimizer.name:
-        raise RecipeError(f"{where}: [optimizer] name is {config.optimizer.name!r}, but the checkpoint it would "
-                          f"resume from ({folder / f'step-{step}'}) was written by {saved!r}; resume with "
-                          f"--optimizer.name {saved}, use another dump_folder, or set [checkpoint] "
-                          f"exclude_from_loading = [\"optimizer\"]")
