@@ -1,6 +1,5 @@
 """``python -m torchtitan.train --module dist_marsm.titan --config <name>``: the shipped recipes by name
-(``recipes/<name>.toml`` or ``$DIST_MARSM_RECIPES/<name>.toml``), checked against ``WORLD_SIZE``;
-torchtitan's tyro applies the command line.
+(``recipes/<name>.toml`` or ``$DIST_MARSM_RECIPES/<name>.toml``); torchtitan's tyro applies the command line.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from pathlib import Path
 from dist_marsm.titan.recipe import MARSMTrainerConfig, load_recipe
 
 RECIPES = ("debug_cpu", "debug_cpu_adamw", "debug_cpu_distmuon", "moe_debug_cpu", "llama3_8b", "llama3_70b")
-__all__ = ["MARSMTrainerConfig", *RECIPES]
 
 
 def recipe_config(name: str) -> MARSMTrainerConfig:

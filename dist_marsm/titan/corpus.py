@@ -31,16 +31,12 @@ def corpus_digest() -> str:
     return hashlib.sha256(text).hexdigest()[:12]
 
 
-def cache_root() -> str:
-    return os.environ.get("DIST_MARSM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dist_marsm")
-
-
 def tokenizer_dir(vocab_size: int = 2048) -> str:
-    """Directory holding the BPE tokenizer for ``vocab_size``, trained on first use (about a second). Ranks
-    racing here each build in a private directory and rename it into place; the losers use the winner's."""
+    """The folder of the BPE tokenizer for ``vocab_size``, trained on first use (a second); racing ranks each
+    build privately and rename into place, the losers use the winner's."""
     if not 260 <= vocab_size <= 65536:
         raise ValueError(f"tokenizer vocab_size must be in [260, 65536], got {vocab_size}")
-    root = cache_root()
+    root = os.environ.get("DIST_MARSM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dist_marsm")
     final = os.path.join(root, f"pydoc-bpe-v{_TOKENIZER_FORMAT}-{vocab_size}-{corpus_digest()}")
     if os.path.exists(os.path.join(final, "tokenizer_config.json")):
         return final
@@ -73,17 +69,12 @@ def _train_tokenizer(out_dir: str, vocab_size: int) -> None:
 
 def register_datasets() -> None:
     """Register both splits with torchtitan's text dataloader (idempotent)."""
+    from datasets import Dataset
     from torchtitan.hf_datasets import DatasetConfig
     from torchtitan.hf_datasets.text_datasets import DATASETS
 
     for name, split in ((TRAIN_DATASET, "train"), (VALIDATION_DATASET, "validation")):
         if name not in DATASETS:
-            DATASETS[name] = DatasetConfig(path=f"pydoc_data.topics:{split}",
-                                           loader=lambda path, split=split: _hf_dataset(split),
-                                           sample_processor=lambda sample: sample["text"])
-
-
-def _hf_dataset(split: str):
-    from datasets import Dataset
-
-    return Dataset.from_dict({"text": documents(split)})
+            DATASETS[name] = DatasetConfig(
+                path=f"pydoc_data.topics:{split}", sample_processor=lambda sample: sample["text"],
+                loader=lambda path, split=split: Dataset.from_dict({"text": documents(split)}))

@@ -32,7 +32,7 @@ def _properties(device=None):
                                  multi_processor_count=os.cpu_count() or 1)
 
 
-CPU_DEVICE_MODULE = types.ModuleType("dist_marsm_cpu_device_module", "CPU stand-in for torch.cuda as torchtitan uses it.")
+CPU_DEVICE_MODULE = types.ModuleType("dist_marsm_cpu_device_module", "torch.cuda as torchtitan uses it, for CPUs")
 CPU_DEVICE_MODULE.__dict__.update(
     is_available=lambda: True, device_count=lambda: 1,   # torchtitan then picks device index 0 on every rank
     current_device=lambda: 0, set_device=lambda device: None, synchronize=lambda device=None: None,
@@ -60,9 +60,6 @@ def _wrap_parallelize_fn(parallelize_fn):
     """Obstacle 3: every FSDP module of the parallelized model reduces with a plain SUM."""
     from torch.distributed.fsdp import FSDPModule
 
-    if getattr(parallelize_fn, "_dist_marsm_force_sum", False):
-        return parallelize_fn
-
     @functools.wraps(parallelize_fn)
     def parallelize_with_sum_reduction(model, *args, **kwargs):
         model = parallelize_fn(model, *args, **kwargs)
@@ -71,7 +68,6 @@ def _wrap_parallelize_fn(parallelize_fn):
                 module.set_force_sum_reduction_for_comms(True)
         return model
 
-    parallelize_with_sum_reduction._dist_marsm_force_sum = True
     return parallelize_with_sum_reduction
 
 
@@ -79,10 +75,7 @@ def replace_configs(model_config, config_cls, make) -> int:
     """Replace every ``config_cls`` config in a model config tree by ``make(old)``; returns the count."""
     found = list(model_config.traverse(config_cls))
     for _fqn, old, parent, attr in found:
-        if isinstance(attr, int):
-            parent[attr] = make(old)
-        else:
-            setattr(parent, attr, make(old))
+        parent.__setitem__(attr, make(old)) if isinstance(attr, int) else setattr(parent, attr, make(old))
     return len(found)
 
 

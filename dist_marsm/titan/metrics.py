@@ -1,6 +1,5 @@
-"""MARS-M metrics through torchtitan's MetricsProcessor and its logger backends, plus a JSON-lines backend:
-optimizer time, MARSM step time, Newton-Schulz matrices (this rank and the whole job), bytes sent, QK-clip,
-and the output layer's RMS->inf operator norm (docs/hyperparameters.md).
+"""MARS-M's metrics (optimizer and MARSM step time, Newton-Schulz matrices, bytes sent, QK-clip, output-layer
+RMS->inf norm) through torchtitan's MetricsProcessor, plus a JSON-lines logger backend. docs/torchtitan.md.
 """
 
 from __future__ import annotations
@@ -25,21 +24,6 @@ def rms_to_inf_norm(weight: torch.Tensor) -> float:
     rows = torch.linalg.vector_norm(weight.float(), dim=-1)
     rows = rows.full_tensor() if hasattr(rows, "full_tensor") else rows   # d_out floats; uneven shards too
     return math.sqrt(weight.shape[-1]) * float(rows.max())
-
-
-def marsm_stats(container) -> dict[str, float]:
-    """``last_step_stats`` summed over the container's MARSM instances, and QK-clip's (empty if none)."""
-    out: dict[str, float] = {}
-    for stats in (o.last_step_stats for o in getattr(container, "optimizers", None) or [] if isinstance(o, MARSM)):
-        for key, name in (("step_time_s", "marsm_step_time_s"), ("ns_matrices", "ns_matrices"),
-                          ("bytes_sent", "bytes_sent")):
-            if key in stats:
-                out[name] = out.get(name, 0) + stats[key]
-    clip = getattr(container, "qk_clip", None)
-    if clip is not None and clip.last_stats:
-        out.update(qk_clip_max_logit=clip.last_stats["max_logit"], qk_clip_heads_clipped=clip.last_stats[
-            "heads_clipped"])
-    return out
 
 
 class JsonlLogger(BaseLogger):
@@ -87,14 +71,22 @@ class MARSMMetricsProcessor(MetricsProcessor):
 
     def log(self, step: int, global_avg_loss: float, global_max_loss: float, grad_norm: float,
             extra_metrics: dict[str, Any] | None = None):
-        extra = {**(extra_metrics or {}), **marsm_stats(self.optimizers)}
+        extra, container = dict(extra_metrics or {}), self.optimizers
+        for stats in (o.last_step_stats for o in getattr(container, "optimizers", []) if isinstance(o, MARSM)):
+            for key, name in (("step_time_s", "marsm_step_time_s"), ("ns_matrices", "ns_matrices"),
+                              ("bytes_sent", "bytes_sent")):
+                extra[name] = extra.get(name, 0) + stats.get(key, 0)
+        clip = getattr(container, "qk_clip", None)
+        if clip is not None and clip.last_stats:
+            extra.update(qk_clip_max_logit=clip.last_stats["max_logit"],
+                         qk_clip_heads_clipped=clip.last_stats["heads_clipped"])
         if "ns_matrices" in extra and dist.is_initialized():   # the whole job's count: each matrix once
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
             total = torch.tensor([extra["ns_matrices"]], dtype=torch.int64, device=device)
             dist.all_reduce(total)
             extra["ns_matrices_total"] = int(total.item())
-        if getattr(self.optimizers, "last_step_time_s", None) is not None:
-            extra["optimizer_time_s"] = self.optimizers.last_step_time_s
+        if getattr(container, "last_step_time_s", None) is not None:
+            extra["optimizer_time_s"] = container.last_step_time_s
         heads = [p.lm_head for p in self.model_parts or [] if getattr(p, "lm_head", None) is not None]
         if self.config.output_norm and heads:   # the ranks whose pipeline stage holds the output layer
             extra["output_rms_inf_norm"] = rms_to_inf_norm(heads[-1].weight)

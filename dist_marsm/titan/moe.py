@@ -15,8 +15,7 @@ FLAVOR = "debugmodel_cpu"
 
 
 class ParamDtypeGroupedExperts(GroupedExperts):
-    """torchtitan's grouped experts computing in the parameters' dtype, not always bf16 (for CUDA's grouped
-    GEMM): CPU's ``torch._grouped_mm`` also takes fp32."""
+    """torchtitan's grouped experts in the parameters' dtype, not always bf16 (CPU's grouped GEMM takes fp32)."""
 
     @dataclasses.dataclass(kw_only=True, slots=True)
     class Config(GroupedExperts.Config):

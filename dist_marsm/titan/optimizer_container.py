@@ -6,7 +6,6 @@ policy: docs/torchtitan.md.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 import time
 import types
@@ -15,12 +14,11 @@ from typing import Annotated, Any, Literal, Optional
 import torch
 import tyro
 from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
+from torchtitan.tools.logging import logger
 
 from dist_marsm import DEFAULT_ADAMW_PATTERNS, MARSM, build_param_groups, settings
 from dist_marsm.qk_clip import QKClipSettings
 from dist_marsm.titan.qk_clip_hooks import install_qk_clip
-
-logger = logging.getLogger(__name__)
 
 OPTIMIZER_NAME = "MARS-M"
 SCHEDULED_KEYS = ("lr", "initial_lr")         # driven by the lr scheduler: the checkpoint's values stay
@@ -50,11 +48,16 @@ def _check(self) -> None:
     values = settings.canonicalize({s.name: getattr(self, s.name) for s in CONFIG_SETTINGS})
     for name, value in values.items():
         object.__setattr__(self, name, value)
-    for scope in ("group", "optimizer"):
-        try:
+    try:
+        for scope in ("group", "optimizer"):
             settings.validate(values, "", scope, names=set(values))
-        except ValueError as e:
-            raise ValueError(str(e).removeprefix(": ")) from None
+        QKClipSettings(tau=self.qk_clip_tau)
+        for pattern in self.adamw_patterns:
+            re.compile(pattern)
+    except ValueError as e:
+        raise ValueError(str(e).removeprefix(": ").replace("QKClipSettings.tau", "qk_clip_tau")) from None
+    except re.error as e:
+        raise ValueError(f"adamw_patterns entry {e.pattern!r} is not a regular expression ({e})") from None
     problems = [(not self.lr > 0, f"lr must be > 0 (the peak learning rate), got {self.lr!r}"),
                 (self.variant == "exact", "variant 'exact' needs step(closure), which torchtitan's Trainer never "
                                           "gives; use 'approx' or 'efficient'"),
@@ -64,14 +67,6 @@ def _check(self) -> None:
                                                                       f"{self.adamw_lr!r}")]
     if message := next((m for bad, m in problems if bad), None):
         raise ValueError(message)
-    try:
-        QKClipSettings(tau=self.qk_clip_tau)
-        for pattern in self.adamw_patterns:
-            re.compile(pattern)
-    except ValueError as e:
-        raise ValueError(f"qk_clip_tau: {e}") from None
-    except re.error as e:
-        raise ValueError(f"adamw_patterns: {e.pattern!r} is not a regular expression ({e})") from None
 
 
 def route_group(model: torch.nn.Module, group: dict) -> list[dict]:
@@ -89,8 +84,7 @@ def route_group(model: torch.nn.Module, group: dict) -> list[dict]:
 
 
 def build_dist_muon_owned(param_groups: list[dict], **kwargs: Any):
-    """torchtitan's DistMuon with each matrix orthogonalized whole by one owner on the FSDP axis, one
-    bucket (its default without a FlexShard layout). DistMuon refuses CPU parameters."""
+    """torchtitan's DistMuon, each matrix orthogonalized whole by one owner on the FSDP axis (GPU only)."""
     from torchtitan.distributed.flex_shard import BucketConfig, ComputeLayout, Owned, build_dist_muon
 
     groups = [{k: v for k, v in g.items() if k not in _IMPL_KEYS} for g in param_groups]
@@ -105,19 +99,20 @@ def param_groups_of(config) -> tuple[list[ParamGroupConfig], dict]:
     patterns = tuple(DEFAULT_ADAMW_PATTERNS) + tuple(config.adamw_patterns)
     adamw = {"lr": config.adamw_lr or config.lr, "weight_decay": config.weight_decay,
              "betas": tuple(config.adamw_betas), "eps": config.adamw_eps}
-    if config.name == "MARS-M":
+    factory_kwargs = {}
+    if config.name == OPTIMIZER_NAME:
         kwargs = {s.name: getattr(config, s.name) for s in CONFIG_SETTINGS if s.scope == "group"}
-        kwargs.update(adamw_patterns=patterns, **({"adamw_lr": config.adamw_lr} if config.adamw_lr else {}))
-        options = {s.name: getattr(config, s.name) for s in CONFIG_SETTINGS if s.scope == "optimizer"}
-        return [ParamGroupConfig(pattern=".*", optimizer_name=OPTIMIZER_NAME, optimizer_kwargs=kwargs)], \
-            {OPTIMIZER_NAME: options}
-    if config.name == "AdamW":
-        return [ParamGroupConfig(pattern=".*", optimizer_name="AdamW", optimizer_kwargs={**adamw, "lr": config.lr})], {}
-    kwargs = {"lr": config.lr, "weight_decay": config.weight_decay, "momentum": config.momentum,
-              "nesterov": config.nesterov, "ns_steps": config.ns_steps, "adamw_patterns": patterns,
-              "adjust_lr_fn": {"moonlight": "match_rms_adamw", "original": "original"}[config.lr_adjust],
-              "adamw_kwargs": adamw}
-    return [ParamGroupConfig(pattern=".*", optimizer_name="DistMuon", optimizer_kwargs=kwargs)], {}
+        kwargs.update(adamw_patterns=patterns, adamw_lr=config.adamw_lr)
+        factory_kwargs = {OPTIMIZER_NAME: {s.name: getattr(config, s.name) for s in CONFIG_SETTINGS
+                                           if s.scope == "optimizer"}}
+    elif config.name == "AdamW":
+        kwargs = {**adamw, "lr": config.lr}
+    else:
+        kwargs = {"lr": config.lr, "weight_decay": config.weight_decay, "momentum": config.momentum,
+                  "nesterov": config.nesterov, "ns_steps": config.ns_steps, "adamw_patterns": patterns,
+                  "adjust_lr_fn": {"moonlight": "match_rms_adamw", "original": "original"}[config.lr_adjust],
+                  "adamw_kwargs": adamw}
+    return [ParamGroupConfig(pattern=".*", optimizer_name=config.name, optimizer_kwargs=kwargs)], factory_kwargs
 
 
 class MARSMOptimizersContainer(OptimizersContainer):
@@ -148,13 +143,13 @@ class MARSMOptimizersContainer(OptimizersContainer):
 
     @staticmethod
     def _build_param_groups(model, param_group_configs, impl_kwargs):
-        """MARS-M groups split into their two routes; DistMuon groups from the typed config (they carry
-        ``adamw_kwargs``) send their non-matrix parameters to a torch AdamW group (DistMuon takes matrices)."""
+        """MARS-M groups split into their routes; the typed config's DistMuon groups (with ``adamw_kwargs``)
+        send non-matrix parameters to a torch AdamW group."""
         groups, patterns = OptimizersContainer._build_param_groups(model, param_group_configs, impl_kwargs)
         for name in (n for n in (OPTIMIZER_NAME, "DistMuon") if n in groups):
             kept = []
             for group, pattern in zip(groups[name], patterns[name]):
-                adamw = dict(group).pop("adamw_kwargs", None)
+                adamw = group.get("adamw_kwargs")
                 if name == "DistMuon" and adamw is None:
                     kept.append((group, pattern))
                     continue
@@ -171,8 +166,7 @@ class MARSMOptimizersContainer(OptimizersContainer):
         return groups, patterns
 
     def state_dict(self) -> dict[str, Any]:
-        """torchtitan's flat FQN-keyed dict; MARSM param-group keys limited to the declaration's
-        checkpointed keys (a setting not checkpointed is neither saved nor expected at load)."""
+        """torchtitan's flat FQN-keyed dict, MARSM's param-group keys limited to the checkpointed settings."""
         result = super().state_dict()
         for group in (g for optim in self.optimizers if isinstance(optim, MARSM) for g in optim.param_groups):
             for fqn in group.get("param_names") or []:
@@ -199,7 +193,9 @@ class MARSMOptimizersContainer(OptimizersContainer):
             for group, recipe in zip(optim.param_groups, groups):
                 for key in set(recipe) - {"params", "param_names"}:
                     old, new = group.get(key), recipe[key]
-                    if not (_plain(old) == _plain(new) and isinstance(old, bool) == isinstance(new, bool)):
+                    same = (tuple(old) if isinstance(old, list) else old) == (tuple(new) if isinstance(new, list)
+                                                                              else new)
+                    if not (same and isinstance(old, bool) == isinstance(new, bool)):
                         (kept if key in SCHEDULED_KEYS else changed).setdefault(key, (old, new))
                         group[key] = old if key in SCHEDULED_KEYS else new
         for key, (old, new) in sorted(changed.items()):
@@ -208,6 +204,3 @@ class MARSMOptimizersContainer(OptimizersContainer):
             logger.info(f"resume: peak lr (initial_lr) stays {kept['initial_lr'][0]!r} from the checkpoint's lr "
                         f"schedule; the recipe gives {kept['initial_lr'][1]!r} (start a new dump_folder to change it)")
 
-
-def _plain(value):
-    return tuple(value) if isinstance(value, list) else value

@@ -49,12 +49,9 @@ def _recorder(clip: QKClip, name: str, attention: nn.Module):
 
 def install_qk_clip(model: nn.Module | list[nn.Module], settings: QKClipSettings | float | None,
                     process_group=None, optimizer: torch.optim.Optimizer | None = None) -> QKClip:
-    """A :class:`QKClip` fed by hooks on every attention layer of ``model`` (after FSDP2 wrapping).
-
-    ``model``: a module or torchtitan's ``model_parts`` (one QKClip, one all-reduce per step).
-    ``settings``: :class:`QKClipSettings` or ``tau``; None measures and reduces the maxima but changes no
-    weight. ``optimizer``: run ``apply`` after each of its steps. ``remove()`` detaches the hooks.
-    """
+    """A :class:`QKClip` fed by hooks on every attention layer of ``model`` (a module or torchtitan's
+    ``model_parts``, after FSDP2 wrapping); ``settings``: :class:`QKClipSettings` or ``tau`` (None: measure
+    only). ``optimizer``: run ``apply`` after each of its steps. ``remove()`` detaches the hooks."""
     found = [item for part in (model if isinstance(model, (list, tuple)) else [model])
              for item in attention_specs(part)]
     if not found:   # a pipeline stage may hold none; the whole job holding none is a mistake

@@ -1,7 +1,6 @@
-"""TOML recipes onto torchtitan's ``Trainer.Config`` tree by field path: every key is checked to be a field,
-every value is parsed by tyro (the CLI's parser: the same types and ``__post_init__`` checks), and a problem
-raises one :class:`RecipeError` naming key and file. TOML has no null: ``"none"`` sets an optional field to
-None. CLI overrides follow, through torchtitan's tyro rules. docs/torchtitan.md.
+"""TOML recipes onto torchtitan's ``Trainer.Config`` by field path: each key checked to be a field, each value
+parsed by tyro (as on the CLI, ``__post_init__`` checks included), one :class:`RecipeError` naming key and
+file. TOML has no null: ``"none"`` sets an optional field to None. docs/torchtitan.md.
 """
 
 from __future__ import annotations
@@ -113,8 +112,7 @@ LIMITS = {
 
 @dataclass(kw_only=True, slots=True)
 class MARSMTrainerConfig(Trainer.Config):
-    """torchtitan's ``Trainer.Config`` with the MARS-M optimizer and metrics types, the model chosen by
-    name (``[model]``), the local-job settings (``[job]``) and defaults for the embedded corpus."""
+    """torchtitan's config with MARS-M's optimizer and metrics, ``[model]`` by name, ``[job]``, the corpus."""
 
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -166,7 +164,7 @@ def _label(flag: str) -> str:
     return f"[{'.'.join(section)}] {key}" if section else key
 
 
-def _bare(ann):
+def _bare(ann):   # without Annotated's metadata
     return _bare(typing.get_args(ann)[0]) if typing.get_origin(ann) is Annotated else ann
 
 
@@ -221,14 +219,10 @@ def _parse(default, args: list[str], where: str, prog: str, overrides: bool):
         message = " ".join(line for line in lines if line and not re.search("For full helptext|initial_load", line))
     except (ValueError, TypeError) as e:
         message = str(e)
-    message, flag = _named(re.sub(" +", " ", message), args)
-    raise RecipeError(f"{where}: " + (f"override {flag or ' '.join(args)}: " if overrides else "") + message)
-
-
-def _named(message: str, args: list[str]) -> tuple[str, str | None]:
-    """tyro's message led by the recipe label of the key it is about, and that key's flag as given."""
+    # tyro's message, led by the recipe label of the key it is about ("--flag" where it is an override)
     given = {a[2:].split("=")[0].replace("-", "_"): a.split("=")[0] for a in args if a.startswith("--")}
-    message = re.sub(r"^\s*(Value error|Invalid choice|Unrecognized options|Missing argument)\s+", "", message)
+    message = re.sub(r"^\s*(Value error|Invalid choice|Unrecognized options|Missing argument)\s+", "",
+                     re.sub(" +", " ", message))
     text, reason = message.replace("-", "_"), re.sub(r"^Error parsing [\w.-]+:\s*", "", message)  # tyro: dashes
     if hint := re.search(r"\s*Argument helptext:\s+--\S+\s+(\S+)", reason):    # tyro's metavar: the type
         reason = f"must be {hint[1]}: {reason[:hint.start()]}"
@@ -242,32 +236,31 @@ def _named(message: str, args: list[str]) -> tuple[str, str | None]:
     if section := re.match(r"Error parsing ([a-z][\w.]*): ", text):   # a section's own check: the key it
         keys = [k for k in given if k.rpartition(".")[0] == section[1]]   # names, else the keys set there
         if key := next((k for k in keys if reason.startswith(k.rpartition(".")[2] + " ")), None):
-            return _label(key) + reason[len(key.rpartition(".")[2]):], given[key]
-        names = ", ".join(k.rpartition(".")[2] for k in keys)
-        return f"[{section[1]}] " + (f"{names}: " if names else "") + reason, given[keys[0]] if keys else None
-    if key is None:
-        return reason.strip(), None
-    return _label(key) + (" " if reason.startswith("must be") else ": ") + reason, given[key]
+            reason = _label(key) + reason[len(key.rpartition(".")[2]):]
+        else:
+            key, names = (keys or [None])[0], ", ".join(k.rpartition(".")[2] for k in keys)
+            reason = f"[{section[1]}] " + (f"{names}: " if names else "") + reason
+    elif key:
+        reason = _label(key) + (" " if reason.startswith("must be") else ": ") + reason
+    said = f"override {given[key] if key else ' '.join(args)}: " if overrides else ""
+    raise RecipeError(f"{where}: {said}{reason.strip()}")
 
 
 # ----------------------------------------------------------------------------- entry
-def read_toml(path: str) -> dict:
+def load_recipe(path: str, overrides: list[str] | None = None, world_size: int | None = None,
+                prog: str = "python -m dist_marsm.train") -> MARSMTrainerConfig:
+    """Read a recipe, apply CLI overrides and check it. Raises :class:`RecipeError` naming key and file."""
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            table = tomllib.load(f)
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found") from None
     except IsADirectoryError:
         raise RecipeError(f"{path}: is a directory; --recipe takes a .toml file (see recipes/)") from None
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
-
-
-def load_recipe(path: str, overrides: list[str] | None = None, world_size: int | None = None,
-                prog: str = "python -m dist_marsm.train") -> MARSMTrainerConfig:
-    """Read a recipe, apply CLI overrides and check it. Raises :class:`RecipeError` naming key and file."""
     config = MARSMTrainerConfig(hf_assets_path="./")
-    options, subcommands = _recipe_args(config, read_toml(path), path)
+    options, subcommands = _recipe_args(config, table, path)
     if options or subcommands:
         config = _parse(config, options + subcommands, path, prog, overrides=False)
     if overrides:
@@ -280,12 +273,10 @@ def load_recipe(path: str, overrides: list[str] | None = None, world_size: int |
 
 
 def check_world_size(config, world: int, where: str) -> None:
-    p = config.parallelism
-    others = (p.data_parallel_replicate_degree * p.tensor_parallel_degree * p.pipeline_parallel_degree
-              * p.context_parallel_degree)
-    if p.data_parallel_shard_degree != -1 and p.data_parallel_shard_degree * others != world:
-        raise RecipeError(f"{where}: [parallelism] degrees multiply to {p.data_parallel_shard_degree * others}, "
-                          f"but the job has {world} ranks")
-    if world % others:
-        raise RecipeError(f"{where}: [parallelism] non-FSDP degrees multiply to {others}, which does not divide "
-                          f"the job's {world} ranks")
+    """torchtitan's own check of the parallelism degrees against the job's ranks, before any rank starts."""
+    from torchtitan.distributed import ParallelDims
+
+    try:
+        ParallelDims.from_config(config.parallelism, world)
+    except AssertionError as e:
+        raise RecipeError(f"{where}: [parallelism] {e} (the job has {world} ranks)") from None
