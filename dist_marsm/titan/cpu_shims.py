@@ -12,12 +12,11 @@ import sys
 import types
 
 import torch
+from torch._utils import _get_available_device_type
 
 
 def needs_cpu_shims() -> bool:
     """True when torch sees no accelerator (the condition under which torchtitan assumes cuda)."""
-    from torch._utils import _get_available_device_type
-
     return _get_available_device_type() is None
 
 
@@ -26,18 +25,15 @@ def _memory_stats(device=None) -> dict:
     return {"active_bytes.all.peak": peak, "reserved_bytes.all.peak": peak, "num_alloc_retries": 0, "num_ooms": 0}
 
 
-def _properties(device=None):
-    return types.SimpleNamespace(name=platform.processor() or platform.machine() or "cpu",
-                                 total_memory=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-                                 multi_processor_count=os.cpu_count() or 1)
-
-
+_PROPERTIES = types.SimpleNamespace(name=platform.processor() or platform.machine() or "cpu",
+                                    total_memory=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                                    multi_processor_count=os.cpu_count() or 1)
 CPU_DEVICE_MODULE = types.ModuleType("dist_marsm_cpu_device_module", "torch.cuda as torchtitan uses it, for CPUs")
 CPU_DEVICE_MODULE.__dict__.update(
     is_available=lambda: True, device_count=lambda: 1,   # torchtitan then picks device index 0 on every rank
     current_device=lambda: 0, set_device=lambda device: None, synchronize=lambda device=None: None,
     empty_cache=lambda: None, reset_peak_memory_stats=lambda device=None: None,
-    get_device_name=lambda device=None: f"CPU ({_properties().name})", get_device_properties=_properties,
+    get_device_name=lambda device=None: f"CPU ({_PROPERTIES.name})", get_device_properties=lambda d=None: _PROPERTIES,
     memory_stats=_memory_stats, memory=types.SimpleNamespace(memory_stats=_memory_stats))
 
 

@@ -18,6 +18,7 @@ from torchtitan.components.metrics import BaseLogger, LoggerContainer, MetricsPr
 
 from dist_marsm import MARSM
 
+
 @torch.no_grad()
 def rms_to_inf_norm(weight: torch.Tensor) -> float:
     """max_x ||W x||_inf / ||x||_rms = sqrt(d_in) * max_i ||W[i, :]||_2, for a tensor or a DTensor."""
@@ -52,11 +53,8 @@ class MARSMMetricsProcessor(MetricsProcessor):
 
     @dataclass(kw_only=True, slots=True)
     class Config(MetricsProcessor.Config):
-        jsonl_file: str = "metrics.jsonl"
-        """per-step JSON lines in dump_folder (metrics rank); empty string disables"""
-
-        output_norm: bool = True
-        """compute and log the output layer's RMS->inf operator norm"""
+        jsonl_file: str = "metrics.jsonl"  # per-step JSON lines in dump_folder (metrics rank); empty: none
+        output_norm: bool = True  # compute and log the output layer's RMS->inf operator norm
 
     def __init__(self, config: Config, *, parallel_dims, dump_folder: str = "./outputs",
                  pp_schedule: str = "1F1B", **kwargs: Any):

@@ -37,24 +37,17 @@ class RecipeError(ValueError):
 
 @dataclass(kw_only=True, slots=True)
 class JobConfig:
-    description: str = ""
-    """free text, logged at start"""
-    local_ranks: int = 2
-    """ranks `python -m dist_marsm.train` starts itself when not under torchrun (local job)"""
-    threads_per_rank: int = 0
-    """torch.set_num_threads per rank; 0 leaves torch's default"""
+    description: str = ""  # free text, logged at start
+    local_ranks: int = 2  # ranks `python -m dist_marsm.train` starts itself when not under torchrun (local job)
+    threads_per_rank: int = 0  # torch.set_num_threads per rank; 0 leaves torch's default
 
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    name: str = "llama3"
-    """torchtitan model module (torchtitan.models.<name>)"""
-    flavor: str = "debugmodel"
-    """model flavor in that module's registry (debugmodel, 8B, 70B, ...)"""
-    attn_backend: Literal["flex", "flex_flash", "varlen"] = "flex"
-    """attention on GPUs (on CPU: causal SDPA, see cpu_shims)"""
-    fuse_qkv: bool = True
-    """llama3: one fused wqkv weight (one matrix); false: separate wq, wk, wv (three matrices)"""
+    name: str = "llama3"  # torchtitan model module (torchtitan.models.<name>)
+    flavor: str = "debugmodel"  # model flavor in that module's registry (debugmodel, 8B, 70B, ...)
+    attn_backend: Literal["flex", "flex_flash", "varlen"] = "flex"  # on GPUs (CPUs: causal SDPA, see cpu_shims)
+    fuse_qkv: bool = True  # llama3: one fused wqkv weight (one matrix); false: wq, wk, wv (three matrices)
 
     def spec(self):
         try:
@@ -79,11 +72,9 @@ def unfuse_qkv(model_config) -> int:
     from torchtitan.models.llama3 import _LINEAR_INIT
 
     def separate(cfg):   # QKVLinear builds both wk and wv from the one wkv config
-        def linear(rows):
-            return Linear.Config(in_features=cfg.wqkv.in_features, out_features=rows, param_init=_LINEAR_INIT)
-
-        return QKVLinear.Config(head_dim=cfg.head_dim, wq=linear(cfg.n_heads * cfg.head_dim),
-                                wkv=linear(cfg.n_kv_heads * cfg.head_dim))
+        rows = {"wq": cfg.n_heads * cfg.head_dim, "wkv": cfg.n_kv_heads * cfg.head_dim}
+        return QKVLinear.Config(head_dim=cfg.head_dim, **{key: Linear.Config(
+            in_features=cfg.wqkv.in_features, out_features=n, param_init=_LINEAR_INIT) for key, n in rows.items()})
 
     return cpu_shims.replace_configs(model_config, FusedQKVLinear.Config, separate)
 
@@ -116,10 +107,8 @@ class MARSMTrainerConfig(Trainer.Config):
 
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    dump_folder: Annotated[str, tyro.conf.arg(aliases=("--job.dump-folder",))] = "./outputs"
-    """all outputs: metrics.jsonl, checkpoints, tb"""
-    hf_assets_path: str = "embedded"
-    """tokenizer/HF assets folder, or 'embedded': a BPE built locally from pydoc_data.topics"""
+    dump_folder: Annotated[str, tyro.conf.arg(aliases=("--job.dump-folder",))] = "./outputs"  # metrics, checkpoints
+    hf_assets_path: str = "embedded"  # tokenizer/HF assets folder, or 'embedded': a BPE built from pydoc_data.topics
     optimizer: MARSMOptimizersContainer.Config = field(default_factory=MARSMOptimizersContainer.Config)
     metrics: MARSMMetricsProcessor.Config = field(default_factory=MARSMMetricsProcessor.Config)
     dataloader: HuggingFaceTextDataLoader.Config = field(
@@ -261,10 +250,8 @@ def load_recipe(path: str, overrides: list[str] | None = None, world_size: int |
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
     config = MARSMTrainerConfig(hf_assets_path="./")
     options, subcommands = _recipe_args(config, table, path)
-    if options or subcommands:
-        config = _parse(config, options + subcommands, path, prog, overrides=False)
-    if overrides:
-        config = _parse(config, list(overrides), path, prog, overrides=True)
+    for args, override in ((options + subcommands, False), (list(overrides or []), True)):
+        config = _parse(config, args, path, prog, override) if args else config
     if config.hf_assets_path == "embedded":
         config.hf_assets_path = corpus.tokenizer_dir(config.model_spec.model.vocab_size)
     if world_size is not None:
