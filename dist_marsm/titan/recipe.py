@@ -205,7 +205,7 @@ def _parse(default, args: list[str], where: str, prog: str, overrides: bool):
             return tyro.cli(type(default), **cli)
     except SystemExit:
         lines = [re.sub(r"[\u2500-\u257f]|-{3,}", " ", line).strip() for line in text.getvalue().splitlines()]
-        message = " ".join(line for line in lines if line and not re.search("For full helptext|initial_load", line))
+        message = " ".join(line for line in lines if line and not re.search("For full helptext|has no effect w", line))
     except (ValueError, TypeError) as e:
         message = str(e)
     # tyro's message, led by the recipe label of the key it is about ("--flag" where it is an override)
