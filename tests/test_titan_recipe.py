@@ -127,9 +127,24 @@ def test_overrides_use_the_recipes_types(tmp_path):
 
 def test_recipe_lists_keep_their_items(tmp_path):
     """A TOML list is one value per item (a regex may hold a comma); an empty list is empty."""
-    p = write(tmp_path, '[optimizer]\nadamw_patterns = ["^x{1,2}$", "norm"]\n[checkpoint]\nexclude_from_loading = []\n')
+    p = write(tmp_path, '[optimizer]\nadamw_patterns = ["^x{1,2}$", "norm"]\n[checkpoint]\nexclude_from_loading = []\n'
+                        '[override]\nimports = ["os.path"]\n')
     r = load_recipe(p)
     assert r.optimizer.adamw_patterns == ["^x{1,2}$", "norm"] and r.checkpoint.exclude_from_loading == []
+    assert r.override.imports == ["os.path"]     # torchtitan's own tyro rule for it applies to recipes too
+    msg = error_of(write(tmp_path, '[optimizer]\nadamw_patterns = ["-x"]\n'))   # tyro would read it as a flag
+    assert "[optimizer] adamw_patterns" in msg and "'-x'" in msg
+
+
+def test_errors_name_the_key_at_fault(tmp_path):
+    p = write(tmp_path, "[training]\nsteps = 5\n[lr_scheduler]\nwarmup_steps = 1\n")
+    msg = error_of(p, ["--training.steps", "6", "--training.stepz", "3"])   # tyro suggests --training.steps
+    assert "override --training.stepz: [training] stepz: unknown --training.stepz;" in msg, msg
+    assert "did you mean --training.steps" in msg
+    msg = error_of(write(tmp_path, 'activation_checkpoint = "bogus"\n'))
+    assert "activation_checkpoint:bogus" in msg and "activation-checkpoint:selective" in msg
+    msg = error_of(write(tmp_path, "[parallelism]\ntensor_parallel_degree = 2\n"), world_size=1)
+    assert "[parallelism] the degrees do not fit (the job has 1 ranks)" in msg   # torchtitan's bare assert
 
 
 @pytest.mark.parametrize("args,key", [(["--training.steps", "1.5"], "[training] steps"),
@@ -452,7 +467,7 @@ def test_metrics_file_keeps_one_line_per_step_on_resume(tmp_path):
     for s in range(1, 7):
         first.log({"loss_metrics/global_avg_loss": 1.0 / s}, s)
     with open(path, "a") as f:
-        f.write('{"step": 2, "lo')     # the crash
+        f.write('{"step": null}\n{"step": 2, "lo')     # a line without a step, and the crash
     resumed = JsonlLogger(str(path))
     resumed.log({"loss_metrics/global_avg_loss": 0.5}, 4)
     resumed.log({"validation_metrics/loss": 0.7}, 4)     # a second line of the same step stays

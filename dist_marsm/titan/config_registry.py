@@ -2,8 +2,6 @@
 (``recipes/<name>.toml`` or ``$DIST_MARSM_RECIPES/<name>.toml``); torchtitan's tyro applies the command line.
 """
 
-from __future__ import annotations
-
 import functools
 import os
 from pathlib import Path

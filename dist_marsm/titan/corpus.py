@@ -2,8 +2,6 @@
 and ``pydoc_topics_validation``, and its locally built BPE tokenizer (no downloads): docs/torchtitan.md.
 """
 
-from __future__ import annotations
-
 import contextlib
 import hashlib
 import json

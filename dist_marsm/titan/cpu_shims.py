@@ -2,8 +2,6 @@
 four obstacles (device module, FlexAttention backward, PREMUL_SUM, SPMD backend): docs/torchtitan.md.
 """
 
-from __future__ import annotations
-
 import functools
 import os
 import platform
@@ -13,16 +11,13 @@ import types
 
 import torch
 from torch._utils import _get_available_device_type
+from torch.distributed.fsdp import FSDPModule
+from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
 
 
 def needs_cpu_shims() -> bool:
     """True when torch sees no accelerator (the condition under which torchtitan assumes cuda)."""
     return _get_available_device_type() is None
-
-
-def _memory_stats(device=None) -> dict:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # the process's peak RSS (Linux: KiB)
-    return {"active_bytes.all.peak": peak, "reserved_bytes.all.peak": peak, "num_alloc_retries": 0, "num_ooms": 0}
 
 
 _PROPERTIES = types.SimpleNamespace(name=platform.processor() or platform.machine() or "cpu",
@@ -34,7 +29,11 @@ CPU_DEVICE_MODULE.__dict__.update(
     current_device=lambda: 0, set_device=lambda device: None, synchronize=lambda device=None: None,
     empty_cache=lambda: None, reset_peak_memory_stats=lambda device=None: None,
     get_device_name=lambda device=None: f"CPU ({_PROPERTIES.name})", get_device_properties=lambda d=None: _PROPERTIES,
-    memory_stats=_memory_stats, memory=types.SimpleNamespace(memory_stats=_memory_stats))
+    memory_stats=lambda device=None: {   # the process's peak resident set size stands in for the allocator's
+        **dict.fromkeys(("active_bytes.all.peak", "reserved_bytes.all.peak"),
+                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+        "num_alloc_retries": 0, "num_ooms": 0})
+CPU_DEVICE_MODULE.memory = types.SimpleNamespace(memory_stats=CPU_DEVICE_MODULE.memory_stats)
 
 
 def apply_cpu_device_module() -> bool:
@@ -54,8 +53,6 @@ def apply_cpu_device_module() -> bool:
 
 def _wrap_parallelize_fn(parallelize_fn):
     """Obstacle 3: every FSDP module of the parallelized model reduces with a plain SUM."""
-    from torch.distributed.fsdp import FSDPModule
-
     @functools.wraps(parallelize_fn)
     def parallelize_with_sum_reduction(model, *args, **kwargs):
         model = parallelize_fn(model, *args, **kwargs)
@@ -67,18 +64,14 @@ def _wrap_parallelize_fn(parallelize_fn):
     return parallelize_with_sum_reduction
 
 
-def replace_configs(model_config, config_cls, make) -> int:
-    """Replace every ``config_cls`` config in a model config tree by ``make(old)``; returns the count."""
-    found = list(model_config.traverse(config_cls))
-    for _fqn, old, parent, attr in found:
+def replace_configs(model_config, config_cls, make) -> None:
+    """Replace every ``config_cls`` config in a model config tree by ``make(old)``."""
+    for _fqn, old, parent, attr in list(model_config.traverse(config_cls)):
         parent.__setitem__(attr, make(old)) if isinstance(attr, int) else setattr(parent, attr, make(old))
-    return len(found)
 
 
-def use_causal_sdpa(model_config) -> int:
+def use_causal_sdpa(model_config) -> None:
     """Obstacle 2: every FlexAttention config becomes causal SDPA."""
-    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
-
     return replace_configs(model_config, FlexAttention.Config, lambda old: ScaledDotProductAttention.Config())
 
 

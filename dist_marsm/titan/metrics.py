@@ -4,6 +4,7 @@ RMS->inf norm) through torchtitan's MetricsProcessor, plus a JSON-lines logger b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -91,8 +92,8 @@ class MARSMMetricsProcessor(MetricsProcessor):
         super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
 
 
-def _step_of(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
+def _step_of(line: str) -> float:   # inf (dropped) for a line that holds no step, e.g. one cut by a crash
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        if isinstance(step := json.loads(line)["step"], (int, float)):
+            return step
+    return math.inf

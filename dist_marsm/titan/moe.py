@@ -9,6 +9,8 @@ import dataclasses
 
 import torch
 from torch.distributed.tensor import DTensor
+from torchtitan.models import deepseek_v3 as dsv3
+from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
 from torchtitan.models.common.moe import GroupedExperts
 
 FLAVOR = "debugmodel_cpu"
@@ -33,9 +35,6 @@ class ParamDtypeGroupedExperts(GroupedExperts):
 def debugmodel_cpu(attn_backend: str, moe_comm_backend: str, non_blocking_capacity_factor: float | None = None,
                    num_mtp_layers: int = 0):
     """3 layers (1 dense, 2 MoE with 8 experts of [128, 128], top 2, 1 shared), width 128, 4 MLA heads."""
-    from torchtitan.models import deepseek_v3 as dsv3
-    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
-
     dim, vocab, rope_dim, hidden = 128, 2048, 16, 128   # CPU's grouped GEMM: widths multiples of 8 (bf16)
     layers = dsv3._build_dsv3_layers(
         n_layers=3, n_dense_layers=1, dim=dim, n_heads=4, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
@@ -59,6 +58,4 @@ def debugmodel_cpu(attn_backend: str, moe_comm_backend: str, non_blocking_capaci
 
 def register_flavors() -> None:
     """Add ``debugmodel_cpu`` to torchtitan's deepseek_v3 flavors (idempotent)."""
-    from torchtitan.models import deepseek_v3
-
-    deepseek_v3.deepseekv3_configs.setdefault(FLAVOR, debugmodel_cpu)
+    dsv3.deepseekv3_configs.setdefault(FLAVOR, debugmodel_cpu)

@@ -101,8 +101,8 @@ def param_groups_of(config) -> tuple[list[ParamGroupConfig], dict]:
              "betas": tuple(config.adamw_betas), "eps": config.adamw_eps}
     factory_kwargs = {}
     if config.name == OPTIMIZER_NAME:
-        kwargs = {s.name: getattr(config, s.name) for s in CONFIG_SETTINGS if s.scope == "group"}
-        kwargs.update(adamw_patterns=patterns, adamw_lr=config.adamw_lr)
+        kwargs = {s.name: getattr(config, s.name) for s in CONFIG_SETTINGS if s.scope == "group"} | {
+            "adamw_patterns": patterns, "adamw_lr": config.adamw_lr}
         factory_kwargs = {OPTIMIZER_NAME: {s.name: getattr(config, s.name) for s in CONFIG_SETTINGS
                                            if s.scope == "optimizer"}}
     elif config.name == "AdamW":
@@ -180,8 +180,7 @@ class MARSMOptimizersContainer(OptimizersContainer):
         live = [[dict(g) for g in optim.param_groups] for optim in self.optimizers]
         for group in (g for groups in live for g in groups if g.get("param_names")):
             for key in set(group) - {"params", "param_names"}:
-                flat = f"param_groups.{group['param_names'][0]}.{key}"
-                if flat not in state_dict:
+                if (flat := f"param_groups.{group['param_names'][0]}.{key}") not in state_dict:
                     missing.add(key)
                     state_dict[flat] = group[key]
         if missing:

@@ -3,8 +3,6 @@ per-head max logit from the q and k the kernel sees (its inputs and output untou
 only. What is measured, masks, and what is refused (QK-norm, MLA, tensor parallel): docs/attention.md.
 """
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 from torchtitan.components.checkpointer.utils import canonical_fqn

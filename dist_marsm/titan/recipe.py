@@ -12,15 +12,24 @@ import importlib
 import io
 import os
 import re
+import sys
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import tyro
+from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec
 from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.components.validate import Validator
+from torchtitan.config.manager import ConfigManager, custom_registry
+from torchtitan.distributed import ParallelDims
 from torchtitan.hf_datasets.text_datasets import DATASETS, HuggingFaceTextDataLoader
+from torchtitan.models.common.attention import FusedQKVLinear, QKVLinear
+from torchtitan.models.common.config_utils import decoder_vocab_size
+from torchtitan.models.common.linear import Linear
+from torchtitan.models.llama3 import _LINEAR_INIT
 from torchtitan.trainer import Trainer
 
 from dist_marsm.titan import corpus, cpu_shims, moe
@@ -29,6 +38,12 @@ from dist_marsm.titan.optimizer_container import MARSMOptimizersContainer
 
 corpus.register_datasets()
 moe.register_flavors()
+# torchtitan's tyro rules for the recipe's values, but a TOML list of strings: one argument per item (last rule first)
+_RECIPE_RULES = ConstructorRegistry()
+ConfigManager.register_tyro_rules(_RECIPE_RULES)
+_RECIPE_RULES.primitive_rule(lambda info: None if info.type != list[str] else PrimitiveConstructorSpec(
+    nargs="*", metavar="STR ...", instance_from_str=list, is_instance=lambda x: isinstance(x, list),
+    str_from_instance=list))
 
 
 class RecipeError(ValueError):
@@ -65,12 +80,8 @@ class ModelConfig:
         return spec
 
 
-def unfuse_qkv(model_config) -> int:
+def unfuse_qkv(model_config) -> None:
     """llama3's fused wqkv projection configs -> separate wq, wk, wv (same blocks, same init)."""
-    from torchtitan.models.common.attention import FusedQKVLinear, QKVLinear
-    from torchtitan.models.common.linear import Linear
-    from torchtitan.models.llama3 import _LINEAR_INIT
-
     def separate(cfg):   # QKVLinear builds both wk and wv from the one wkv config
         rows = {"wq": cfg.n_heads * cfg.head_dim, "wkv": cfg.n_kv_heads * cfg.head_dim}
         return QKVLinear.Config(head_dim=cfg.head_dim, **{key: Linear.Config(
@@ -120,9 +131,6 @@ class MARSMTrainerConfig(Trainer.Config):
         last_save_model_only=False))
 
     def __post_init__(self):
-        from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
-        from torchtitan.models.common.config_utils import decoder_vocab_size
-
         for (section, key), (ok, expect) in LIMITS.items():
             if not ok(value := getattr(getattr(self, section), key)):
                 raise ValueError(f"[{section}] {key} must be {expect}, got {value!r}")
@@ -184,25 +192,27 @@ def _recipe_args(config, table: dict, where: str, path: tuple = ()) -> tuple[lis
         else:
             tokens = [str(x).capitalize() if isinstance(x, bool) else str(x) for x in (raw if isinstance(raw, list)
                                                                                        else [raw])]
+            if isinstance(raw, list) and any(re.match(r"-(?![\d.])", t) for t in tokens):
+                raise RecipeError(f"{where}: {_label(flag)}: a list item may not start with '-', got {raw!r}")
             options += [f"--{flag}", *tokens] if isinstance(raw, list) else [f"--{flag}={tokens[0]}"]
     return options, subcommands
 
 
 def _parse(default, args: list[str], where: str, prog: str, overrides: bool):
     """``tyro.cli`` over ``default``; a failure raises one RecipeError naming the key (and the override)."""
-    from torchtitan.config.manager import ConfigManager, custom_registry
-
     if overrides:   # torchtitan's CLI rules (comma lists); booleans as in TOML
         ConfigManager()
         args = [re.sub(r"(^|=)(true|false)$", lambda m: m[1] + m[2].capitalize(), a) for a in args]
     cli = {"args": args, "default": default, "prog": prog, "config": (tyro.conf.FlagConversionOff,),
-           "registry": custom_registry if overrides else None}
+           "registry": custom_registry if overrides else _RECIPE_RULES}
     if "--help" in args or "-h" in args:
         return tyro.cli(type(default), **cli)
     text = io.StringIO()
     try:
         with contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
-            return tyro.cli(type(default), **cli)
+            config = tyro.cli(type(default), **cli)
+        sys.stderr.write(text.getvalue())   # what torchtitan's configs printed while being built
+        return config
     except SystemExit:
         lines = [re.sub(r"[\u2500-\u257f]|-{3,}", " ", line).strip() for line in text.getvalue().splitlines()]
         message = " ".join(line for line in lines if line and not re.search("For full helptext|has no effect w", line))
@@ -212,7 +222,8 @@ def _parse(default, args: list[str], where: str, prog: str, overrides: bool):
     given = {a[2:].split("=")[0].replace("-", "_"): a.split("=")[0] for a in args if a.startswith("--")}
     message = re.sub(r"^\s*(Value error|Invalid choice|Unrecognized options|Missing argument)\s+", "",
                      re.sub(" +", " ", message))
-    text, reason = message.replace("-", "_"), re.sub(r"^Error parsing [\w.-]+:\s*", "", message)  # tyro: dashes
+    text = re.split("Perhaps you meant|Argument helptext", message)[0].replace("-", "_")   # tyro spells dashes
+    reason = re.sub(r"^Error parsing [\w.-]+:\s*", "", message)
     if hint := re.search(r"\s*Argument helptext:\s+--\S+\s+(\S+)", reason):    # tyro's metavar: the type
         reason = f"must be {hint[1]}: {reason[:hint.start()]}"
     if choice := re.match(r"invalid choice (.+) for argument '[^']+'\. Expected one of (.+?)\.?$", reason):
@@ -220,7 +231,9 @@ def _parse(default, args: list[str], where: str, prog: str, overrides: bool):
     if unknown := re.match(r"Unrecognized options: (.*?)\s*(Available subcommands: .*?)?\s*(Perhaps you meant:"
                            r" (.*))?$", reason):
         close = ", ".join(dict.fromkeys(re.findall(r"--[\w.-]+", unknown[4] or "")))
-        reason = f"unknown {unknown[1]}" + (f"; did you mean {close}?" if close else "")
+        names = [t for t in unknown[1].split(", ") if t.startswith("-") or ":" in t]
+        reason = f"unknown {', '.join(names)}" + (f"; did you mean {close}?" if close else "") + (
+            f"; {unknown[2]}" if unknown[2] and any(":" in t for t in names) else "")
     key = next((k for k in given if re.search(r"__" + re.escape(k) + r"(?!\w)", text)), None)
     if section := re.match(r"Error parsing ([a-z][\w.]*): ", text):   # a section's own check: the key it
         keys = [k for k in given if k.rpartition(".")[0] == section[1]]   # names, else the keys set there
@@ -261,9 +274,8 @@ def load_recipe(path: str, overrides: list[str] | None = None, world_size: int |
 
 def check_world_size(config, world: int, where: str) -> None:
     """torchtitan's own check of the parallelism degrees against the job's ranks, before any rank starts."""
-    from torchtitan.distributed import ParallelDims
-
     try:
         ParallelDims.from_config(config.parallelism, world)
     except AssertionError as e:
-        raise RecipeError(f"{where}: [parallelism] {e} (the job has {world} ranks)") from None
+        raise RecipeError(f"{where}: [parallelism] {str(e) or 'the degrees do not fit'} (the job has {world} ranks)") \
+            from None
