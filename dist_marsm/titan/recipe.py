@@ -189,6 +189,8 @@ def _recipe_args(config, table: dict, where: str, path: tuple = ()) -> tuple[lis
             subcommands.append(f"{flag}:{raw}")
         elif raw == "none" and type(None) in members:   # TOML has no null
             options.append(f"--{flag}=None")
+        elif current is not None and not isinstance(raw, list) and isinstance(raw, str) != isinstance(current, str):
+            raise RecipeError(f"{where}: {_label(flag)} must be {type(current).__name__}, got {raw!r}")
         else:
             tokens = [str(x).capitalize() if isinstance(x, bool) else str(x) for x in (raw if isinstance(raw, list)
                                                                                        else [raw])]
