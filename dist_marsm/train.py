@@ -74,6 +74,7 @@ def check_resume(config, where: str) -> None:
     (told by its DCP metadata: MARS-M groups hold gamma, DistMuon's adjust_lr_fn)."""
     from torch.distributed.checkpoint import FileSystemReader
 
+    from dist_marsm.titan.optimizer_container import OPTIMIZER_NAME
     from dist_marsm.titan.recipe import RecipeError
 
     ck, folder = config.checkpoint, Path(config.dump_folder) / config.checkpoint.folder
@@ -85,7 +86,7 @@ def check_resume(config, where: str) -> None:
         return
     keys = [k for k in FileSystemReader(str(folder / f"step-{step}")).read_metadata().state_dict_metadata
             if k.startswith("optimizer.param_groups.")]
-    saved = None if not keys else "MARS-M" if any(k.endswith(".gamma") for k in keys) else \
+    saved = None if not keys else OPTIMIZER_NAME if any(k.endswith(".gamma") for k in keys) else \
         "DistMuon" if any(k.endswith(".adjust_lr_fn") for k in keys) else "AdamW"
     if saved is not None and saved != config.optimizer.name:
         raise RecipeError(f"{where}: [optimizer] name is {config.optimizer.name!r}, but the checkpoint it would "
