@@ -25,7 +25,6 @@ triples is accepted too (``resolve_coefficients``).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -275,25 +274,31 @@ class _EmulatedBF16:
         return torch.baddbmm(inp.float(), p.float(), q.float(), beta=beta, alpha=alpha).to(torch.bfloat16)
 
 
-@functools.cache
-def _cpu_has_native_bf16_matmul() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def _probe_native_bf16_matmul() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# Probed once at import: a constant is what torch.compile can trace, an op call per step is not.
+_CPU_HAS_NATIVE_BF16_MATMUL = _probe_native_bf16_matmul()
 
 
 def _emulate_bf16_matmul(x: torch.Tensor) -> bool:
-    """On CPUs without bf16 matrix units (no AVX512-BF16/AMX, e.g. AVX2-only), torch's bf16 matmul
-    is emulated element by element and runs ~90x slower than float32 (measured: 2.6 s vs 28 ms for
-    1024^3 on one thread). There we multiply the bf16 values in float32 and round the product to
-    bf16, which is what a bf16 GEMM with float32 accumulation computes anyway."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _cpu_has_native_bf16_matmul()
+    """On CPUs without bf16 matrix units (no AVX512-BF16/AMX, e.g. AVX2-only), torch's bf16 matmul is
+    emulated element by element, far slower than float32 (figures in docs/benchmarks.md). There we
+    multiply the bf16 values in float32 and round the product to bf16, which is what a bf16 GEMM with
+    float32 accumulation computes anyway."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _CPU_HAS_NATIVE_BF16_MATMUL
 
 
 # ------------------------------------------------------------------------------------ many matrices
 def stack_pays_off(shape: tuple[int, ...], device: torch.device) -> bool:
     """Whether same-shape matrices should be orthogonalized as one batch. Stacking saves kernel
-    launches (GPUs) and per-call overhead (small matrices), but on CPUs it made large matrices slower:
-    0.68-0.84x for the debug model's 256 x 688 weights, 1.4x faster for 128 x 64 ones
-    (benchmarks/bench_single_process.py)."""
+    launches (GPUs) and per-call overhead (small matrices); on CPUs it slows large matrices down
+    (cache misses of the stacked copy), so there only small ones are stacked (docs/benchmarks.md,
+    benchmarks/bench_single_process.py)."""
     return torch.device(device).type != "cpu" or min(shape[-2:]) <= 128
 
 

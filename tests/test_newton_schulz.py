@@ -285,7 +285,7 @@ def gram_fsdp_fp32(rank, world):
     diff, moved, opt = train_pair(model, make_model(), **kw)
     assert moved > 1e-2 and diff <= 1e-6, (diff, moved)
     methods = {e.name: ns.method_used(e.shape, 5, e.ns_method, dtype=torch.float32)
-               for fg in opt._flat_groups for e in fg.plan.entries}
+               for fg in opt.step_plan.flat_groups for e in fg.owner_plan.entries}
     assert "gram" in methods.values() and "standard" in methods.values(), methods
 
 

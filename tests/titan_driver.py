@@ -29,7 +29,7 @@ def _plan_dump(folder: str) -> None:
     seen = {}
 
     def hook(opt, args, kwargs):
-        if not isinstance(opt, MARSM) or opt._flat_groups is None:
+        if not isinstance(opt, MARSM) or opt.step_plan is None:
             return
         names = [n for g in opt.param_groups for n in (g.get("param_names") or [])]
         mars = [n for g in opt.param_groups if g["use_mars"] for n in (g.get("param_names") or [])]
