@@ -278,7 +278,7 @@ def _timed(run, device, reps: int, barrier: bool) -> list[float]:
 def owner_floors(opt, device, reps: int, rank: int, world: int) -> dict:
     """The plan floor and the perfect-split floor of the module docstring, on the owner plan of ``opt``
     (a MARSM that has stepped once, so its plan is built)."""
-    plans = [fg.plan for fg in opt._flat_groups]
+    plans = [fg.owner_plan for fg in opt.step_plan.flat_groups]
     gen = torch.Generator(device=device).manual_seed(1)
     fulls = [{pos: torch.randn(e.shape, generator=gen, device=device) for pos, e in enumerate(plan.entries)}
              for plan in plans]

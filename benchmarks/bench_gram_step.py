@@ -68,8 +68,8 @@ def rank_main(rank, world, port, args, queue):
                 times[method].append(elapsed.item())
     flops = {}
     for method, opt in opts.items():
-        total = torch.tensor([float(sum(e.flops for fg in opt._flat_groups for e in fg.plan.entries
-                                        if e.owner == fg.plan.my_rank))])
+        total = torch.tensor([float(sum(e.flops for fg in opt.step_plan.flat_groups for e in fg.owner_plan.entries
+                                        if e.owner == fg.owner_plan.my_rank))])
         busiest = total.clone()
         dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
         dist.all_reduce(total)

@@ -110,14 +110,14 @@ def measure(kind: str, world: int, rank: int, steps: int) -> dict:
 
 
 def _digest_cost_us(opt: MARSM, reps: int = 200) -> float:
-    """Host time of the cross-rank settings agreement per step: the digest of every flat group's settings
-    (its four float64 values ride in the step's existing all-reduce, so it adds no collective)."""
-    from dist_marsm import settings
-
+    """Host time of the cross-rank agreement per step: the guard's header of every flat group (settings and
+    plan digests, the replan flag; nine float64 values that ride in the step's existing all-reduce, so it adds
+    no collective), recomputed as if the settings had changed at every step (the worst case)."""
     start = time.perf_counter()
     for _ in range(reps):
-        for fg in opt._flat_groups:
-            settings.digest(opt._agreed(fg))
+        opt._settings_version += 1
+        for fg in opt.step_plan.flat_groups:
+            opt._header_values(fg)
     return (time.perf_counter() - start) / reps * 1e6
 
 

@@ -57,6 +57,7 @@ class MARSM(torch.optim.Optimizer):
         self.record_phases = False
         self.step_plan: StepPlan | None = None
         self._replan = False
+        self._settings_version = 0  # advanced on every change of settings, so digests are recomputed only then
         self._checked: list[tuple] = []
         super().__init__(params, defaults)
         self._checked_options = tuple(self.options.values())
@@ -84,6 +85,7 @@ class MARSM(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._checked.append(_group_values(group))
+        self._settings_version += 1
 
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict) -> None:
@@ -106,6 +108,7 @@ class MARSM(torch.optim.Optimizer):
                     self.state[p][key] = value.to(device=p.device)
         self._checked = [_group_values(g) for g in self.param_groups]
         self._replan = True
+        self._settings_version += 1
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -198,6 +201,7 @@ class MARSM(torch.optim.Optimizer):
             old = dict(zip(self.options, self._checked_options))
             self._replan |= settings.replan_values(self.options, "optimizer") != settings.replan_values(old, "optimizer")
             self._checked_options = tuple(self.options.values())
+            self._settings_version += 1
         if len(self._checked) != len(self.param_groups):
             raise ValueError("MARSM: param_groups was changed by hand; use add_param_group")
         for i, group in enumerate(self.param_groups):
@@ -214,6 +218,7 @@ class MARSM(torch.optim.Optimizer):
                                  "approx/exact one, so the state cannot carry over (start a new optimizer)")
             self._replan |= settings.replan_values(old) != settings.replan_values(group)
             self._checked[i] = _group_values(group)
+            self._settings_version += 1
 
     def _current_plan(self) -> StepPlan:
         """The step plan, rebuilt when this rank's parameters or a setting that moves work changed.
@@ -225,6 +230,8 @@ class MARSM(torch.optim.Optimizer):
         if old is not None and not self._replan and old.key == plan_key(self.param_groups):
             return old
         new = build_step_plan(self.param_groups, self.options, settings.replan_values)
+        for fg in new.flat_groups:
+            fg.plan_digest = guard.digest_values(fg.plan_record, fg.world)
         if old is not None:
             self._announce_replan(old, new)
         for fg in new.flat_groups:
@@ -236,8 +243,7 @@ class MARSM(torch.optim.Optimizer):
         changed = _first_change(old, new)
         for fg in old.flat_groups:
             fresh = next((f for f in new.flat_groups if f.ranks == fg.ranks), None)
-            header = Header(self._settings_digest(fg), guard.digest_values(fresh.plan_record if fresh else (), fg.world),
-                            True)
+            header = Header(self._settings_digest(fg), fresh.plan_digest if fresh else [0.0] * 4, True)
             fg.reduce_buffer.zero_()
             guard.write_header(fg, header)
             guard.all_reduce(fg.reduce_buffer, fg)
@@ -257,10 +263,15 @@ class MARSM(torch.optim.Optimizer):
         raise error
 
     def _settings_digest(self, fg: FlatGroup) -> list[float]:
-        return guard.digest_values(guard.settings_record(self.options, self.param_groups, fg.group_indices), fg.world)
+        version, words = fg.settings_digest
+        if version != self._settings_version:
+            record = guard.settings_record(self.options, self.param_groups, fg.group_indices)
+            words = guard.digest_values(record, fg.world)
+            fg.settings_digest = (self._settings_version, words)
+        return words
 
     def _header(self, fg: FlatGroup) -> Header:
-        return Header(self._settings_digest(fg), guard.digest_values(fg.plan_record, fg.world), False)
+        return Header(self._settings_digest(fg), fg.plan_digest, False)
 
     def _header_values(self, fg: FlatGroup) -> list[float]:
         header = self._header(fg)

@@ -135,6 +135,8 @@ class FlatGroup:
     view_params: torch.Tensor | None = None  # per gradient view (matrix views, then AdamW): its parameter
     replica_views: torch.Tensor | None = None  # positions of replicated parameters' views among all views
     plan_record: tuple = ()  # what the plan is built from, comparable across ranks
+    plan_digest: list[float] = field(default_factory=list)  # the guard's digest of plan_record
+    settings_digest: tuple[int, list[float]] = (-1, [])  # (settings version, the guard's digest of them)
 
     @property
     def world(self) -> int:
