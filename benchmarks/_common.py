@@ -23,7 +23,7 @@ import torch.nn.functional as F
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Llama-like configurations: (dim, n_layers, ffn_hidden, vocab, n_heads).
-# "debug" is the shape set of issue 10 (6 layers, d 256, MLP 688: 42 matrices, 31.3 GFLOP of NS per step);
+# "debug" is a small Llama-like shape set (6 layers, d 256, MLP 688: 42 matrices, 31.3 GFLOP of NS per step);
 # "wide" doubles the width so Newton-Schulz dominates harder, and still fits a 2-core machine.
 MODEL_CONFIGS = {
     "debug": dict(dim=256, n_layers=6, ffn=688, vocab=2048, n_heads=8),

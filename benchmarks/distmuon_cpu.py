@@ -94,7 +94,7 @@ def _validate_parameter_storage_any_device(self) -> torch.device:
 
 @contextlib.contextmanager
 def cpu_accommodations():
-    """The three CPU accommodations of issue 10, applied for the duration of the ``with`` block."""
+    """The three CPU accommodations DistMuon needs (module docstring), for the duration of the ``with`` block."""
     from torchtitan.distributed.flex_shard.dist_muon import DistMuon
 
     saved_validate = DistMuon.__dict__["_validate_parameter_storage"]
