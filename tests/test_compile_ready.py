@@ -2,8 +2,9 @@
 on CPU and give the eager result, so compiling the step or capturing it in a CUDA graph needs no rewrite.
 
 Tolerances: float32 results may differ from eager by the reassociation of fused kernels (a few ulps,
-1e-5 relative after five iterations); bfloat16 Newton-Schulz by one or two bf16 ulps of its final
-rounding (0.02 absolute on values of magnitude <= 1.2).
+1e-5 relative after five iterations); bfloat16 Newton-Schulz by a few bf16 ulps (the ulp is 2^-7 near 1),
+because a fused kernel rounds its intermediates at other points than the eager ops, and the Gram form
+carries those roundings through its products: 0.04 absolute on values of magnitude <= 1.2.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def test_elementwise_phase_compiles_to_one_graph_and_equals_eager():
     eager_c = elementwise_phase(grads, prev, eager_m, eager_p, scales, **kw)
     compiled = torch.compile(elementwise_phase, fullgraph=True)
     comp_c = compiled(grads, prev, comp_m, comp_p, scales, **kw)
-    for a, b in zip(eager_c + eager_m + eager_p, comp_c + comp_m + comp_p):
+    for a, b in zip([*eager_c, *eager_m, *eager_p], [*comp_c, *comp_m, *comp_p]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     moved = max((p - q).abs().max().item() for p, q in zip(eager_p, params))
     assert moved > 1e-4   # the phase did change the parameters, so equality above means something
@@ -57,15 +58,16 @@ def test_elementwise_phase_compiles_to_one_graph_and_equals_eager():
     eager_m, comp_m = [t.clone() for t in momenta], [t.clone() for t in momenta]
     eager_x = efficient_phase(eager_m, grads, 0.95, 0.025)
     comp_x = torch.compile(efficient_phase, fullgraph=True)(comp_m, grads, 0.95, 0.025)
-    for a, b in zip(eager_x + eager_m, comp_x + comp_m):
+    for a, b in zip([*eager_x, *eager_m], [*comp_x, *comp_m]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["standard", "gram"])
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 4e-2)])
 def test_newton_schulz_compiles_to_one_graph_and_equals_eager(method, dtype, atol):
     gen = torch.Generator().manual_seed(2)
     for shape in [(64, 160), (96, 32), (2, 24, 40)]:
+        torch.compiler.reset()   # one compilation per shape here; the recompile limit is for real loops
         x = torch.randn(shape, generator=gen)
         eager = newton_schulz(x, 5, dtype, method=method)
         compiled = torch.compile(newton_schulz, fullgraph=True, dynamic=False)(x, 5, dtype, method=method)
