@@ -2,8 +2,8 @@
 coefficient sets and their validation, the fallback rule and FLOP model, the stacking policy, and the
 distributed engine with ns_method="gram" against one process.
 
-The reference below is written from the formula (X <- a X + b (X X^T) X + c (X X^T)^2 X on the wide
-orientation), not taken from dist_marsm.
+The reference (tests/references.py) is written from the formula (X <- a X + b (X X^T) X + c (X X^T)^2 X
+on the wide orientation), not taken from dist_marsm.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from _spawn import run_scenarios
+from references import newton_schulz as reference
 
 ns = importlib.import_module("dist_marsm.newton_schulz")  # dist_marsm.newton_schulz is also a function name
 
@@ -30,20 +31,6 @@ PAPER_POLAR_EXPRESS = [
     (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
     (1.875, -1.25, 0.375),
 ]
-
-
-def reference(m: torch.Tensor, coeffs) -> torch.Tensor:
-    """float64 standard iteration on each matrix of a batch, looping in Python."""
-    m = m.double()
-    if m.ndim > 2:
-        return torch.stack([reference(x, coeffs) for x in m]) if m.size(0) else m.clone()
-    tall = m.size(0) > m.size(1)
-    x = m.T if tall else m
-    x = x / (torch.linalg.matrix_norm(x) + ns.NS_EPS)
-    for a, b, c in coeffs:
-        s = x @ x.T
-        x = a * x + b * s @ x + c * s @ s @ x
-    return x.T if tall else x
 
 
 def rank_deficient(rows, cols, rank, seed=0):

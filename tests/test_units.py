@@ -19,20 +19,7 @@ from test_distributed import _mesh_1d, full
 
 from dist_marsm import MARSM
 from dist_marsm.owner_plan import Layout, split_units
-
-A, B, C = 3.4445, -4.7750, 2.0315
-
-
-def ns64(m: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    x = m.double()
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.T
-    x = x / (x.norm() + 1e-7)
-    for _ in range(steps):
-        s = x @ x.T
-        x = A * x + (B * s + C * s @ s) @ x
-    return x.T if tall else x
+from references import newton_schulz as ns64
 
 
 def first_step_update(grad: torch.Tensor, head_dim: int | None, beta=0.95) -> torch.Tensor:
