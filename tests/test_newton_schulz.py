@@ -13,7 +13,7 @@ import importlib
 import pytest
 import torch
 
-from _spawn import run_scenarios
+from _spawn import scenario, scenario_cases, scenario_check
 from references import newton_schulz as reference
 
 ns = importlib.import_module("dist_marsm.newton_schulz")  # dist_marsm.newton_schulz is also a function name
@@ -261,6 +261,7 @@ def test_orthogonalize_many_equals_one_by_one_and_stacks_small_shapes(monkeypatc
 
 
 # ------------------------------------------------------------------------------ distributed
+@scenario(2)
 def gram_fsdp_fp32(rank, world):
     """FSDP2 TinyLM (uneven shards, 3 expert matrices) with ns_method='gram' and polar_express, float32
     Newton-Schulz and wire, against one process: only the reduce-scatter's summation order differs, so
@@ -276,6 +277,7 @@ def gram_fsdp_fp32(rank, world):
     assert "gram" in methods.values() and "standard" in methods.values(), methods
 
 
+@scenario(2)
 def ns_method_differs_between_ranks(rank, world):
     """Ranks must agree on the method (their owner plans are built from its FLOPs): every rank raises."""
     from test_distributed import _mesh_1d, fsdp_wrap, lm_loss, make_model
@@ -289,8 +291,9 @@ def ns_method_differs_between_ranks(rank, world):
         opt.step()
 
 
-def test_distributed_gram_equals_single_process():
-    names = ["gram_fsdp_fp32", "ns_method_differs_between_ranks"]
-    results = run_scenarios("test_newton_schulz", names, world=2)
-    for name in names:
-        assert results[name] == [None, None], f"{name}: {results[name]}"
+_check = scenario_check(__name__)
+
+
+@pytest.mark.parametrize("world,scenario", scenario_cases(__name__))
+def test_distributed_gram_equals_single_process(world, scenario):
+    _check(world, scenario)

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from _spawn import scenario_check
+from _spawn import scenario, scenario_cases, scenario_check
 from dist_marsm import MARSM
 from references import marsm_steps
 from test_optimizer import SHAPES, grads_for, make_params
@@ -70,6 +70,7 @@ def test_row_state_is_one_value_per_row_and_round_trips():
 
 
 # ------------------------------------------------------------------------------ distributed
+@scenario(2, 3)
 def fsdp_neuron_fp32_equals_single(rank, world):
     from test_distributed import FP32, _mesh_1d, fsdp_wrap, make_model, train_pair
 
@@ -77,6 +78,7 @@ def fsdp_neuron_fp32_equals_single(rank, world):
     assert moved > 1e-2 and diff <= 1e-6, (diff, moved)
 
 
+@scenario(2, 3)
 def fsdp_neuron_extra_traffic_is_two_norms_per_matrix(rank, world):
     """Normalization adds no owner traffic, and exactly one all-reduce of 2 float32 per matrix."""
     from test_distributed import _mesh_1d, fsdp_wrap, lm_loss, make_model
@@ -99,6 +101,7 @@ def fsdp_neuron_extra_traffic_is_two_norms_per_matrix(rank, world):
     assert extra == expected, (extra, expected, stats)
 
 
+@scenario(2)
 def fsdp_tp_rowwise_neuron_is_a_clear_error(rank, world):
     """Rows split across ranks (a rowwise-parallel weight, Shard(1)) cannot be row-normalized locally."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -113,15 +116,10 @@ def fsdp_tp_rowwise_neuron_is_a_clear_error(rank, world):
         opt.step()
 
 
-SCENARIOS = {
-    2: ["fsdp_neuron_fp32_equals_single", "fsdp_neuron_extra_traffic_is_two_norms_per_matrix",
-        "fsdp_tp_rowwise_neuron_is_a_clear_error"],
-    3: ["fsdp_neuron_fp32_equals_single", "fsdp_neuron_extra_traffic_is_two_norms_per_matrix"],
-}
-_check = scenario_check("test_normuon", SCENARIOS)
+_check = scenario_check(__name__)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,scenario", [(w, s) for w, names in SCENARIOS.items() for s in names])
+@pytest.mark.parametrize("world,scenario", scenario_cases(__name__))
 def test_scenario(world, scenario):
     _check(world, scenario)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from _spawn import scenario_check
+from _spawn import scenario, scenario_cases, scenario_check
 from test_distributed import _mesh_1d, full
 
 from dist_marsm import MARSM
@@ -89,6 +89,7 @@ def _data(step):
     return torch.randn(3, 6, generator=torch.Generator().manual_seed(step))
 
 
+@scenario(2, 3)
 def per_head_fsdp_equals_single_process(rank, world):
     from torch.distributed.fsdp import fully_shard
 
@@ -113,14 +114,13 @@ def per_head_fsdp_equals_single_process(rank, world):
     assert int(count) == 10, int(count)
 
 
-SCENARIOS = ["per_head_fsdp_equals_single_process"]
-_check = scenario_check("test_units", SCENARIOS, timeout=300)
+_check = scenario_check(__name__, timeout=300)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_per_head_and_experts_under_fsdp(world):
-    _check(world, SCENARIOS[0])
+@pytest.mark.parametrize("world,scenario", scenario_cases(__name__))
+def test_per_head_and_experts_under_fsdp(world, scenario):
+    _check(world, scenario)
 
 
 @pytest.mark.slow
