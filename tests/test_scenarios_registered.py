@@ -14,7 +14,6 @@ import types
 from pathlib import Path
 
 import pytest
-
 from _spawn import run_scenarios, scenario_cases
 
 TESTS = Path(__file__).resolve().parent
