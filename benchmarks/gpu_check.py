@@ -54,7 +54,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(REPO))
 
-from _common import LlamaLike, markdown_table  # noqa: E402
+from _common import LlamaLike, markdown_table, state_bytes, sync  # noqa: E402
 from torch.distributed.elastic.utils.distributed import get_free_port as free_port  # noqa: E402
 
 from dist_marsm.newton_schulz import newton_schulz_flops  # noqa: E402
@@ -195,11 +195,6 @@ class Part:
         return False
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_calls(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
     """Median seconds per call; CUDA events on a GPU, the wall clock on CPU."""
     for _ in range(warmup):
@@ -239,17 +234,6 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def state_bytes(optimizer) -> int:
-    """Bytes of every tensor in the optimizer's state (local storage), counted."""
-    total = 0
-    for s in optimizer.state.values():
-        for v in s.values():
-            if torch.is_tensor(v):
-                v = local(v)
-                total += v.numel() * v.element_size()
-    return total
 
 
 def tail(tb: str, lines: int = 12) -> str:
