@@ -22,7 +22,8 @@ which, and a part that raises is recorded (status "error" with the traceback's t
    take the all_to_all path with several buckets, against one process.
 
 Writes DIR/gpu_check.json (everything, rewritten after every part) and DIR/gpu_check.md (the tables), prints the
-tables, and exits 1 when any part is not "ok". Reads only the public API of dist_marsm.
+tables, and exits 1 when any part is not "ok". Reads only the public API of dist_marsm; the float64 reference
+and the spawning of ranks are the tests' own (tests/references.py, tests/_spawn.py).
 """
 
 from __future__ import annotations
