@@ -167,6 +167,25 @@ def matrix_shapes(model: nn.Module) -> list[tuple[int, ...]]:
     return [tuple(p.shape) for g in groups if g["use_mars"] for p in g["params"]]
 
 
+# ---------------------------------------------------------------- devices and optimizers
+def sync(device) -> None:
+    """Waits for the kernels queued on a CUDA device (nothing to wait for on CPU), so wall-clock spans cover them."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's state tensors as this process stores them (a DTensor's local shard), counted;
+    0-d step counters left out."""
+    total = 0
+    for state in optimizer.state.values():
+        for v in state.values():
+            if torch.is_tensor(v) and v.ndim > 0:
+                v = v.to_local() if hasattr(v, "to_local") else v
+                total += v.numel() * v.element_size()
+    return total
+
+
 # ---------------------------------------------------------------- numbers and files
 def median(xs):
     return statistics.median(xs) if xs else float("nan")

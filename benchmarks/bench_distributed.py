@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import (Combined, MODEL_CONFIGS, human_bytes, lm_loss, make_model, markdown_table, matrix_shapes,  # noqa: E402
-                     median, save)
+                     median, save, state_bytes, sync)
 
 # ============================================================ per-model configuration, one function each
 # The table reports how many source lines of each function were needed (the optimizer's constructor call
@@ -234,22 +234,6 @@ def count_collectives(counter: dict):
     finally:
         for n, f in saved.items():
             setattr(dist, n, f)
-
-
-def state_bytes(opt) -> int:
-    total = 0
-    for st in opt.state.values():
-        for v in st.values():
-            if torch.is_tensor(v) and v.ndim > 0:
-                local = v._local_tensor if hasattr(v, "_local_tensor") else v
-                total += local.numel() * local.element_size()
-    return total
-
-
-# ============================================================ one rank
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ============================================================ the floors

@@ -8,7 +8,7 @@ which, and a part that raises is recorded (status "error" with the traceback's t
 
 1. environment: torch / CUDA / GPU / NCCL versions; whether dist_marsm imports on this torch and whether every
    torch API the core calls exists here; whether torchtitan imports.
-2. correctness: MARSM on the device against a CPU float64 reference written below from the formulas (approx,
+2. correctness: MARSM on the device against the tests' CPU float64 reference, tests/references.py (approx,
    efficient, gamma 0, NorMuon; bf16 and fp32 Newton-Schulz); an FSDP2 model on a 1-rank process group (NCCL on
    CUDA) against the plain single process; bf16 parameters keep float32 optimizer state.
 3. newton_schulz: time per call and achieved TFLOP/s as a fraction of a bf16 GEMM rate measured in the same run,
@@ -22,7 +22,8 @@ which, and a part that raises is recorded (status "error" with the traceback's t
    take the all_to_all path with several buckets, against one process.
 
 Writes DIR/gpu_check.json (everything, rewritten after every part) and DIR/gpu_check.md (the tables), prints the
-tables, and exits 1 when any part is not "ok". Reads only the public API of dist_marsm.
+tables, and exits 1 when any part is not "ok". Reads only the public API of dist_marsm; the float64 reference
+and the spawning of ranks are the tests' own (tests/references.py, tests/_spawn.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import json
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -55,10 +55,13 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(REPO))
 
-from _common import LlamaLike, markdown_table  # noqa: E402
+from _common import LlamaLike, markdown_table, state_bytes, sync  # noqa: E402
+from torch.distributed.elastic.utils.distributed import get_free_port as free_port  # noqa: E402
 
-NS_A, NS_B, NS_C = 3.4445, -4.7750, 2.0315   # Keller Jordan's quintic, as in the MARS-M reference
-NS_EPS = 1e-7
+from dist_marsm.newton_schulz import newton_schulz_flops  # noqa: E402
+from tests._spawn import scenario  # noqa: E402
+from tests.references import marsm_steps  # noqa: E402
+
 LR, WD, BETA, GAMMA = 0.02, 0.1, 0.95, 0.025
 
 # Tolerances, with their reasons (relative Frobenius error of the total parameter change over the run):
@@ -193,11 +196,6 @@ class Part:
         return False
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_calls(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
     """Median seconds per call; CUDA events on a GPU, the wall clock on CPU."""
     for _ in range(warmup):
@@ -220,14 +218,6 @@ def time_calls(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
     return times[len(times) // 2]
 
 
-def ns_flops(shape: tuple[int, ...], steps: int = 5) -> int:
-    """Matmul FLOPs of the standard quintic on [..., A, B], m = min(A, B), n = max(A, B):
-    per iteration 2 m^2 n (X X^T) + 2 m^3 (S S) + 2 m^2 n ((bS + cSS) X)."""
-    *batch, rows, cols = shape
-    m, n = min(rows, cols), max(rows, cols)
-    return math.prod(batch) * steps * (4 * m * m * n + 2 * m ** 3)
-
-
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.detach().double().cpu(), want.detach().double().cpu()
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
@@ -247,25 +237,8 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def state_bytes(optimizer) -> int:
-    """Bytes of every tensor in the optimizer's state (local storage), counted."""
-    total = 0
-    for s in optimizer.state.values():
-        for v in s.values():
-            if torch.is_tensor(v):
-                v = local(v)
-                total += v.numel() * v.element_size()
-    return total
-
-
 def tail(tb: str, lines: int = 12) -> str:
     return "\n".join(tb.strip().splitlines()[-lines:])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_memory(device: torch.device) -> None:
@@ -274,57 +247,7 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-# ============================================================================ float64 reference
-def reference_ns(m: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Newton-Schulz on one 2-D matrix as the MARS-M reference writes it, in m's dtype."""
-    x = m.T if m.size(0) > m.size(1) else m
-    x = x / (x.norm() + NS_EPS)
-    for _ in range(steps):
-        s = x @ x.T
-        x = NS_A * x + (NS_B * s + NS_C * s @ s) @ x
-    return x.T if m.size(0) > m.size(1) else x
-
-
-def reference_marsm(params, grads_per_step, *, lr=LR, beta=BETA, gamma=GAMMA, wd=WD, variant="approx", clip=True,
-                    normalize=None, beta2=0.95, eps=1e-8, round_params=None):
-    """MARS-M in float64, one matrix at a time, from the formulas (optimizer.py's docstring, mars_math, NorMuon):
-
-    approx:    c = g + gamma beta / (1 - beta) (g - g_prev); c /= max(1, ||c||_F); m = beta m + (1 - beta) c; X = m
-    efficient: m = beta m + (1 - gamma)(1 - beta) / beta g; X = gamma g + beta m   (no clipping)
-    O = NS5(X) per matrix; NorMuon: v = beta2 v + (1 - beta2) mean_cols(O^2), O' = O / (sqrt v + eps),
-    O' *= ||O||_F / ||O'||_F; then W = W (1 - lr wd) - lr 0.2 sqrt(max(A, B)) O. Returns (params, momenta).
-    ``round_params`` (e.g. to bf16 and back) is applied to W after each step.
-    """
-    out = [p.detach().double().cpu().clone() for p in params]
-    m = [torch.zeros_like(p) for p in out]
-    g_prev = [torch.zeros_like(p) for p in out]
-    v = [torch.zeros(*p.shape[:-1], 1, dtype=torch.float64) for p in out]
-    for grads in grads_per_step:
-        for i, g in enumerate(grads):
-            g = g.detach().double().cpu()
-            rows, cols = g.shape[-2:]
-            if variant == "efficient":
-                m[i] = beta * m[i] + (1 - gamma) * (1 - beta) / beta * g
-                x = gamma * g + beta * m[i]
-            else:
-                c = g + gamma * beta / (1 - beta) * (g - g_prev[i])
-                if clip:
-                    norms = c.reshape(-1, rows * cols).norm(dim=1).clamp_min(1.0)
-                    c = c / norms.view(*c.shape[:-2], 1, 1)
-                m[i] = beta * m[i] + (1 - beta) * c
-                x = m[i]
-            o = torch.stack([reference_ns(mat) for mat in x.reshape(-1, rows, cols)]).reshape(x.shape)
-            if normalize == "neuron":
-                v[i] = beta2 * v[i] + (1 - beta2) * (o * o).mean(dim=-1, keepdim=True)
-                o_n = o / (v[i].sqrt() + eps)
-                ratio = o.reshape(-1, rows * cols).norm(dim=1) / o_n.reshape(-1, rows * cols).norm(dim=1)
-                o = o_n * ratio.view(*o.shape[:-2], 1, 1)
-            new = out[i] * (1 - lr * wd) - lr * 0.2 * math.sqrt(max(rows, cols)) * o
-            out[i] = round_params(new) if round_params else new
-            g_prev[i] = g
-    return out, m
-
-
+# ============================================================================ inputs
 def make_grads(shapes, steps: int, seed: int) -> list[list[torch.Tensor]]:
     """Fixed random gradients (CPU float32); even-numbered matrices get ||g|| ~ 3 (clipping acts), odd ~ 0.5."""
     gen = torch.Generator().manual_seed(seed)
@@ -481,7 +404,8 @@ def part_correctness(cfg: Config, part: Part, ctx: dict) -> None:
             if part.out_of_time(f"correctness {label} {ns_dtype}"):
                 continue
             if label not in references:
-                references[label] = reference_marsm(init, grads, **ref_kwargs)[0]
+                hyper = dict(wd=WD, beta=BETA, gamma=GAMMA)
+                references[label] = marsm_steps(init, grads, lr=LR, **{**hyper, **ref_kwargs})[0]
             params = [p.clone().to(dev).requires_grad_() for p in init]
             opt = MARSM(params, lr=LR, weight_decay=WD, momentum=BETA, ns_dtype=ns_dtype, **kwargs)
             for step_grads in grads:
@@ -522,7 +446,8 @@ def _check_bf16_params(cfg, part, init, grads):
     part.data["bf16_params_state_dtypes"] = dtypes
     part.check("bf16 params: optimizer-state tensors not in float32", sum(d != "torch.float32" for d in dtypes),
                max_value=0, why=f"state dtypes {dtypes}")
-    want, want_m = reference_marsm(init16, grads16, lr=lr, round_params=lambda w: w.bfloat16().double())
+    want, want_m = marsm_steps(init16, grads16, lr=lr, wd=WD, beta=BETA, gamma=GAMMA,
+                               round_params=lambda w: w.bfloat16().double())
     got_m = [opt.state[p].get("momentum") for p in params]
     if any(m is None for m in got_m):
         raise KeyError("MARSM state has no 'momentum' entry; the check of its precision needs it")
@@ -629,7 +554,7 @@ def part_newton_schulz(cfg: Config, part: Part, ctx: dict) -> None:
         first = time.perf_counter() - t0
         reps = max(3, min(20, int(0.25 / max(first, 1e-4))))
         t = time_calls(lambda: fn(x), dev, reps=reps, warmup=1)
-        tflops = ns_flops(shape) / t / 1e12
+        tflops = newton_schulz_flops(shape) / t / 1e12
         results[label][key] = {"s": t, "tflops": tflops, "frac_gemm": tflops / gemm, "first_call_s": first,
                                "reps": reps, "finite": bool(torch.isfinite(out).all())}
         print(f"  NS {label} {shape} {key}: {t * 1e3:.3f} ms, {tflops:.1f} TFLOP/s, {tflops / gemm:.0%} of GEMM"
@@ -685,7 +610,7 @@ def part_newton_schulz(cfg: Config, part: Part, ctx: dict) -> None:
             return "error"
         return f"{v['s'] * 1e3:.2f} ms / {v['frac_gemm']:.0%}"
 
-    rows = [[label, "x".join(map(str, shape)), f"{ns_flops(shape) / 1e9:.1f}", *[cell(results[label], k) for k in keys]]
+    rows = [[label, "x".join(map(str, shape)), f"{newton_schulz_flops(shape) / 1e9:.1f}", *[cell(results[label], k) for k in keys]]
             for label, shape in cfg.ns_shapes]
     part.tables.append(
         f"bf16 GEMM {n}x{n}x{n}: {gemm:.1f} TFLOP/s (median of 10; {n // 2}^3: "
@@ -730,7 +655,7 @@ def part_optimizer_step(cfg: Config, part: Part, ctx: dict) -> None:
     for p in model.parameters():
         p.grad = torch.randn(p.shape, device=dev, generator=gen) * 1e-3
     n_params = sum(p.numel() for p in model.parameters())
-    ns_total = sum(ns_flops(tuple(p.shape)) for p in mats)
+    ns_total = sum(newton_schulz_flops(tuple(p.shape)) for p in mats)
     fused = dev.type == "cuda"
 
     def adamw(params):
@@ -1059,54 +984,46 @@ def part_owner_engine(cfg: Config, part: Part, ctx: dict) -> None:
                           "buckets r1", "NS matrices r0", "NS matrices r1"], rows))
 
 
+ENGINE_ENV = "GPU_CHECK_ENGINE"   # JSON {"dir", "smoke"} for the ranks that part 6 spawns
+
+
 def _spawn_engine_ranks(cfg: Config, world: int, timeout_s: float) -> list[dict]:
     import tempfile
-    port = free_port()
+
+    from tests._spawn import run_scenarios
+
     with tempfile.TemporaryDirectory() as tmp:
-        procs = []
-        for r in range(world):
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--engine-rank", str(r), "--engine-world", str(world),
-                   "--engine-port", str(port), "--engine-dir", tmp] + (["--cpu-smoke"] if cfg.smoke else [])
-            env = dict(os.environ, OMP_NUM_THREADS="1")
-            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outputs = []
-        deadline = time.perf_counter() + max(timeout_s, 30)
-        for p in procs:
-            try:
-                out, _ = p.communicate(timeout=max(1.0, deadline - time.perf_counter()))
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                raise RuntimeError("the 2-rank engine run did not finish in its budget") from None
-            outputs.append(out)
-        for r, (p, out) in enumerate(zip(procs, outputs)):
-            if p.returncode != 0:
-                raise RuntimeError(f"engine rank {r} exited {p.returncode}:\n{tail(out, 15)}")
+        os.environ[ENGINE_ENV] = json.dumps({"dir": tmp, "smoke": cfg.smoke})
+        try:
+            errors = run_scenarios("gpu_check", ["engine_rank"], world, timeout=max(timeout_s, 30), pg_timeout_s=120)
+        finally:
+            del os.environ[ENGINE_ENV]
+        for r, err in enumerate(errors["engine_rank"]):
+            if err is not None:
+                raise RuntimeError(f"engine rank {r}:\n{tail(err, 15)}")
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def engine_rank_main(args) -> None:
-    """One of the 2 gloo ranks of part 6 (started by the parent, never by hand)."""
-    cfg = make_config(args)
-    torch.set_num_threads(1)
+@scenario(2)
+def engine_rank(rank: int, world: int) -> None:
+    """One of the gloo ranks of part 6 (spawned by run_scenarios, which made the process group)."""
+    job = json.loads(os.environ[ENGINE_ENV])
+    cfg = make_config(argparse.Namespace(cpu_smoke=job["smoke"], total_s=None, compile_backend="eager"))
     dev = cfg.device
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.engine_port}", rank=args.engine_rank,
-                            world_size=args.engine_world, timeout=datetime.timedelta(seconds=120))
     from torch.distributed.device_mesh import DeviceMesh
-    mesh = DeviceMesh(dev.type, list(range(args.engine_world)))
+    mesh = DeviceMesh(dev.type, list(range(world)))
     params = engine_params(cfg)
     out = {}
     for wire in ("float32", "bfloat16"):
         try:
             tensors, stats, report, calls = engine_run(cfg, params, cfg.engine_steps, wire, 1e-6, dev,
-                                                       shard=(args.engine_rank, args.engine_world, mesh))
+                                                       shard=(rank, world, mesh))
             out[wire] = {"params": tensors, "stats": stats, "a2a_calls": calls, "plan_report": report}
         except Exception:  # noqa: BLE001 - reported to the parent, which records it
             out[wire] = {"error": tail(traceback.format_exc(), 6)}
-    torch.save(out, Path(args.engine_dir) / f"rank{args.engine_rank}.pt")
-    dist.destroy_process_group()
+    torch.save(out, Path(job["dir"]) / f"rank{rank}.pt")
 
 
 # ============================================================================ driver
@@ -1165,14 +1082,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default=",".join(n for n, _ in PARTS), help="comma-separated subset of the parts")
     ap.add_argument("--total-s", type=float, default=None, help="overall budget; later parts are skipped past it")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend on the GPU")
-    ap.add_argument("--engine-rank", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--engine-world", type=int, default=2, help=argparse.SUPPRESS)
-    ap.add_argument("--engine-port", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--engine-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.engine_rank is not None:
-        engine_rank_main(args)
-        return 0
     cfg = make_config(args)
     if cfg.smoke:
         torch.set_num_threads(1)

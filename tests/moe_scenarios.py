@@ -11,6 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from tests._spawn import scenario
+
 STEPS, BATCH, SEQ = 3, 4, 32      # per rank: BATCH sequences of SEQ tokens
 
 
@@ -97,9 +99,11 @@ def _run(rank: int, world: int, ep: int, name: str) -> None:
         json.dump(out, f, default=str)
 
 
+@scenario(2)
 def expert_parallel(rank: int, world: int) -> None:
     _run(rank, world, ep=world, name="expert_parallel")
 
 
+@scenario(2)
 def fsdp_experts(rank: int, world: int) -> None:
     _run(rank, world, ep=1, name="fsdp_experts")

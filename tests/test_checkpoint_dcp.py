@@ -23,7 +23,7 @@ import shutil
 import pytest
 import torch
 
-from _spawn import run_scenarios
+from _spawn import run_scenarios, scenario, scenario_cases
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +102,7 @@ def _expect_error(fn, *needles):
 
 
 # ----------------------------------------------------------------------------- scenarios
+@scenario(4)
 def init_state_leaves_params_unchanged(rank, world):
     from torchtitan.components.optimizer.utils import init_optim_state
 
@@ -125,6 +126,7 @@ def init_state_leaves_params_unchanged(rank, world):
                         assert float(_full(v).abs().max()) == 0.0, (kw, k)
 
 
+@scenario(4)
 def save_at_4(rank, world):
     import torch.distributed.checkpoint as dcp
 
@@ -145,6 +147,7 @@ def save_at_4(rank, world):
     dcp.save(_state(model_w, opt_w), checkpoint_id=os.path.join(_dir(), "wider"))
 
 
+@scenario(2)
 def load_at_2(rank, world):
     ref = torch.load(os.path.join(_dir(), "reference.pt"))
     model, opt = _setup(world, seed=7)   # other initial values: everything must come from the checkpoint
@@ -164,6 +167,7 @@ def load_at_2(rank, world):
     assert worst < 1e-5 and moved > 1e-2, (worst, moved)
 
 
+@scenario(2)
 def bad_checkpoints(rank, world):
     import torch.distributed as dist
 
@@ -200,6 +204,9 @@ def bad_checkpoints(rank, world):
     assert all(torch.equal(v, ref["step3"][k]) for k, v in got.items())
 
 
+CASES = scenario_cases(MODULE)
+
+
 # ----------------------------------------------------------------------------- tests
 def _check(results):
     bad = {k: [e for e in v if e] for k, v in results.items() if any(v)}
@@ -208,8 +215,8 @@ def _check(results):
 
 def test_dcp_save_4_load_2_and_bad_input(tmp_path, monkeypatch):
     monkeypatch.setenv(DIR_ENV, str(tmp_path))
-    _check(run_scenarios(MODULE, ["init_state_leaves_params_unchanged", "save_at_4"], world=4, timeout=400))
-    _check(run_scenarios(MODULE, ["load_at_2", "bad_checkpoints"], world=2, timeout=400))
+    for world in (4, 2):   # save at 4 ranks, then load at 2
+        _check(run_scenarios(MODULE, [n for w, n in CASES if w == world], world=world, timeout=400))
 
 
 def test_checkpoint_manager_skips_unfinished_save(tmp_path):

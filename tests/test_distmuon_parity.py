@@ -35,7 +35,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _spawn import scenario_check
+from _spawn import scenario, scenario_cases, scenario_check
 
 WORLD = 2
 STEPS = 4
@@ -121,35 +121,37 @@ def _compare(distmuon_kw, marsm_kw) -> list[float]:
 
 
 # ---------------------------------------------------------------- scenarios (run on every rank)
+@scenario(WORLD)
 def same_algorithm_agrees(rank, world):
     worst = _compare(dict(nesterov=False, adjust_lr_fn="match_rms_adamw"), {})
     assert max(worst) <= TOLERANCE, f"DistMuon vs MARSM(gamma=0): per-step relative update difference {worst}"
 
 
+@scenario(WORLD)
 def same_algorithm_fp32_wire_agrees(rank, world):
     worst = _compare(dict(nesterov=False, adjust_lr_fn="match_rms_adamw"), dict(wire_dtype="float32"))
     assert max(worst) <= TOLERANCE, f"fp32 wire: per-step relative update difference {worst}"
 
 
+@scenario(WORLD)
 def nesterov_is_detected(rank, world):
     """Negative control: DistMuon's default Nesterov momentum is a different algorithm; the test must see it."""
     worst = _compare(dict(nesterov=True, adjust_lr_fn="match_rms_adamw"), {})
     assert max(worst[1:]) > DETECT, f"Nesterov on not detected: {worst}"
 
 
+@scenario(WORLD)
 def lr_scale_is_detected(rank, world):
     """Negative control: MARSM with the 'original' sqrt(max(1, A/B)) scale instead of Moonlight's."""
     worst = _compare(dict(nesterov=False, adjust_lr_fn="match_rms_adamw"), dict(lr_adjust="original"))
     assert min(worst) > DETECT, f"lr scale change not detected: {worst}"
 
 
-SCENARIOS = ["same_algorithm_agrees", "same_algorithm_fp32_wire_agrees", "nesterov_is_detected",
-             "lr_scale_is_detected"]
-_check = scenario_check("test_distmuon_parity", SCENARIOS, timeout=600)
+_check = scenario_check(__name__, timeout=600)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_distmuon_parity(scenario):
+@pytest.mark.parametrize("world,scenario", scenario_cases(__name__))
+def test_distmuon_parity(world, scenario):
     pytest.importorskip("torchtitan.distributed.flex_shard")
-    _check(WORLD, scenario)
+    _check(world, scenario)

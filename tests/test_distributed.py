@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _spawn import scenario_check
+from _spawn import scenario, scenario_cases, scenario_check
 
 STEPS = 10
 
@@ -111,27 +111,32 @@ FP32 = dict(lr=0.05, ns_dtype="float32", wire_dtype="float32")
 
 
 # ---------------------------------------------------------------------------------- scenarios
+@scenario(1, 2, 3, 4)
 def fsdp_approx_fp32(rank, world):
     diff, moved, _ = train_pair(fsdp_wrap(make_model(), _mesh_1d(world)), make_model(), **FP32)
     assert moved > 1e-2, moved
     assert diff <= 1e-6, f"max |distributed - single| = {diff}"
 
 
+@scenario(2, 3, 4)
 def fsdp_efficient_fp32(rank, world):
     diff, moved, _ = train_pair(fsdp_wrap(make_model(), _mesh_1d(world)), make_model(), variant="efficient", **FP32)
     assert moved > 1e-2 and diff <= 1e-6, (diff, moved)
 
 
+@scenario(2, 3, 4)
 def fsdp_exact_fp32(rank, world):
     diff, moved, _ = train_pair(fsdp_wrap(make_model(), _mesh_1d(world)), make_model(), variant="exact", **FP32)
     assert moved > 1e-2 and diff <= 1e-6, (diff, moved)
 
 
+@scenario(2, 4)
 def fsdp_bf16_defaults(rank, world):
     diff, moved, _ = train_pair(fsdp_wrap(make_model(), _mesh_1d(world)), make_model(), lr=0.05)
     assert moved > 1e-2 and diff <= 2e-3 * moved, (diff, moved)
 
 
+@scenario(2, 3, 4)
 def fsdp_ns_once_and_bytes(rank, world):
     """Every matrix is orthogonalized exactly once per step in the whole job, and the bytes each
     rank sends equal an independent count from the local shard sizes and the owners."""
@@ -169,6 +174,7 @@ def fsdp_ns_once_and_bytes(rank, world):
     assert stats["bytes_sent"] == expected * 4, (stats["bytes_sent"], expected * 4)
 
 
+@scenario(4)
 def hsdp_2x2(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -197,6 +203,7 @@ class TPMLP(nn.Module):
         return self.head(F.gelu(self.w2(F.gelu(self.w1(x)))))
 
 
+@scenario(4)
 def fsdp_tp_2x2(rank, world):
     """FSDP over dp plus TP over tp: DTensors on a 2-D mesh, with strided shards for colwise rows."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -234,6 +241,7 @@ def fsdp_tp_2x2(rank, world):
     assert moved > 1e-2 and diff <= 1e-6, (diff, moved, placements)
 
 
+@scenario(1, 2, 3)
 def ddp_replicated(rank, world):
     """Plain tensors replicated on every rank: each matrix orthogonalized once, shared by collective."""
     model, ref = make_model(), make_model()
@@ -244,6 +252,7 @@ def ddp_replicated(rank, world):
     assert int(count) == 9, int(count)
 
 
+@scenario(2)
 def unused_param_skipped(rank, world):
     """A parameter with no gradient on any rank is skipped on all, consistently."""
     from dist_marsm import MARSM
@@ -260,6 +269,7 @@ def unused_param_skipped(rank, world):
     assert "momentum" not in opt.state[model.wq.weight]
 
 
+@scenario(2)
 def participation_mismatch_raises(rank, world):
     from dist_marsm import MARSM
 
@@ -277,6 +287,7 @@ def participation_mismatch_raises(rank, world):
         raise AssertionError("no error although ranks disagree about wk.weight")
 
 
+@scenario(2)
 def shape_mismatch_raises(rank, world):
     """Ranks building different models fail at the first step with the parameter's name."""
     from dist_marsm import MARSM
@@ -293,6 +304,7 @@ def shape_mismatch_raises(rank, world):
         raise AssertionError("no error for different shapes on different ranks")
 
 
+@scenario(2)
 def bf16_params_fp32_state(rank, world):
     """bf16 parameters (as FSDP2 leaves them with param_dtype storage) get float32 optimizer state."""
     from dist_marsm import MARSM
@@ -318,20 +330,10 @@ def build_groups_named(model):
     return build_param_groups(model)
 
 
-SCENARIOS = {
-    1: ["fsdp_approx_fp32", "ddp_replicated"],
-    2: ["fsdp_approx_fp32", "fsdp_efficient_fp32", "fsdp_exact_fp32", "fsdp_bf16_defaults", "fsdp_ns_once_and_bytes",
-        "ddp_replicated", "unused_param_skipped", "participation_mismatch_raises", "shape_mismatch_raises",
-        "bf16_params_fp32_state"],
-    3: ["fsdp_approx_fp32", "fsdp_efficient_fp32", "fsdp_exact_fp32", "fsdp_ns_once_and_bytes", "ddp_replicated"],
-    4: ["fsdp_approx_fp32", "fsdp_efficient_fp32", "fsdp_exact_fp32", "fsdp_bf16_defaults", "fsdp_ns_once_and_bytes",
-        "hsdp_2x2", "fsdp_tp_2x2"],
-}
-
-_check = scenario_check("test_distributed", SCENARIOS)
+_check = scenario_check(__name__)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,scenario", [(w, s) for w, names in SCENARIOS.items() for s in names])
+@pytest.mark.parametrize("world,scenario", scenario_cases(__name__))
 def test_scenario(world, scenario):
     _check(world, scenario)

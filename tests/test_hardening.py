@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _spawn import scenario_check
+from _spawn import scenario, scenario_cases, scenario_check
 from test_distributed import _mesh_1d, fsdp_wrap, lm_loss, make_model
 
 from dist_marsm import MARSM, NonFiniteGradientError, build_param_groups
@@ -236,6 +236,7 @@ def _fsdp_opt(world, **kw):
     return model, MARSM(build_param_groups(model), **kw)
 
 
+@scenario(2, 3)
 def lr_differs_between_ranks(rank, world):
     model, opt = _fsdp_opt(world, lr=0.01 * (1 + (rank == world - 1)))
     lm_loss(model, 0).backward()
@@ -243,6 +244,7 @@ def lr_differs_between_ranks(rank, world):
         opt.step()
 
 
+@scenario(2, 3)
 def lr_changed_on_one_rank_after_the_first_step(rank, world):
     model, opt = _fsdp_opt(world, lr=0.01)
     lm_loss(model, 0).backward()
@@ -255,6 +257,7 @@ def lr_changed_on_one_rank_after_the_first_step(rank, world):
         opt.step()
 
 
+@scenario(2, 3)
 def bad_value_on_one_rank_fails_every_rank(rank, world):
     """Rank 1 sets gamma=5 after the first step: it names the bad value, the others the difference,
     and nobody waits for the process group's timeout."""
@@ -278,29 +281,30 @@ def _option_differs(rank, world, key, values):
         opt.step()
 
 
+@scenario(2, 3)
 def owner_policy_differs(rank, world):
     _option_differs(rank, world, "owner_policy", ("largest_first", "round_robin"))
 
 
+@scenario(2, 3)
 def wire_dtype_differs(rank, world):
     _option_differs(rank, world, "wire_dtype", ("bfloat16", "float32"))
 
 
+@scenario(2, 3)
 def bucket_mb_differs(rank, world):
     _option_differs(rank, world, "bucket_mb", (64.0, 0.001))
 
 
+@scenario(2, 3)
 def nonfinite_policy_differs(rank, world):
     _option_differs(rank, world, "nonfinite", ("raise", "skip"))
 
 
-SCENARIOS = ["bad_value_on_one_rank_fails_every_rank", "lr_differs_between_ranks", "lr_changed_on_one_rank_after_the_first_step", "owner_policy_differs",
-             "wire_dtype_differs", "bucket_mb_differs", "nonfinite_policy_differs"]
-_check = scenario_check("test_hardening", SCENARIOS, timeout=300, pg_timeout_s=30)
+_check = scenario_check(__name__, timeout=300, pg_timeout_s=30)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("world,scenario", scenario_cases(__name__))
 def test_ranks_that_disagree_all_raise(scenario, world):
     _check(world, scenario)

@@ -25,7 +25,7 @@ import pytest
 
 pytest.importorskip("torchtitan")
 
-from tests._spawn import run_scenarios  # noqa: E402
+from tests._spawn import run_scenarios, scenario_cases  # noqa: E402
 from tests._titan_jobs import DRIVER, ROOT, copy_checkpoint, losses  # noqa: E402
 
 RECIPE = os.path.join(ROOT, "recipes", "moe_debug_cpu.toml")
@@ -37,10 +37,10 @@ WIRE_BYTES = 4          # float32 wire
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["expert_parallel", "fsdp_experts"])
-def test_moe_parallel_equals_one_process(scenario, tmp_path, monkeypatch):
+@pytest.mark.parametrize("world,scenario", scenario_cases("tests.moe_scenarios"))
+def test_moe_parallel_equals_one_process(world, scenario, tmp_path, monkeypatch):
     monkeypatch.setenv("DIST_MARSM_MOE_OUT", str(tmp_path))
-    results = run_scenarios("tests.moe_scenarios", [scenario], 2, timeout=500)
+    results = run_scenarios("tests.moe_scenarios", [scenario], world, timeout=500)
     assert results[scenario] == [None, None], results[scenario]
     ranks = [json.loads((tmp_path / f"{scenario}_rank{r}.json").read_text()) for r in range(2)]
     single = ranks[0]["single"]

@@ -2,8 +2,8 @@
 coefficient sets and their validation, the fallback rule and FLOP model, the stacking policy, and the
 distributed engine with ns_method="gram" against one process.
 
-The reference below is written from the formula (X <- a X + b (X X^T) X + c (X X^T)^2 X on the wide
-orientation), not taken from dist_marsm.
+The reference (tests/references.py) is written from the formula (X <- a X + b (X X^T) X + c (X X^T)^2 X
+on the wide orientation), not taken from dist_marsm.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import importlib
 import pytest
 import torch
 
-from _spawn import run_scenarios
+from _spawn import scenario, scenario_cases, scenario_check
+from references import newton_schulz as reference
 
 ns = importlib.import_module("dist_marsm.newton_schulz")  # dist_marsm.newton_schulz is also a function name
 
@@ -30,20 +31,6 @@ PAPER_POLAR_EXPRESS = [
     (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
     (1.875, -1.25, 0.375),
 ]
-
-
-def reference(m: torch.Tensor, coeffs) -> torch.Tensor:
-    """float64 standard iteration on each matrix of a batch, looping in Python."""
-    m = m.double()
-    if m.ndim > 2:
-        return torch.stack([reference(x, coeffs) for x in m]) if m.size(0) else m.clone()
-    tall = m.size(0) > m.size(1)
-    x = m.T if tall else m
-    x = x / (torch.linalg.matrix_norm(x) + ns.NS_EPS)
-    for a, b, c in coeffs:
-        s = x @ x.T
-        x = a * x + b * s @ x + c * s @ s @ x
-    return x.T if tall else x
 
 
 def rank_deficient(rows, cols, rank, seed=0):
@@ -274,6 +261,7 @@ def test_orthogonalize_many_equals_one_by_one_and_stacks_small_shapes(monkeypatc
 
 
 # ------------------------------------------------------------------------------ distributed
+@scenario(2)
 def gram_fsdp_fp32(rank, world):
     """FSDP2 TinyLM (uneven shards, 3 expert matrices) with ns_method='gram' and polar_express, float32
     Newton-Schulz and wire, against one process: only the reduce-scatter's summation order differs, so
@@ -289,6 +277,7 @@ def gram_fsdp_fp32(rank, world):
     assert "gram" in methods.values() and "standard" in methods.values(), methods
 
 
+@scenario(2)
 def ns_method_differs_between_ranks(rank, world):
     """Ranks must agree on the method (their owner plans are built from its FLOPs): every rank raises."""
     from test_distributed import _mesh_1d, fsdp_wrap, lm_loss, make_model
@@ -302,8 +291,9 @@ def ns_method_differs_between_ranks(rank, world):
         opt.step()
 
 
-def test_distributed_gram_equals_single_process():
-    names = ["gram_fsdp_fp32", "ns_method_differs_between_ranks"]
-    results = run_scenarios("test_newton_schulz", names, world=2)
-    for name in names:
-        assert results[name] == [None, None], f"{name}: {results[name]}"
+_check = scenario_check(__name__)
+
+
+@pytest.mark.parametrize("world,scenario", scenario_cases(__name__))
+def test_distributed_gram_equals_single_process(world, scenario):
+    _check(world, scenario)

@@ -1,6 +1,6 @@
 """NorMuon-style neuron-wise normalization (issue 7), against an independent computation.
 
-Reference (written here from the NorMuon paper's algorithm, float64, one matrix at a time): after
+Reference (tests/references.py, from the NorMuon paper's algorithm, float64, one matrix at a time): after
 O = NewtonSchulz(m), v = beta2 * v + (1 - beta2) * mean_cols(O * O) per row, O' = O / (sqrt(v) + eps),
 then O' *= ||O||_F / ||O'||_F so the update keeps the unnormalized RMS; then the usual lr scaling and
 weight decay. Rows are output neurons (dim -2), the dimension FSDP2 shards.
@@ -18,42 +18,10 @@ import math
 import pytest
 import torch
 
-from _spawn import scenario_check
+from _spawn import scenario, scenario_cases, scenario_check
 from dist_marsm import MARSM
-from test_optimizer import SHAPES, grads_for, make_params, ref_ns_any
-
-
-def ref_normuon_steps(params, grads_per_step, lr, beta=0.95, gamma=0.025, wd=0.1, beta2=0.95, eps=1e-8,
-                      variant="approx"):
-    m = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    g_prev = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    v = [torch.zeros(*p.shape[:-1], 1, dtype=torch.float64) for p in params]
-    out = [p.detach().double().clone() for p in params]
-    for grads in grads_per_step:
-        for i, g in enumerate(grads):
-            g = g.double()
-            if variant == "efficient":
-                m[i] = beta * m[i] + (1 - gamma) * (1 - beta) / beta * g
-                ns_in = gamma * g + beta * m[i]
-            else:
-                c = g + gamma * beta / (1 - beta) * (g - g_prev[i])
-                mats = c.view(-1, *c.shape[-2:])
-                for k in range(mats.shape[0]):
-                    n = mats[k].norm()
-                    if n > 1:
-                        mats[k] /= n
-                m[i] = beta * m[i] + (1 - beta) * c
-                ns_in = m[i]
-            o = ref_ns_any(ns_in)
-            v[i] = beta2 * v[i] + (1 - beta2) * (o * o).mean(dim=-1, keepdim=True)
-            o_n = o / (v[i].sqrt() + eps)
-            mats_o, mats_n = o.view(-1, *o.shape[-2:]), o_n.view(-1, *o.shape[-2:])
-            for k in range(mats_o.shape[0]):
-                mats_n[k] *= mats_o[k].norm() / mats_n[k].norm()
-            a, b = out[i].shape[-2:]
-            out[i] = out[i] * (1 - lr * wd) - lr * 0.2 * math.sqrt(max(a, b)) * o_n
-            g_prev[i] = g
-    return out
+from references import marsm_steps
+from test_optimizer import SHAPES, grads_for, make_params
 
 
 @pytest.mark.parametrize("variant", ["approx", "efficient"])
@@ -66,7 +34,7 @@ def test_neuron_normalize_matches_reference(variant):
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
-    expected = ref_normuon_steps(start, grads_per_step, lr=0.02, variant=variant)
+    expected, _ = marsm_steps(start, grads_per_step, lr=0.02, normalize="neuron", variant=variant)
     for name, p, e, s in zip(SHAPES, params, expected, start):
         assert (p.detach().double() - s.double()).abs().max() > 1e-2, f"{name} did not move"
         torch.testing.assert_close(p.detach().double(), e, atol=1e-5, rtol=0, msg=f"{name}")
@@ -82,7 +50,7 @@ def test_neuron_normalize_changes_the_update():
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
-    expected = ref_normuon_steps(start, grads_per_step, lr=0.02)
+    expected, _ = marsm_steps(start, grads_per_step, lr=0.02, normalize="neuron")
     assert max((p.detach().double() - e).abs().max().item() for p, e in zip(params, expected)) > 1e-4
 
 
@@ -102,6 +70,7 @@ def test_row_state_is_one_value_per_row_and_round_trips():
 
 
 # ------------------------------------------------------------------------------ distributed
+@scenario(2, 3)
 def fsdp_neuron_fp32_equals_single(rank, world):
     from test_distributed import FP32, _mesh_1d, fsdp_wrap, make_model, train_pair
 
@@ -109,6 +78,7 @@ def fsdp_neuron_fp32_equals_single(rank, world):
     assert moved > 1e-2 and diff <= 1e-6, (diff, moved)
 
 
+@scenario(2, 3)
 def fsdp_neuron_extra_traffic_is_two_norms_per_matrix(rank, world):
     """Normalization adds no owner traffic, and exactly one all-reduce of 2 float32 per matrix."""
     from test_distributed import _mesh_1d, fsdp_wrap, lm_loss, make_model
@@ -131,6 +101,7 @@ def fsdp_neuron_extra_traffic_is_two_norms_per_matrix(rank, world):
     assert extra == expected, (extra, expected, stats)
 
 
+@scenario(2)
 def fsdp_tp_rowwise_neuron_is_a_clear_error(rank, world):
     """Rows split across ranks (a rowwise-parallel weight, Shard(1)) cannot be row-normalized locally."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -145,15 +116,10 @@ def fsdp_tp_rowwise_neuron_is_a_clear_error(rank, world):
         opt.step()
 
 
-SCENARIOS = {
-    2: ["fsdp_neuron_fp32_equals_single", "fsdp_neuron_extra_traffic_is_two_norms_per_matrix",
-        "fsdp_tp_rowwise_neuron_is_a_clear_error"],
-    3: ["fsdp_neuron_fp32_equals_single", "fsdp_neuron_extra_traffic_is_two_norms_per_matrix"],
-}
-_check = scenario_check("test_normuon", SCENARIOS)
+_check = scenario_check(__name__)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,scenario", [(w, s) for w, names in SCENARIOS.items() for s in names])
+@pytest.mark.parametrize("world,scenario", scenario_cases(__name__))
 def test_scenario(world, scenario):
     _check(world, scenario)

@@ -1,7 +1,7 @@
 """MARS-M on one process, checked formula by formula against independent computations (issue 2).
 
-The reference below is written from the algorithm's text, one matrix at a time, in float64, with a
-plain 2-D Newton-Schulz written like the MARS-M reference code; the library batches matrices,
+The reference (tests/references.py) is written from the algorithm's text, one matrix at a time, in float64,
+with a plain 2-D Newton-Schulz written like the MARS-M reference code; the library batches matrices,
 works in float32 and routes through its owner plan. Tolerances: float32 Newton-Schulz against the
 float64 reference agrees to ~1e-6 relative per step (5 quintic iterations amplify input rounding by
 at most ~10x), so parameters agree to 1e-5 after a few steps of lr 0.02.
@@ -17,61 +17,10 @@ import torch.nn as nn
 
 from dist_marsm import MARSM, build_param_groups, newton_schulz
 from dist_marsm import mars_math
+from references import MarsmReference
+from references import newton_schulz as ref_newton_schulz
 
-A_, B_, C_ = 3.4445, -4.7750, 2.0315
 SHAPES = {"wide": (6, 10), "tall": (10, 6), "square": (8, 8), "batched": (3, 4, 6)}
-
-
-def ref_ns(m: torch.Tensor, steps=5) -> torch.Tensor:
-    """Newton-Schulz as written in the MARS-M reference (2-D, one matrix), in m's dtype."""
-    x = m.clone()
-    if m.size(0) > m.size(1):
-        x = x.T
-    x = x / (x.norm() + 1e-7)
-    for _ in range(steps):
-        a = x @ x.T
-        b = B_ * a + C_ * a @ a
-        x = A_ * x + b @ x
-    if m.size(0) > m.size(1):
-        x = x.T
-    return x
-
-
-def ref_ns_any(m):
-    if m.ndim == 2:
-        return ref_ns(m)
-    return torch.stack([ref_ns(x) for x in m])
-
-
-class RefMARSM:
-    """The approximate/exact variant, one matrix at a time, float64."""
-
-    def __init__(self, params, lr, beta=0.95, gamma=0.025, wd=0.1, clip=True, lr_adjust="moonlight"):
-        self.params = params
-        self.lr, self.beta, self.gamma, self.wd, self.clip, self.lr_adjust = lr, beta, gamma, wd, clip, lr_adjust
-        self.m = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-        self.g_prev = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-
-    def step(self, grads, prev_grads=None):
-        for i, (p, g) in enumerate(zip(self.params, grads)):
-            g = g.double()
-            g_prev = self.g_prev[i] if prev_grads is None else prev_grads[i].double()
-            c = g + self.gamma * self.beta / (1 - self.beta) * (g - g_prev)
-            if self.clip:
-                mats = c.view(-1, *c.shape[-2:])
-                for k in range(mats.shape[0]):
-                    n = mats[k].norm()
-                    if n > 1:
-                        mats[k] /= n
-            self.m[i] = self.beta * self.m[i] + (1 - self.beta) * c
-            o = ref_ns_any(self.m[i])
-            a, b = p.shape[-2:]
-            scale = {"moonlight": 0.2 * math.sqrt(max(a, b)), "original": math.sqrt(max(1, a / b)), "none": 1.0}[
-                self.lr_adjust]
-            with torch.no_grad():
-                new = p.double() * (1 - self.lr * self.wd) - self.lr * scale * o
-                p.copy_(new)
-            self.g_prev[i] = g
 
 
 def make_params(seed=0):
@@ -90,7 +39,7 @@ def grads_for(params, step, big=False):
 def test_newton_schulz_matches_reference_fp32(name):
     m = torch.randn(*SHAPES[name], generator=torch.Generator().manual_seed(1))
     got = newton_schulz(m, dtype=torch.float32).double()
-    want = ref_ns_any(m.double())
+    want = ref_newton_schulz(m)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
@@ -100,7 +49,7 @@ def test_newton_schulz_bf16_close_to_fp64(name):
     m = torch.randn(*SHAPES[name], generator=torch.Generator().manual_seed(2))
     got = newton_schulz(m).double()
     assert newton_schulz(m).dtype == torch.bfloat16
-    assert (got - ref_ns_any(m.double())).abs().max() < 6e-2
+    assert (got - ref_newton_schulz(m)).abs().max() < 6e-2
 
 
 def test_newton_schulz_orthogonalizes():
@@ -121,30 +70,30 @@ def test_flops_formula():
 @pytest.mark.parametrize("big", [False, True], ids=["no-clip-needed", "clipping-acts"])
 @pytest.mark.parametrize("lr_adjust", ["moonlight", "original", "none"])
 def test_approx_matches_reference(big, lr_adjust):
-    params, ref_params = make_params(), [p.detach().double().clone() for p in make_params()]
+    params = make_params()
     opt = MARSM([{"params": params, "use_mars": True}], lr=0.02, ns_dtype="float32", lr_adjust=lr_adjust)
-    ref = RefMARSM(ref_params, lr=0.02, lr_adjust=lr_adjust)
+    ref = MarsmReference(make_params(), lr=0.02, lr_adjust=lr_adjust)
     for step in range(4):
         grads = grads_for(params, step, big)
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
         ref.step(grads)
-    for p, q in zip(params, ref_params):
+    for p, q in zip(params, ref.params):
         assert torch.allclose(p.double(), q, atol=1e-5), (p.double() - q).abs().max()
 
 
 def test_clip_switch_off_matches_reference():
-    params, ref_params = make_params(), [p.detach().double().clone() for p in make_params()]
+    params = make_params()
     opt = MARSM([{"params": params, "use_mars": True}], lr=0.02, ns_dtype="float32", clip=False)
-    ref = RefMARSM(ref_params, lr=0.02, clip=False)
+    ref = MarsmReference(make_params(), lr=0.02, clip=False)
     for step in range(3):
         grads = grads_for(params, step, big=True)
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
         ref.step(grads)
-    for p, q in zip(params, ref_params):
+    for p, q in zip(params, ref.params):
         assert torch.allclose(p.double(), q, atol=1e-5)
 
 
@@ -186,10 +135,9 @@ def test_exact_variant_on_least_squares_with_closed_form_gradients():
     computed in closed form by the reference, while the optimizer re-evaluates it through the closure."""
     torch.manual_seed(0)
     w = torch.randn(5, 7, requires_grad=True)
-    w_ref = w.detach().double().clone()
     opt = MARSM([w], lr=0.02, ns_dtype="float32", variant="exact")
-    ref = RefMARSM([w_ref], lr=0.02)
-    w_prev_ref = w_ref.clone()
+    ref = MarsmReference([w], lr=0.02, variant="exact")
+    w_ref = w_prev_ref = ref.params[0]
     calls = []
     for step in range(4):
         g = torch.Generator().manual_seed(step)
@@ -205,8 +153,9 @@ def test_exact_variant_on_least_squares_with_closed_form_gradients():
         opt.step(closure)
         grad = lambda W: (W @ x.double() - y.double()) @ x.double().T  # noqa: E731
         g_now, g_prev = grad(w_ref), grad(w_prev_ref) if step > 0 else torch.zeros_like(w_ref)
-        w_prev_ref = w_ref.clone()
+        w_prev_ref = w_ref
         ref.step([g_now], prev_grads=[g_prev])
+        w_ref = ref.params[0]
         assert torch.allclose(w.double(), w_ref, atol=1e-5), (step, (w.double() - w_ref).abs().max())
     assert calls == [0, 1, 1, 2, 2, 3, 3]  # one evaluation at step 1, then two per step
 
@@ -313,15 +262,14 @@ def test_same_shape_matrices_are_stacked(monkeypatch):
 
 def test_flatten_view_for_conv_kernels():
     w = torch.randn(4, 3, 2, 2, requires_grad=True)
-    w_ref = w.detach().double().reshape(4, 12).clone()
     opt = MARSM([w], lr=0.02, ns_dtype="float32", matrix_view="flatten")
-    ref = RefMARSM([w_ref], lr=0.02)
+    ref = MarsmReference([w.detach().reshape(4, 12)], lr=0.02)
     for step in range(3):
         g = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(step))
         w.grad = g.clone()
         opt.step()
         ref.step([g.reshape(4, 12)])
-    assert torch.allclose(w.double().reshape(4, 12), w_ref, atol=1e-5)
+    assert torch.allclose(w.double().reshape(4, 12), ref.params[0], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ bookkeeping

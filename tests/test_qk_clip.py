@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _spawn import scenario_check
+from _spawn import scenario, scenario_cases, scenario_check
 from dist_marsm.qk_clip import AttentionSpec, QKClip, QKClipSettings, per_head_max_logits
 
 REL = 2e-5
@@ -449,6 +449,7 @@ def _singleton_groups():
     return [dist.new_group([r]) for r in range(dist.get_world_size())]
 
 
+@scenario(2, 3)
 def scenario_replicated(rank, world):
     """Plain replicas (as under DDP), different data per rank: one MAX all-reduce keeps them equal."""
     expect = _reference_after_one_clip(world)
@@ -470,6 +471,7 @@ def scenario_replicated(rank, world):
             assert _gathered_differ(qk)
 
 
+@scenario(2, 3)
 def scenario_fsdp_shards(rank, world):
     """FSDP2 row shards (heads straddling ranks): local rescale equals the reference; without MAX it does not."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -491,6 +493,7 @@ def scenario_fsdp_shards(rank, world):
         _assert_matches(model, expect, equal=reduce)
 
 
+@scenario(2, 3)
 def scenario_fsdp_training(rank, world):
     """4 steps of FSDP2 + AdamW + QK-clip equal one process on all ranks' data (same weights everywhere)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -527,13 +530,11 @@ def scenario_fsdp_training(rank, world):
         torch.testing.assert_close(full(p).detach(), q.detach(), rtol=1e-5, atol=1e-5, msg=name)
 
 
-SCENARIOS = ["scenario_replicated", "scenario_fsdp_shards", "scenario_fsdp_training"]
-_check = scenario_check("test_qk_clip", SCENARIOS)
+_check = scenario_check(__name__)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("world,scenario", scenario_cases(__name__))
 def test_distributed(world, scenario):
     _check(world, scenario)
 

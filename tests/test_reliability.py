@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from _spawn import scenario_check
+from _spawn import scenario, scenario_cases, scenario_check
 from test_distributed import _mesh_1d, fsdp_wrap, full, lm_loss, make_model
 
 
@@ -42,6 +42,7 @@ def _snapshot(model, opt):
     return params, state
 
 
+@scenario(2)
 def nonfinite_raise_names_param_step_rank(rank, world):
     from dist_marsm import NonFiniteGradientError
 
@@ -58,6 +59,7 @@ def nonfinite_raise_names_param_step_rank(rank, world):
             opt.step()
 
 
+@scenario(2)
 def nonfinite_skip_leaves_everything_untouched(rank, world):
     model = fsdp_wrap(make_model(), _mesh_1d(world))
     opt = _opt(model, nonfinite="skip")
@@ -88,6 +90,7 @@ def nonfinite_skip_leaves_everything_untouched(rank, world):
     assert opt.last_step_stats["nonfinite_skips"] == 1
 
 
+@scenario(2)
 def hyperparameter_mismatch_raises(rank, world):
     model = fsdp_wrap(make_model(), _mesh_1d(world))
     opt = _opt(model, gamma=0.025 if rank == 0 else 0.05)
@@ -96,6 +99,7 @@ def hyperparameter_mismatch_raises(rank, world):
         opt.step()
 
 
+@scenario(2)
 def deterministic_repeat_bit_identical(rank, world):
     losses = []
     for _ in range(2):
@@ -112,6 +116,7 @@ def deterministic_repeat_bit_identical(rank, world):
     assert losses[0] == losses[1], "repeated runs differ"
 
 
+@scenario(2)
 def bf16_wire_no_drift_over_120_steps(rank, world):
     """Distributed (bf16 wire, bf16 Newton-Schulz) vs one process (bf16 Newton-Schulz) after 120 steps.
 
@@ -156,6 +161,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+@scenario(2)
 def soak_memory_flat(rank, world):
     """300 steps: resident memory after warm-up stays flat (a leaked per-step buffer of one 256x256
     float32 matrix would add 250 x 0.25 MB = 62 MB; the bound is 8 MB of allocator noise)."""
@@ -179,6 +185,7 @@ def soak_memory_flat(rank, world):
     assert rss[299] - rss[49] < 8.0, rss
 
 
+@scenario(2)
 def collective_timeout_is_an_error_not_a_hang(rank, world):
     """Rank 0 never reaches step (as if its user code had raised); rank 1's step fails within the
     process group's timeout instead of hanging. Runs last: the timed-out group is not used again."""
@@ -196,13 +203,10 @@ def collective_timeout_is_an_error_not_a_hang(rank, world):
         opt.step()
 
 
-SCENARIOS = ["nonfinite_raise_names_param_step_rank", "nonfinite_skip_leaves_everything_untouched",
-             "hyperparameter_mismatch_raises", "deterministic_repeat_bit_identical",
-             "bf16_wire_no_drift_over_120_steps", "soak_memory_flat", "collective_timeout_is_an_error_not_a_hang"]
-_check = scenario_check("test_reliability", SCENARIOS)
+_check = scenario_check(__name__)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_scenario(scenario):
-    _check(2, scenario)
+@pytest.mark.parametrize("world,scenario", scenario_cases(__name__))
+def test_scenario(world, scenario):
+    _check(world, scenario)

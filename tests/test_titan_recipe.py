@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("torchtitan")
 
+from _spawn import scenario, scenario_cases, scenario_check  # noqa: E402
 from dist_marsm.settings import BY_NAME  # noqa: E402
 from dist_marsm.titan.recipe import RecipeError, load_recipe  # noqa: E402
 
@@ -341,6 +342,7 @@ def test_rms_to_inf_norm_is_the_operator_norm():
     assert abs(rms_to_inf_norm(w.to(torch.bfloat16)) - value) / value < 1e-2
 
 
+@scenario(3)
 def scenario_rms_to_inf_norm_of_dtensors(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -357,12 +359,13 @@ def scenario_rms_to_inf_norm_of_dtensors(rank, world):
             assert abs(value - expected) < 1e-6 * expected, (rows, placement, value, expected)  # float32 sums
 
 
-def test_rms_to_inf_norm_of_sharded_weights():
-    """Rows split (FSDP) or columns split (TP), shards uneven or empty: the whole matrix's norm."""
-    from _spawn import run_scenarios
+_check = scenario_check(__name__, timeout=300)
 
-    errors = run_scenarios("test_titan_recipe", ["scenario_rms_to_inf_norm_of_dtensors"], 3, timeout=300)
-    assert errors["scenario_rms_to_inf_norm_of_dtensors"] == [None] * 3, errors
+
+@pytest.mark.parametrize("world,scenario", scenario_cases(__name__))
+def test_rms_to_inf_norm_of_sharded_weights(world, scenario):
+    """Rows split (FSDP) or columns split (TP), shards uneven or empty: the whole matrix's norm."""
+    _check(world, scenario)
 
 
 def test_loss_plot(tmp_path):

@@ -14,25 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from _spawn import scenario_check
+from _spawn import scenario, scenario_cases, scenario_check
 from test_distributed import _mesh_1d, full
 
 from dist_marsm import MARSM
 from dist_marsm.owner_plan import Layout, split_units
-
-A, B, C = 3.4445, -4.7750, 2.0315
-
-
-def ns64(m: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    x = m.double()
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.T
-    x = x / (x.norm() + 1e-7)
-    for _ in range(steps):
-        s = x @ x.T
-        x = A * x + (B * s + C * s @ s) @ x
-    return x.T if tall else x
+from references import newton_schulz as ns64
 
 
 def first_step_update(grad: torch.Tensor, head_dim: int | None, beta=0.95) -> torch.Tensor:
@@ -102,6 +89,7 @@ def _data(step):
     return torch.randn(3, 6, generator=torch.Generator().manual_seed(step))
 
 
+@scenario(2, 3)
 def per_head_fsdp_equals_single_process(rank, world):
     from torch.distributed.fsdp import fully_shard
 
@@ -126,14 +114,13 @@ def per_head_fsdp_equals_single_process(rank, world):
     assert int(count) == 10, int(count)
 
 
-SCENARIOS = ["per_head_fsdp_equals_single_process"]
-_check = scenario_check("test_units", SCENARIOS, timeout=300)
+_check = scenario_check(__name__, timeout=300)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_per_head_and_experts_under_fsdp(world):
-    _check(world, SCENARIOS[0])
+@pytest.mark.parametrize("world,scenario", scenario_cases(__name__))
+def test_per_head_and_experts_under_fsdp(world, scenario):
+    _check(world, scenario)
 
 
 @pytest.mark.slow
