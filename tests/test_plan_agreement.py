@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from _spawn import scenario_check
+from _spawn import scenario, scenario_cases, scenario_check
 from dist_marsm import MARSM, build_param_groups
 
 pytestmark = pytest.mark.slow
@@ -54,6 +54,7 @@ def _raises_quickly(opt, pattern: str) -> None:
     assert time.monotonic() - start < TIME_BOUND_S, "a rank waited for the timeout"
 
 
+@scenario(2, 3)
 def group_added_on_one_rank(rank, world):
     model, opt = _fsdp_opt(world)
     _first_step(model, opt)
@@ -62,6 +63,7 @@ def group_added_on_one_rank(rank, world):
     _raises_quickly(opt, r"rank \d has \d+ parameters, rank 0 has \d+.*extra\.weight")
 
 
+@scenario(2, 3)
 def group_added_on_every_rank_trains_on(rank, world):
     model, opt = _fsdp_opt(world)
     _first_step(model, opt)
@@ -73,6 +75,7 @@ def group_added_on_every_rank_trains_on(rank, world):
     assert any(e.name == "extra.weight" for fg in opt.step_plan.flat_groups for e in fg.owner_plan.entries)
 
 
+@scenario(2, 3)
 def parameter_replaced_on_one_rank(rank, world):
     model, opt = _fsdp_opt(world)
     _first_step(model, opt)
@@ -101,6 +104,7 @@ def _batch(rank: int, step: int):
     return torch.randn(32, 8, generator=torch.Generator().manual_seed(1000 * step + rank))
 
 
+@scenario(2, 3)
 def unsynchronised_replicas_raise(rank, world):
     model = Replicated()
     opt = MARSM([{"params": [model.hidden], "param_names": ["hidden"], "use_mars": True},
@@ -112,6 +116,7 @@ def unsynchronised_replicas_raise(rank, world):
     assert time.monotonic() - start < TIME_BOUND_S
 
 
+@scenario(2, 3)
 def ddp_synchronised_replicas_train_50_steps(rank, world):
     model = Replicated()
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -128,12 +133,9 @@ def ddp_synchronised_replicas_train_50_steps(rank, world):
         assert torch.equal(p.detach(), reference)
 
 
-SCENARIOS = ["group_added_on_one_rank", "group_added_on_every_rank_trains_on", "parameter_replaced_on_one_rank",
-             "unsynchronised_replicas_raise", "ddp_synchronised_replicas_train_50_steps"]
-_check = scenario_check("test_plan_agreement", SCENARIOS, timeout=300, pg_timeout_s=30)
+_check = scenario_check(__name__, timeout=300, pg_timeout_s=30)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("world,scenario", scenario_cases(__name__))
 def test_scenario(scenario, world):
     _check(world, scenario)
