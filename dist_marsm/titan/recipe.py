@@ -224,8 +224,8 @@ def _parse(default, args: list[str], where: str, prog: str, overrides: bool):
             config = tyro.cli(type(default), **cli)
         sys.stderr.write(text.getvalue())   # what torchtitan's configs printed while being built
         return config
-    except SystemExit:   # tyro printed its error box (into text, dropped) after telling the hook
-        key, reason = _reason(*failures[-1], default, given)
+    except SystemExit:   # tyro told the hook, then printed its box into text (the argparse backend: only that)
+        key, reason = _reason(*failures[-1], default, given) if failures else (None, " ".join(text.getvalue().split()))
     except (ValueError, TypeError) as e:
         key, reason = None, str(e)
     said = f"override {given.get(key, ' '.join(args))}: " if overrides else ""
