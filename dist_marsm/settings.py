@@ -4,7 +4,7 @@ Each :class:`Setting` says what a value may be and how the optimizer treats it. 
 come the constructor's defaults and checks, the checks of ``add_param_group``, ``load_state_dict`` and
 of the first step after any change to ``param_groups``, the cross-rank agreement check, the param-group
 keys saved in checkpoints, and the typed torchtitan config (``dist_marsm.titan``). Adding a setting
-means one entry here and the code that reads it.
+means one entry here and the code that reads it; a rule between settings goes in :func:`check_group_rules`.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ class Setting:
     kind: Any = None                              # the value's type where the default does not show it
 
     def __post_init__(self):
-        if self.valid is None and self.choices is None:
-            raise TypeError(f"setting {self.name}: declare its choices or a valid(value) check")
+        if self.choices is None and not (isinstance(self.valid, Range) or self.valid and self.expect):
+            raise TypeError(f"setting {self.name}: declare its choices, a Range, or a valid check and its expect")
         if self.valid is None:   # bools are ints in Python: a choice matches by type too
             object.__setattr__(self, "valid", lambda x: any(x == c and type(x) is type(c) for c in self.choices))
         if not self.expect:

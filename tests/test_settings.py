@@ -41,8 +41,9 @@ def test_a_real_range_stores_floats_and_an_int_range_does_not():
 
 
 def test_a_setting_without_a_check_is_refused_where_declared():
-    with pytest.raises(TypeError, match="setting odd: declare its choices or a valid"):
-        Setting("odd", 1, "no check")
+    for incomplete in ({}, {"valid": lambda x: True}):   # a check without its wording too
+        with pytest.raises(TypeError, match="setting odd: declare its choices, a Range, or a valid"):
+            Setting("odd", 1, "no check", **incomplete)
 
 
 def test_validate_applies_the_group_rules_naming_where():
