@@ -59,7 +59,7 @@ def test_unknown_key_names_key_and_file(tmp_path):
 @pytest.mark.parametrize("line,key", [('lr = "fast"', "[optimizer] lr"), ("ns_steps = 5.0", "[optimizer] ns_steps"),
                                       ("clip = 1", "[optimizer] clip"), ("adamw_betas = 0.9", "[optimizer] adamw_betas"),
                                       ("momentum = true", "[optimizer] momentum"), ('lr = "0.1"', "[optimizer] lr"),
-                                      ("variant = 1", "[optimizer] variant")])
+                                      ("variant = 1", "[optimizer] variant"), ("lr = [1, 2]", "[optimizer] lr")])
 def test_wrong_type_names_key_and_file(tmp_path, line, key):
     """TOML's own types count: a string where a number belongs (or the reverse) is refused, not converted."""
     p = write(tmp_path, f"[optimizer]\n{line}\n")

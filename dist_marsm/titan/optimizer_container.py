@@ -44,18 +44,18 @@ def _config_fields():
 
 
 def _check(self) -> None:
-    """Each MARS-M setting by the declaration's checks (canonical spellings stored); recipe-level limits."""
+    """The declaration's checks and group rules (canonical spellings stored), then what torchtitan's Trainer needs."""
     values = settings.canonicalize({s.name: getattr(self, s.name) for s in CONFIG_SETTINGS})
     for name, value in values.items():
         object.__setattr__(self, name, value)
+    for scope in ("group", "optimizer"):
+        settings.validate(values, "", scope, names=values)
     try:
-        for scope in ("group", "optimizer"):
-            settings.validate(values, "", scope, names=set(values))
         QKClipSettings(tau=self.qk_clip_tau)
         for pattern in self.adamw_patterns:
             re.compile(pattern)
     except ValueError as e:
-        raise ValueError(str(e).removeprefix(": ").replace("QKClipSettings.tau", "qk_clip_tau")) from None
+        raise ValueError(str(e).replace("QKClipSettings.tau", "qk_clip_tau")) from None
     except re.error as e:
         raise ValueError(f"adamw_patterns entry {e.pattern!r} is not a regular expression ({e})") from None
     problems = [(not self.lr > 0, f"lr must be > 0 (the peak learning rate), got {self.lr!r}"),

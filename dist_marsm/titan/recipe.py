@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import tyro
+from tyro import _errors as tyro_errors   # parse failures as events, not printed text (private: pyproject pins tyro)
 from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
@@ -165,10 +166,15 @@ def _bare(ann):   # without Annotated's metadata
     return _bare(typing.get_args(ann)[0]) if typing.get_origin(ann) is Annotated else ann
 
 
+def _fields(config) -> tuple[dict, list[str]]:
+    """A config's type hints, and the fields a recipe or the command line may set."""
+    hints = typing.get_type_hints(type(config), include_extras=True)
+    return hints, [f.name for f in dataclasses.fields(config) if f.init and "Suppress" not in repr(hints[f.name])]
+
+
 def _recipe_args(config, table: dict, where: str, path: tuple = ()) -> tuple[list[str], list[str]]:
     """A recipe's values as tyro arguments (options, then subcommands), each key checked to be a field."""
-    hints = typing.get_type_hints(type(config), include_extras=True)
-    known = [f.name for f in dataclasses.fields(config) if f.init and "Suppress" not in repr(hints[f.name])]
+    hints, known = _fields(config)
     options, subcommands = [], []
     for key, raw in table.items():
         flag = ".".join((*path, key))
@@ -189,7 +195,8 @@ def _recipe_args(config, table: dict, where: str, path: tuple = ()) -> tuple[lis
             subcommands.append(f"{flag}:{raw}")
         elif raw == "none" and type(None) in members:   # TOML has no null
             options.append(f"--{flag}=None")
-        elif current is not None and not isinstance(raw, list) and isinstance(raw, str) != isinstance(current, str):
+        elif current is not None and (isinstance(raw, list) != isinstance(current, (list, tuple))
+                                      or isinstance(raw, str) != isinstance(current, str)):
             raise RecipeError(f"{where}: {_label(flag)} must be {type(current).__name__}, got {raw!r}")
         else:
             tokens = [str(x).capitalize() if isinstance(x, bool) else str(x) for x in (raw if isinstance(raw, list)
@@ -209,45 +216,63 @@ def _parse(default, args: list[str], where: str, prog: str, overrides: bool):
            "registry": custom_registry if overrides else _RECIPE_RULES}
     if "--help" in args or "-h" in args:
         return tyro.cli(type(default), **cli)
-    text = io.StringIO()
+    text, failures = io.StringIO(), []   # tyro's events, each with the exception tyro was handling when it failed
+    given = {a[2:].split("=")[0].replace("-", "_"): a.split("=")[0] for a in args if a.startswith("--")}
     try:
-        with contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
+        with tyro_errors.on_parse_error(lambda event: failures.append((event, sys.exc_info()[1]))), \
+                contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
             config = tyro.cli(type(default), **cli)
         sys.stderr.write(text.getvalue())   # what torchtitan's configs printed while being built
         return config
-    except SystemExit:
-        lines = [re.sub(r"[\u2500-\u257f]|-{3,}", " ", line).strip() for line in text.getvalue().splitlines()]
-        message = " ".join(line for line in lines if line and not re.search("For full helptext|has no effect w", line))
+    except SystemExit:   # tyro told the hook, then printed its box into text (the argparse backend: only that)
+        key, reason = _reason(*failures[-1], default, given) if failures else (None, " ".join(text.getvalue().split()))
     except (ValueError, TypeError) as e:
-        message = str(e)
-    # tyro's message, led by the recipe label of the key it is about ("--flag" where it is an override)
-    given = {a[2:].split("=")[0].replace("-", "_"): a.split("=")[0] for a in args if a.startswith("--")}
-    message = re.sub(r"^\s*(Value error|Invalid choice|Unrecognized options|Missing argument)\s+", "",
-                     re.sub(" +", " ", message))
-    text = re.split("Perhaps you meant|Argument helptext", message)[0].replace("-", "_")   # tyro spells dashes
-    reason = re.sub(r"^Error parsing [\w.-]+:\s*", "", message)
-    if hint := re.search(r"\s*Argument helptext:\s+--\S+\s+(\S+)", reason):    # tyro's metavar: the type
-        reason = f"must be {hint[1]}: {reason[:hint.start()]}"
-    if choice := re.match(r"invalid choice (.+) for argument '[^']+'\. Expected one of (.+?)\.?$", reason):
-        reason = f"must be one of {choice[2]}, got {choice[1]}"
-    if unknown := re.match(r"Unrecognized options: (.*?)\s*(Available subcommands: .*?)?\s*(Perhaps you meant:"
-                           r" (.*))?$", reason):
-        close = ", ".join(dict.fromkeys(re.findall(r"--[\w.-]+", unknown[4] or "")))
-        names = [t for t in unknown[1].split(", ") if t.startswith("-") or ":" in t]
-        reason = f"unknown {', '.join(names)}" + (f"; did you mean {close}?" if close else "") + (
-            f"; {unknown[2]}" if unknown[2] and any(":" in t for t in names) else "")
-    key = next((k for k in given if re.search(r"__" + re.escape(k) + r"(?!\w)", text)), None)
-    if section := re.match(r"Error parsing ([a-z][\w.]*): ", text):   # a section's own check: the key it
-        keys = [k for k in given if k.rpartition(".")[0] == section[1]]   # names, else the keys set there
-        if key := next((k for k in keys if reason.startswith(k.rpartition(".")[2] + " ")), None):
-            reason = _label(key) + reason[len(key.rpartition(".")[2]):]
-        else:
-            key, names = (keys or [None])[0], ", ".join(k.rpartition(".")[2] for k in keys)
-            reason = f"[{section[1]}] " + (f"{names}: " if names else "") + reason
-    elif key:
-        reason = _label(key) + (" " if reason.startswith("must be") else ": ") + reason
-    said = f"override {given[key] if key else ' '.join(args)}: " if overrides else ""
-    raise RecipeError(f"{where}: {said}{reason.strip()}")
+        key, reason = None, str(e)
+    said = f"override {given.get(key, ' '.join(args))}: " if overrides else ""
+    raise RecipeError(f"{where}: {said}{reason}")
+
+
+def _reason(event, handling, config, given: dict) -> tuple[str | None, str]:
+    """The dotted key at fault (None: no one key) and what is wrong, from tyro's event, not its printed text."""
+    arg = getattr(event, "argument", None)
+    key = arg and ".".join(filter(None, (arg.extern_prefix, arg.field.intern_name))).replace("-", "_")
+    message = " ".join(str(getattr(event, "message", type(event).__name__)).split())
+    if isinstance(event, tyro_errors.UnrecognizedArgs):
+        return _unknown(config, event.tokens)
+    if isinstance(event, tyro_errors.InvalidChoice):
+        return key, f"{_label(key)} must be one of {tuple(arg.lowered.choices)}, got {event.value!r}"
+    if isinstance(event, tyro_errors.BadValue):
+        return key, f"{_label(key)}: " + ("takes no value" if event.reason == "fixed" else
+                                         f"needs {arg.lowered.nargs} value(s)")
+    if key:   # a value tyro could not convert; the metavar is the type it wanted
+        return key, f"{_label(key)} must be {arg.lowered.metavar}: {message}"
+    # A section's own check (__post_init__): tyro was handling an exception whose ``arg`` is the section; the
+    # root config's check names its keys itself.
+    if not isinstance(section := getattr(handling, "arg", None), str):
+        return None, message
+    keys = [k for k in given if k.rpartition(".")[0] == section]   # the key the check names, else the keys set there
+    key = next((k for k in keys if message.startswith(k.rpartition(".")[2] + " ")), None)
+    names = "" if key or not keys else ", ".join(k.rpartition(".")[2] for k in keys) + ": "
+    return key or (keys or [None])[0], f"[{section}] {names}{message}"
+
+
+def _unknown(config, tokens: list[str]) -> tuple[str | None, str]:
+    """Tokens tyro did not take: an unknown flag with the nearest known ones, or a named config with the choices."""
+    token = next((t for t in tokens if t.startswith("--") or ":" in t), None)
+    if token is None:
+        return None, f"unexpected {' '.join(tokens)}"
+    path = token.removeprefix("--").split("=")[0].split(":")[0].replace("-", "_").split(".")
+    for depth, part in enumerate(path):   # down to the first part that is no section
+        hints, known = _fields(config)
+        if part not in known or not dataclasses.is_dataclass(config := getattr(config, part)):
+            break
+    if ":" in token:   # tyro spells a named config (a subcommand) field-with-dashes:name
+        return None, f"unknown {token}; choices: " + ", ".join(f"{part.replace('_', '-')}:{m.name}" for a in
+                                                              typing.get_args(_bare(hints.get(part)))
+                                                              for m in typing.get_args(a)[1:] if hasattr(m, "name"))
+    close = ", ".join("--" + ".".join((*path[:depth], c)) for c in difflib.get_close_matches(part, known, cutoff=0.6))
+    key = ".".join(path)
+    return key, f"{_label(key)}: unknown {token}; " + (f"did you mean {close}?" if close else f"known: {known}")
 
 
 # ----------------------------------------------------------------------------- entry
