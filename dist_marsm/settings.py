@@ -9,7 +9,6 @@ means one entry here and the code that reads it; a rule between settings goes in
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Optional
@@ -253,20 +252,3 @@ def agreed_values(values: Mapping, scope: str = "group") -> tuple:
 
 def replan_values(values: Mapping, scope: str = "group") -> tuple:
     return tuple(values[s.name] for s in SETTINGS if s.scope == scope and s.replan)
-
-
-DIGEST_BITS = 20
-
-
-def digest(record) -> tuple[int, int]:
-    """Two 20-bit integers from ``repr(record)``, small enough that sums and sums of squares over
-    thousands of ranks stay exact in float64 (the agreement check folds them into the step's all-reduce)."""
-    h = hashlib.blake2b(repr(record).encode(), digest_size=8).digest()
-    word = int.from_bytes(h, "little")
-    mask = (1 << DIGEST_BITS) - 1
-    return word & mask, (word >> DIGEST_BITS) & mask
-
-
-def digests_agree(sums: list[float], sums_of_squares: list[float], world: int) -> bool:
-    """All ranks contributed the same integers iff world * sum(x^2) == sum(x)^2 (Cauchy-Schwarz)."""
-    return all(world * int(q) == int(s) ** 2 for s, q in zip(sums, sums_of_squares))
