@@ -59,6 +59,7 @@ class Staged:
     """A flat group's gradients after the stage: what the rest of the step reads."""
 
     present: list[int]  # positions in fg.matrices of the matrices with a gradient
+    states: dict[int, dict]  # position -> the optimizer state of that matrix (looked up once per step)
     corrected: dict[int, torch.Tensor]  # position -> corrected gradient, this rank's block
     adamw_present: list[int] = field(default_factory=list)  # positions in fg.adamw with a gradient
 
@@ -71,7 +72,7 @@ def _block(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def corrected_gradients(fg: FlatGroup, present: list[int], param_groups: list[dict], state,
+def corrected_gradients(fg: FlatGroup, present: list[int], param_groups: list[dict], states: dict[int, dict],
                         prev_grads: dict) -> dict[int, torch.Tensor]:
     """c = g + gamma * beta / (1 - beta) * (g - g_prev) per matrix, one foreach chain per setting."""
     corrected, batches = {}, defaultdict(list)
@@ -83,7 +84,8 @@ def corrected_gradients(fg: FlatGroup, present: list[int], param_groups: list[di
         if group["variant"] == "efficient" or group["gamma"] == 0:
             corrected[pos] = grad
             continue
-        prev = prev_grads.get(m.param, state[m.param].get("prev_grad"))
+        prev = prev_grads.get(m.param) if prev_grads else None
+        prev = states[pos].get("prev_grad") if prev is None else prev
         prev = None if prev is None else _block(prev, m.block_shape, dtype)
         batches[(group["gamma"], group["momentum"], prev is not None)].append((pos, grad, prev))
     for (gamma, beta, has_prev), items in batches.items():
@@ -102,7 +104,8 @@ def stage_gradients(fg: FlatGroup, param_groups: list[dict], state, prev_grads: 
         if local(fg.matrices[pos].param.grad).is_sparse:
             raise ValueError(f"MARSM: parameter {fg.matrices[pos].name} has a sparse gradient; "
                              "MARSM needs dense gradients")
-    corrected = corrected_gradients(fg, present, param_groups, state, prev_grads)
+    states = {pos: state[fg.matrices[pos].param] for pos in present}
+    corrected = corrected_gradients(fg, present, param_groups, states, prev_grads)
     views, view_owner = [], []
     for pos in present:
         c = corrected[pos]
@@ -114,7 +117,7 @@ def stage_gradients(fg: FlatGroup, param_groups: list[dict], state, prev_grads: 
     dense = views + [g for g in adamw_grads if not g.is_sparse]
     _write_gradient_numbers(fg, present, adamw_present, sparse, view_owner,
                             torch._foreach_norm(dense, 2, dtype=torch.float64) if dense else [], header)
-    return Staged(present, corrected, adamw_present)
+    return Staged(present, states, corrected, adamw_present)
 
 
 def _write_gradient_numbers(fg: FlatGroup, present, adamw_present, sparse, view_owner, norms, header) -> None:
@@ -186,15 +189,15 @@ def init_mars_state(p: torch.Tensor, group: dict, state: dict) -> None:
         state["prev_param"] = p.detach().clone()
 
 
-def update_momentum(fg: FlatGroup, staged: Staged, param_groups: list[dict], state) -> dict[int, torch.Tensor]:
+def update_momentum(fg: FlatGroup, staged: Staged, param_groups: list[dict]) -> dict[int, torch.Tensor]:
     """The momentum update of every matrix with a gradient; returns the Newton-Schulz inputs by position."""
     inputs, lerps, efficient = {}, defaultdict(list), defaultdict(list)
     for pos, c in staged.corrected.items():
         m = fg.matrices[pos]
-        group = param_groups[m.group_index]
-        if "step" not in state[m.param]:
-            init_mars_state(m.param, group, state[m.param])
-        momentum = local(state[m.param]["momentum"])
+        group, st = param_groups[m.group_index], staged.states[pos]
+        if "step" not in st:
+            init_mars_state(m.param, group, st)
+        momentum = local(st["momentum"])
         if momentum.shape != c.shape:
             momentum = momentum.view(c.shape)
         if group["variant"] == "efficient":
@@ -252,7 +255,7 @@ def _assemble(fg: FlatGroup, unit_outputs: dict, inputs: dict) -> dict:
     return outputs
 
 
-def neuron_normalize(fg: FlatGroup, outputs: dict, param_groups: list[dict], state, all_reduce) -> None:
+def neuron_normalize(fg: FlatGroup, staged: Staged, outputs: dict, param_groups: list[dict], all_reduce) -> None:
     """NorMuon on the local rows after the scatter, then one all-reduce for the RMS-restoring rescale.
 
     Rows are output neurons; FSDP2 shards them (Shard(0)), so the row state lives with the rows and
@@ -268,7 +271,7 @@ def neuron_normalize(fg: FlatGroup, outputs: dict, param_groups: list[dict], sta
     for pos in positions:
         m = fg.matrices[pos]
         o = outputs[pos].float()
-        v = local(state[m.param]["row_second_moment"]).view(*o.shape[:-1], 1)
+        v = local(staged.states[pos]["row_second_moment"]).view(*o.shape[:-1], 1)
         o_n = mars_math.neuron_normalize(o, v, param_groups[m.group_index]["normuon_beta2"], 1e-8)
         normalized[pos] = o_n
         if m.first_replica:
@@ -281,13 +284,13 @@ def neuron_normalize(fg: FlatGroup, outputs: dict, param_groups: list[dict], sta
 
 
 # ------------------------------------------------------------------ apply
-def apply_updates(fg: FlatGroup, outputs: dict, param_groups: list[dict], state) -> None:
+def apply_updates(fg: FlatGroup, staged: Staged, outputs: dict, param_groups: list[dict]) -> None:
     """Keep what the next step reads, then W *= 1 - lr * wd; W -= lr * scale * update, grouped by value."""
     prev_dst, prev_src, param_dst, param_src, steps = [], [], [], [], []
     update = defaultdict(lambda: ([], []))
     for pos, u in outputs.items():
         m = fg.matrices[pos]
-        group, st, local_p = param_groups[m.group_index], state[m.param], local(m.param)
+        group, st, local_p = param_groups[m.group_index], staged.states[pos], local(m.param)
         if group["variant"] == "approx" and group["gamma"] != 0:
             if "prev_grad" not in st:  # gamma raised from 0 mid-run: the correction starts now
                 st["prev_grad"] = torch.zeros_like(m.param, dtype=state_dtype(m.param))

@@ -175,7 +175,7 @@ class MARSM(torch.optim.Optimizer):
 
     def _update(self, fg: FlatGroup, staged: functional.Staged, exact: bool, stats: dict, timer) -> None:
         groups, state = self.param_groups, self.state
-        inputs = functional.update_momentum(fg, staged, groups, state)
+        inputs = functional.update_momentum(fg, staged, groups)
         timer.mark("momentum")
         outputs = functional.orthogonalize(fg, inputs)
         timer.mark("orthogonalize")
@@ -183,8 +183,8 @@ class MARSM(torch.optim.Optimizer):
         def all_reduce(values):
             stats["allreduce_bytes"] += guard.all_reduce(values, fg)
 
-        functional.neuron_normalize(fg, outputs, groups, state, all_reduce)
-        functional.apply_updates(fg, outputs, groups, state)
+        functional.neuron_normalize(fg, staged, outputs, groups, all_reduce)
+        functional.apply_updates(fg, staged, outputs, groups)
         timer.mark("apply")
         stats["ns_matrices"] += fg.engine.ns_matrices
         stats["bytes_sent"] += fg.engine.bytes_sent

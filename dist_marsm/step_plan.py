@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from dist_marsm import mars_math
 from dist_marsm.collectives import OwnerCompute, flat_group
@@ -36,11 +37,11 @@ from dist_marsm.owner_plan import (
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """The tensor this process stores: a DTensor's local shard, or the tensor itself."""
-    return t._local_tensor if hasattr(t, "_local_tensor") else t
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "device_mesh") and hasattr(t, "placements")
+    return isinstance(t, DTensor)
 
 
 @dataclass(frozen=True)
