@@ -13,12 +13,12 @@
 #
 # PyPI's Linux torch is the CUDA build (the wheel plus nvidia-* libraries, a few GB per venv); it runs on CPU.
 # This machine's pip config caps torch at 2.14.1, so the venvs install with PIP_CONFIG_FILE=/dev/null.
-# Venvs are kept under $DIST_MARSM_CACHE (default /var/cache/dist_marsm), one per requirement list, so a
+# Venvs are kept under $DIST_MARSM_CI_CACHE (default /var/cache/dist_marsm), one per requirement list, so a
 # rerun only installs the freshly built wheel; a fresh machine builds them (network to PyPI needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
-CACHE="${DIST_MARSM_CACHE:-/var/cache/dist_marsm}"
+CACHE="${DIST_MARSM_CI_CACHE:-/var/cache/dist_marsm}"
 PYTHON="${PYTHON:-python3}"
 WHICH="${1:-all}"
 case "$WHICH" in all|2.15|2.11) ;; *) echo "usage: $0 [all|2.15|2.11]" >&2; exit 2;; esac
@@ -70,7 +70,7 @@ pass_215() {
     local away; away="$(mktemp -d)"
     log "torch 2.15.0: wheel $(basename "$whl") installed; 3 steps of debug_cpu by name in $away"
     (cd "$away" && "$v/bin/python" -m dist_marsm.train --recipe debug_cpu --training.steps 3 \
-        --lr_scheduler.warmup_steps 1 --checkpoint.no-enable --metrics.log_freq 1 > train.log 2>&1) \
+        --lr_scheduler.warmup_steps 1 --checkpoint.enable false > train.log 2>&1) \
         || { tail -40 "$away/train.log"; log "torch 2.15.0: recipe run FAILED"; return 1; }
     grep -E "step: +3 " "$away/train.log" | tail -1 || { tail -40 "$away/train.log"; return 1; }
     (cd "$away" && sbatch_path="$("$v/bin/python" -m dist_marsm.shipped slurm.sbatch)" \
