@@ -4,6 +4,7 @@
 #   bash .ci/other_torch.sh          # both passes below
 #   bash .ci/other_torch.sh 2.15     # torch 2.15.0, the newest release pyproject.toml admits
 #   bash .ci/other_torch.sh 2.11     # torch 2.11.0, the GPU machines' image
+#   bash .ci/other_torch.sh prepare  # only build the venvs (.ci/run does this while its main pass runs)
 #
 # torch 2.15.0: the wheel built from this checkout is pip-installed with its [titan,test] extras into a venv
 #   holding PyPI's torch 2.15.0; from a directory outside the repository a shipped recipe trains 3 steps by
@@ -21,7 +22,7 @@ REPO="$PWD"
 CACHE="${DIST_MARSM_CI_CACHE:-/var/cache/dist_marsm}"
 PYTHON="${PYTHON:-python3}"
 WHICH="${1:-all}"
-case "$WHICH" in all|2.15|2.11) ;; *) echo "usage: $0 [all|2.15|2.11]" >&2; exit 2;; esac
+case "$WHICH" in all|2.15|2.11|prepare) ;; *) echo "usage: $0 [all|2.15|2.11|prepare]" >&2; exit 2;; esac
 mkdir -p "$CACHE"
 
 log() { echo "[other_torch $(date -u +%T)] $*"; }
@@ -37,7 +38,8 @@ venv() {
     rm -rf "$dir"
     local t0=$SECONDS
     "$PYTHON" -m venv "$dir"
-    PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= "$dir/bin/pip" install -q --disable-pip-version-check "$@"
+    PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= "$dir/bin/pip" install -q --disable-pip-version-check "$@" \
+        || { log "could not install $* from PyPI into $dir (is PyPI reachable?)"; return 1; }
     printf '%s\n' "$want" > "$dir/.requirements"
     log "built $dir in $((SECONDS - t0)) s, $(du -sh "$dir" | cut -f1) on disk"
 }
@@ -50,10 +52,14 @@ smoke() {  # tests/test_gpu_check.py (gpu_check.py --cpu-smoke, its bounds re-ch
     sed -n '1,/^## /p' "$base"/gpu_check0/gpu_check.md | grep -v '^## '
 }
 
+# Everything the wheel pulls in with its [titan,test] extras, installed once; the wheel goes in every run.
+VENV_215=("$CACHE/venv-torch2.15.0" "torch==2.15.0" "torchtitan==0.3.0" triton tokenizers matplotlib numpy pytest
+          pytest-timeout)
+VENV_211=("$CACHE/venv-torch2.11.0" "torch==2.11.0" numpy pytest pytest-timeout)
+
 pass_215() {
-    local v="$CACHE/venv-torch2.15.0"
-    # Everything the wheel pulls in, installed once; the wheel itself goes in (without deps) every run.
-    venv "$v" "torch==2.15.0" "torchtitan==0.3.0" triton tokenizers matplotlib numpy pytest pytest-timeout
+    local v="${VENV_215[0]}"
+    venv "${VENV_215[@]}"
     log "torch 2.15.0: $("$v/bin/python" -c 'import torch; print(torch.__version__)')"
     local wheels; wheels="$(mktemp -d)"
     "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$wheels" "$REPO"
@@ -80,13 +86,14 @@ pass_215() {
 }
 
 pass_211() {
-    local v="$CACHE/venv-torch2.11.0"
-    venv "$v" "torch==2.11.0" numpy pytest pytest-timeout
+    local v="${VENV_211[0]}"
+    venv "${VENV_211[@]}"
     log "torch 2.11.0: $("$v/bin/python" -c 'import torch; print(torch.__version__)')"
     smoke "$v/bin/python" 2.11.0
 }
 
 t0=$SECONDS
+if [ "$WHICH" = prepare ]; then venv "${VENV_215[@]}"; venv "${VENV_211[@]}"; fi
 if [ "$WHICH" = all ] || [ "$WHICH" = 2.15 ]; then pass_215; fi
 if [ "$WHICH" = all ] || [ "$WHICH" = 2.11 ]; then pass_211; fi
 log "done in $((SECONDS - t0)) s"
