@@ -26,20 +26,20 @@ REPO = Path(__file__).resolve().parents[1]
 # command -> how it is checked. "run": as written, on CPU, and the metrics it leaves (dump folder, steps).
 RUN, LAUNCH, GPU_CHECK, ELSEWHERE = "run", "launch", "gpu_check", "elsewhere"
 COMMANDS = {
-    "make run": (ELSEWHERE, "80 steps plus `pip install -e .` (which would re-point this machine's editable "
-                            "install); test_make_run_is_the_documented_commands checks what it runs"),
+    "make run": (ELSEWHERE, ("80 steps plus `pip install -e .` (which would re-point this machine's editable "
+                             "install); test_make_run_is_the_documented_commands checks what it runs")),
     "make test": (ELSEWHERE, "the test suite itself; .ci/run runs it"),
     "pip wheel --no-deps -w dist .": (ELSEWHERE, "tests/test_wheel.py builds the wheel the same way"),
     'pip install "$(ls dist/dist_marsm-*.whl)[titan]"':
-        (ELSEWHERE, "would replace this machine's editable install; tests/test_wheel.py installs the wheel into a "
-                    "fresh venv and .ci/other_torch.sh with its [titan,test] extras on torch 2.15.0"),
+        (ELSEWHERE, ("would replace this machine's editable install; tests/test_wheel.py installs the wheel into a "
+                     "fresh venv and .ci/other_torch.sh with its [titan,test] extras on torch 2.15.0")),
     "python -m dist_marsm.shipped": (RUN, None),
     "python -m dist_marsm.train --recipe debug_cpu --training.steps 10": (RUN, ("outputs/debug_cpu", 10)),
     "python -m dist_marsm.train --recipe recipes/debug_cpu.toml --training.steps 10 --optimizer.gamma 0":
         (RUN, ("outputs/debug_cpu", 10)),
     "torchrun --nproc_per_node 8 -m dist_marsm.train --recipe recipes/llama3_8b.toml":
-        (GPU_CHECK, "8 GPUs and Llama 3 8B; the recipe is validated for 8 ranks (--check under torchrun's RANK and "
-                    "WORLD_SIZE)"),
+        (GPU_CHECK, ("8 GPUs and Llama 3 8B; the recipe is validated for 8 ranks (--check under torchrun's RANK "
+                     "and WORLD_SIZE)")),
     "torchrun --nproc_per_node 2 -m torchtitan.train --module dist_marsm.titan --config debug_cpu --training.steps 10":
         (RUN, ("outputs/debug_cpu", 10)),
     "python -m dist_marsm.train --recipe recipes/moe_debug_cpu.toml --training.steps 10":
@@ -58,7 +58,7 @@ COMMANDS = {
 
 def readme_commands() -> list[str]:
     """Each line of each ```bash block, its trailing comment dropped."""
-    blocks = re.findall(r"^```bash\n(.*?)^```", (REPO / "README.md").read_text(), flags=re.S | re.M)
+    blocks = re.findall(r"^```bash\n(.*?)^```", (REPO / "README.md").read_text(), flags=re.DOTALL | re.MULTILINE)
     return [re.sub(r"\s+#.*$", "", line).strip() for block in blocks for line in block.splitlines()
             if line.strip() and not line.lstrip().startswith("#")]
 
@@ -82,7 +82,8 @@ def _env(cache: Path, **extra) -> dict[str, str]:
 
 
 def _bash(command: str, cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
-    proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
     assert proc.returncode == 0, f"{command}\n-> {proc.returncode}\n{(proc.stdout + proc.stderr)[-6000:]}"
     return proc.stdout
 
@@ -94,7 +95,7 @@ def test_cpu_command_runs_as_written(command, tmp_path, cache):
     expect = COMMANDS[command][1]
     if expect is None:   # python -m dist_marsm.shipped: lists every shipped recipe and launcher
         names = {p.stem for p in (REPO / "recipes").glob("*.toml")} | {p.name for p in (REPO / "launch").iterdir()}
-        assert all(re.search(rf"^\s+{re.escape(n)}\s+/", log, re.M) for n in names), log
+        assert all(re.search(rf"^\s+{re.escape(n)}\s+/", log, re.MULTILINE) for n in names), log
         return
     dump, steps = expect
     rows = [r for r in map(json.loads, (tmp_path / dump / "metrics.jsonl").read_text().splitlines()) if "loss" in r]

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(cmd, cwd, env, timeout=600):
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} -> {proc.returncode}\n{(proc.stdout + proc.stderr)[-6000:]}"
     return proc.stdout
 
@@ -66,8 +66,8 @@ def test_installed_wheel_trains_a_shipped_recipe_by_name_outside_the_repository(
     away = tmp_path / "away"    # no recipes/, no launch/, no dist_marsm/ here or above
     away.mkdir()
 
-    where = _run([py, "-c", "import dist_marsm, dist_marsm.shipped as s; print(dist_marsm.__file__); "
-                            "print(s.shipped_dir('recipes'))"], cwd=away, env=env).split()
+    code = "import dist_marsm, dist_marsm.shipped as s; print(dist_marsm.__file__); print(s.shipped_dir('recipes'))"
+    where = _run([py, "-c", code], cwd=away, env=env).split()
     assert all(Path(p).is_relative_to(venv) for p in where), where
 
     sbatch = Path(_run([py, "-m", "dist_marsm.shipped", "slurm.sbatch"], cwd=away, env=env).strip())
