@@ -1,4 +1,4 @@
-"""``python -m torchtitan.train --module dist_marsm.titan --config <name>``: the shipped recipes by name
+"""``torchrun --nproc_per_node N -m torchtitan.train --module dist_marsm.titan --config <name>``: the shipped recipes
 (``recipes/<name>.toml`` of a checkout or an installed wheel, or ``$DIST_MARSM_RECIPES/<name>.toml``);
 torchtitan's tyro applies the command line.
 """
