@@ -14,8 +14,8 @@
 #
 # PyPI's Linux torch is the CUDA build (the wheel plus nvidia-* libraries, a few GB per venv); it runs on CPU.
 # This machine's pip config caps torch at 2.14.1, so the venvs install with PIP_CONFIG_FILE=/dev/null.
-# Venvs are kept under $DIST_MARSM_CI_CACHE (default /var/cache/dist_marsm), one per requirement list, so a
-# rerun only installs the freshly built wheel; a fresh machine builds them (network to PyPI needed).
+# Venvs are kept under $DIST_MARSM_CI_CACHE (default /var/cache/dist_marsm, else ~/.cache/dist_marsm_ci), one per
+# requirement list, so a rerun only installs the freshly built wheel; a fresh machine builds them (network to PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
@@ -23,7 +23,9 @@ CACHE="${DIST_MARSM_CI_CACHE:-/var/cache/dist_marsm}"
 PYTHON="${PYTHON:-python3}"
 WHICH="${1:-all}"
 case "$WHICH" in all|2.15|2.11|prepare) ;; *) echo "usage: $0 [all|2.15|2.11|prepare]" >&2; exit 2;; esac
-mkdir -p "$CACHE"
+if ! mkdir -p "$CACHE" 2>/dev/null || [ ! -w "$CACHE" ]; then   # not root: the user's own cache
+    CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/dist_marsm_ci"; mkdir -p "$CACHE"
+fi
 
 log() { echo "[other_torch $(date -u +%T)] $*"; }
 
