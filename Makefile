@@ -20,7 +20,7 @@ test: install
 	$(PYTHON) -m pytest -q -ra tests
 
 wheel:
-	$(PYTHON) -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	$(PYTHON) -m pip wheel -q --no-deps -w dist .
 
 other-torch:
 	bash .ci/other_torch.sh
