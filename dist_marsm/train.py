@@ -29,7 +29,8 @@ import sys
 def _parse(argv: list[str]):
     parser = argparse.ArgumentParser(prog="python -m dist_marsm.train", description=__doc__.split("\n\n")[0],
                                      add_help=False)
-    parser.add_argument("--recipe", help="TOML recipe (see recipes/ and docs/torchtitan.md)")
+    parser.add_argument("--recipe", help="TOML recipe: a file, or the name of a shipped one (debug_cpu, ...; "
+                        "python -m dist_marsm.shipped lists them)")
     parser.add_argument("--check", action="store_true", help="validate the recipe, print the config, and exit")
     args, overrides = parser.parse_known_args(argv)
     if args.recipe is None:
@@ -47,6 +48,12 @@ def _error(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = _parse(argv)
+    from dist_marsm.shipped import resolve_recipe
+
+    try:
+        args.recipe = resolve_recipe(args.recipe)
+    except LookupError as e:
+        _error(str(e))
     from dist_marsm.titan.recipe import RecipeError, check_world_size, load_recipe
 
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ

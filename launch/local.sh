@@ -8,7 +8,8 @@
 # NPROC (first argument, else $NPROC, else the number of GPUs, else 2 on a CPU-only machine) ranks are started.
 # Everything after the recipe goes unchanged to `python -m dist_marsm.train`.  `--recipe PATH` works too.
 # The entry point picks NCCL on GPUs and gloo on CPU.  TORCHRUN="python -m torch.distributed.run" if torchrun
-# is not on PATH.  Run from the repository root (the recipe path is relative to the current directory).
+# is not on PATH.  RECIPE is a file (relative to the current directory) or the name of a recipe shipped with the
+# installed package (debug_cpu; `python -m dist_marsm.shipped` lists them), which works from any directory.
 set -euo pipefail
 die() { echo "local.sh: error: $*" >&2; exit 2; }
 
@@ -23,7 +24,9 @@ if [ -z "${NPROC:-}" ]; then
     if [ "${NGPU:-0}" -gt 0 ]; then NPROC="$NGPU"; else NPROC=2; fi
 fi
 [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC must be a positive integer, got '$NPROC'"
-if [ "${DRY_RUN:-0}" != 1 ] && [ ! -f "$RECIPE" ]; then die "recipe not found: $RECIPE (cwd $PWD)"; fi
+# Not a file here: dist_marsm.train resolves a shipped recipe's name on every rank; check it exists first.
+if [ "${DRY_RUN:-0}" != 1 ] && [ ! -f "$RECIPE" ] && ! "${PYTHON:-python3}" -m dist_marsm.shipped "$RECIPE" >/dev/null
+then die "recipe not found: $RECIPE (cwd $PWD)"; fi
 
 read -r -a TORCHRUN_CMD <<< "${TORCHRUN:-torchrun}"
 if [ -n "${TRAIN_SCRIPT:-}" ]; then ENTRY=("$TRAIN_SCRIPT")
