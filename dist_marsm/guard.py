@@ -198,20 +198,29 @@ def agree_on_plan(fg: FlatGroup, header: Header, mine: dict) -> None:
 # ------------------------------------------------------------------ gradients
 def check_gradients(fg: FlatGroup, reduced: Reduced) -> list[int]:
     """Raise on every rank for gradients that only some ranks have, sparse gradients, or replicas whose
-    gradients differ; returns the parameters with non-finite gradients (positions in ``fg.params``)."""
-    names = fg.names
-    partial = [i for i, h in enumerate(reduced.has_grad) if 0 < h < fg.world]
-    if partial:
-        raise RuntimeError(f"MARSM: parameter {names[partial[0]]} has a gradient on {int(reduced.has_grad[partial[0]])} "
+    gradients differ; returns the parameters with non-finite gradients (positions in ``fg.params``).
+
+    The common case (no finding) is decided by builtins over the lists; names are looked up only on a finding.
+    """
+    if not set(reduced.has_grad) <= {0.0, float(fg.world)}:
+        first = next(i for i, h in enumerate(reduced.has_grad) if 0 < h < fg.world)
+        raise RuntimeError(f"MARSM: parameter {fg.names[first]} has a gradient on {int(reduced.has_grad[first])} "
                            f"of {fg.world} ranks; every rank must take part in every step (or none)")
-    sparse = [i for i, s in enumerate(reduced.sparse) if s > 0]
-    if sparse:
-        raise ValueError(f"MARSM: parameter {names[sparse[0]]} has a sparse gradient on some rank; MARSM needs "
+    if any(reduced.sparse):
+        first = next(i for i, s in enumerate(reduced.sparse) if s > 0)
+        raise ValueError(f"MARSM: parameter {fg.names[first]} has a sparse gradient on some rank; MARSM needs "
                          "dense gradients (use nn.Embedding(sparse=False))")
-    nonfinite = [i for i, f in enumerate(reduced.nonfinite) if f > 0]
-    if not nonfinite and all(math.isfinite(x) for x in reduced.replica_norms):
+    if any(reduced.nonfinite):
+        return [i for i, f in enumerate(reduced.nonfinite) if f > 0]
+    if reduced.replica_norms and all_finite(reduced.replica_norms):
         _check_replicas(fg, reduced)
-    return nonfinite
+    return []
+
+
+def all_finite(values: list[float]) -> bool:
+    """Whether every value is finite. Their sum is, unless one is not, or the sum overflows: only then
+    are they looked at one by one."""
+    return math.isfinite(sum(values)) or all(math.isfinite(x) for x in values)
 
 
 def _check_replicas(fg: FlatGroup, reduced: Reduced) -> None:

@@ -165,7 +165,7 @@ class MARSM(torch.optim.Optimizer):
         timer.mark("all_reduce")
         guard.check_agreement(fg, reduced, self._record(fg))
         bad = guard.check_gradients(fg, reduced)
-        if bad or not all(map(_finite, reduced.sq_norms)):
+        if bad or not guard.all_finite(reduced.sq_norms):
             if self.options["nonfinite"] == "raise":
                 raise guard.nonfinite_error(fg, bad, self._step_count(fg) + 1)
             return None
@@ -295,10 +295,6 @@ class MARSM(torch.optim.Optimizer):
 # ---------------------------------------------------------------------- helpers
 def _group_values(group: dict) -> tuple:
     return tuple(group.get(k) for k in _GROUP_KEYS)
-
-
-def _finite(x: float) -> bool:
-    return x == x and x not in (float("inf"), float("-inf"))
 
 
 def _first_change(old: StepPlan, new: StepPlan) -> str | None:
