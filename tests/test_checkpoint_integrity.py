@@ -1,0 +1,272 @@
+"""Checkpoint integrity: checksum manifests (dist_marsm.checkpoint_manifest) and the torchtitan manager that writes
+and verifies them (dist_marsm.titan.checkpoint).
+
+* Manifest functions in one process: CRC-32 against binascii's over the whole file at once (chunk boundaries);
+  a flipped byte, a truncated and a missing file are each named; an unlisted file is ignored; no manifest is
+  told apart from a failing one; the newest verifying step is picked and a torn one (no ``.metadata``) never.
+* The same collectively on 2 and 3 gloo ranks: each rank checksums only its own file, all ranks get the same
+  verdict whichever rank read the damaged file.
+* The CPU recipe as a real job (2 ranks, slow): one byte flipped in the middle of step-6's ``__0_0.distcp``;
+  the resume names the file and the step, loads step-4 and redoes steps 5 and 6 with the losses of the first
+  run (bitwise: same ranks, deterministic gloo); control: the undamaged copy resumes from step-6. An explicit
+  ``load_step`` of the damaged step stops every rank with the error; ``verify = false`` loads it.
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import re
+import shutil
+
+import pytest
+
+from dist_marsm import checkpoint_manifest as cm
+from tests._spawn import scenario_check
+from tests._titan_jobs import loaded_from, losses, run_job
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _flip_byte(path: str, offset: int | None = None) -> int:
+    """Invert one byte (the middle one by default); returns its offset."""
+    offset = os.path.getsize(path) // 2 if offset is None else offset
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return offset
+
+
+def _fake_step(folder: str, step: int, ranks: int = 2, manifest: bool = True) -> str:
+    """A DCP-like step folder: ``__<r>_0.distcp`` per rank (distinct contents) and ``.metadata``."""
+    step_dir = os.path.join(folder, f"step-{step}")
+    os.makedirs(step_dir, exist_ok=True)
+    for r in range(ranks):
+        _write(os.path.join(step_dir, f"__{r}_0.distcp"), os.urandom(1000 + 17 * r))
+    _write(os.path.join(step_dir, ".metadata"), os.urandom(300))
+    if manifest:
+        for r in range(ranks):   # one process: what rank r would contribute is the files named after it
+            assert cm.files_of_rank(step_dir, r) == [f"__{r}_0.distcp"]
+        cm.write_manifest(step_dir, step)   # no process group: rank 0 of 1 lists only its own __0_ files
+        files = {n: cm.file_crc32(os.path.join(step_dir, n)) for n in os.listdir(step_dir)
+                 if n.endswith(".distcp") or n == ".metadata"}
+        _rewrite_manifest(step_dir, files)
+    return step_dir
+
+
+def _rewrite_manifest(step_dir: str, files: dict) -> None:
+    import json
+
+    with open(os.path.join(step_dir, cm.MANIFEST_NAME), "w") as f:
+        json.dump({"format": 1, "algorithm": "crc32", "step": 0, "files": files}, f)
+
+
+# ----------------------------------------------------------------------------- one process
+def test_file_crc32_matches_binascii_across_chunk_boundaries(tmp_path):
+    data = os.urandom(cm._CHUNK_BYTES * 2 + 12345)   # two full chunks and a partial one
+    path = str(tmp_path / "blob")
+    _write(path, data)
+    assert cm.file_crc32(path) == {"size": len(data), "crc32": f"{binascii.crc32(data):08x}"}
+    _write(path, b"")
+    assert cm.file_crc32(path) == {"size": 0, "crc32": "00000000"}
+
+
+def test_write_manifest_single_rank_lists_its_files_and_metadata(tmp_path):
+    step_dir = _fake_step(str(tmp_path), 3, ranks=1, manifest=False)
+    done = cm.write_manifest(step_dir, 3)
+    files = cm.read_manifest(step_dir)
+    assert sorted(files) == [".metadata", "__0_0.distcp"]
+    for name in files:
+        with open(os.path.join(step_dir, name), "rb") as f:
+            data = f.read()
+        assert files[name] == {"size": len(data), "crc32": f"{binascii.crc32(data):08x}"}
+    assert done["files"] == 2 and not os.path.exists(os.path.join(step_dir, cm.MANIFEST_NAME + ".tmp"))
+
+
+def test_verify_names_each_damaged_file_and_passes_the_undamaged_control(tmp_path):
+    step_dir = _fake_step(str(tmp_path), 2)
+    assert cm.verify(step_dir) == []   # control
+    _write(os.path.join(step_dir, "__7_0.distcp"), b"left over from a save with more ranks")
+    _write(os.path.join(step_dir, "notes.txt"), b"not DCP's")
+    assert cm.verify(step_dir) == []   # files the manifest does not list are ignored
+    _flip_byte(os.path.join(step_dir, "__1_0.distcp"))
+    os.truncate(os.path.join(step_dir, ".metadata"), 299)
+    os.remove(os.path.join(step_dir, "__0_0.distcp"))
+    problems = cm.verify(step_dir)
+    assert len(problems) == 3, problems
+    assert problems[0] == ".metadata: 299 bytes, the manifest says 300"
+    assert problems[1] == "__0_0.distcp: missing"
+    assert re.fullmatch(r"__1_0\.distcp: crc32 [0-9a-f]{8}, the manifest says [0-9a-f]{8}", problems[2])
+
+
+def test_no_manifest_and_unreadable_manifest_are_told_apart(tmp_path):
+    plain = _fake_step(str(tmp_path), 2, manifest=False)
+    assert cm.verify(plain) is None and cm.metadata_intact(plain)
+    broken = _fake_step(str(tmp_path), 4)
+    _write(os.path.join(broken, cm.MANIFEST_NAME), b'{"format": 1, "files": ')
+    problems = cm.verify(broken)
+    assert len(problems) == 1 and "unreadable manifest" in problems[0] and cm.MANIFEST_NAME in problems[0]
+    assert not cm.metadata_intact(broken)
+
+
+def test_metadata_intact_checks_only_metadata(tmp_path):
+    step_dir = _fake_step(str(tmp_path), 2)
+    _flip_byte(os.path.join(step_dir, "__0_0.distcp"))
+    assert cm.metadata_intact(step_dir)   # data files are the ranks' job
+    _flip_byte(os.path.join(step_dir, ".metadata"), 0)
+    assert not cm.metadata_intact(step_dir)
+
+
+def test_newest_verified_step_falls_back_and_skips_torn_saves(tmp_path):
+    folder, log = str(tmp_path), []
+    record = lambda level, message: log.append((level, message))   # noqa: E731
+    for step in (2, 4, 6):
+        _fake_step(folder, step)
+    os.makedirs(os.path.join(folder, "step-8"))   # torn: data but no .metadata
+    _write(os.path.join(folder, "step-8", "__0_0.distcp"), b"half")
+    assert cm.complete_steps(folder) == [2, 4, 6]
+    assert cm.newest_verified_step(folder, record) == 6 and log == []   # control
+    _flip_byte(os.path.join(folder, "step-6", "__0_0.distcp"))
+    assert cm.newest_verified_step(folder, record) == 4
+    assert len(log) == 1 and log[0][0] == "error"
+    assert "step 6" in log[0][1] and "__0_0.distcp: crc32" in log[0][1], log
+    os.remove(os.path.join(folder, "step-4", cm.MANIFEST_NAME))   # a checkpoint from before manifests
+    log.clear()
+    assert cm.newest_verified_step(folder, record) == 4
+    assert [lvl for lvl, _ in log] == ["error", "warning"] and "no checksums.json" in log[1][1]
+    _flip_byte(os.path.join(folder, "step-2", ".metadata"))
+    shutil.rmtree(os.path.join(folder, "step-4"))
+    with pytest.raises(cm.CheckpointIntegrityError, match=r"no checkpoint in .* verifies \(steps \[2, 6\]"):
+        cm.newest_verified_step(folder, record)
+    assert cm.newest_verified_step(str(tmp_path / "absent"), record) == -1
+
+
+# ----------------------------------------------------------------------------- 2 and 3 gloo ranks
+def _shared_folder(world: int) -> str:
+    return os.path.join(os.environ["DIST_MARSM_TEST_MANIFEST_DIR"], f"world{world}")
+
+
+def _rank_bytes(rank: int, step: int) -> bytes:
+    return bytes((rank * 31 + step * 7 + i) % 251 for i in range(5000 + 1000 * rank))
+
+
+def scenario_collective_manifest(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    folder = _shared_folder(world)
+    for step in (1, 2):
+        step_dir = os.path.join(folder, f"step-{step}")
+        if rank == 0:
+            os.makedirs(step_dir, exist_ok=True)
+            _write(os.path.join(step_dir, ".metadata"), b"metadata of step %d" % step)
+        dist.barrier()
+        _write(os.path.join(step_dir, f"__{rank}_0.distcp"), _rank_bytes(rank, step))
+        dist.barrier()   # DCP's save returns on every rank only once all files and .metadata exist
+        done = cm.write_manifest(step_dir, step)
+        assert done["files"] == (2 if rank == 0 else 1), done   # its own data file (+ .metadata on rank 0)
+        expected = {f"__{r}_0.distcp": {"size": len(_rank_bytes(r, step)),
+                                        "crc32": f"{binascii.crc32(_rank_bytes(r, step)):08x}"} for r in range(world)}
+        metadata = b"metadata of step %d" % step
+        expected[".metadata"] = {"size": len(metadata), "crc32": f"{binascii.crc32(metadata):08x}"}
+        assert cm.read_manifest(step_dir) == expected
+        assert cm.verify(step_dir) == []   # control
+    dist.barrier()
+    victim = os.path.join(folder, "step-2", f"__{world - 1}_0.distcp")
+    if rank == world - 1:
+        _flip_byte(victim)
+    dist.barrier()
+    problems = cm.verify(os.path.join(folder, "step-2"))
+    assert len(problems) == 1 and problems[0].startswith(f"__{world - 1}_0.distcp: crc32 "), problems
+    log = []
+    assert cm.newest_verified_step(folder, lambda level, message: log.append(message)) == 1
+    assert len(log) == 1 and "step 2" in log[0] and f"__{world - 1}_0.distcp" in log[0], log
+
+
+@pytest.fixture(scope="module")
+def collective(tmp_path_factory):
+    os.environ["DIST_MARSM_TEST_MANIFEST_DIR"] = str(tmp_path_factory.mktemp("manifest"))
+    return scenario_check("tests.test_checkpoint_integrity", ["scenario_collective_manifest"], timeout=180)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_collective_manifest_and_verdict(collective, world):
+    collective(world, "scenario_collective_manifest")
+
+
+# ----------------------------------------------------------------------------- the CPU recipe, a real job
+STEPS = ["--training.steps", "6", "--checkpoint.interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    dump = str(tmp_path_factory.mktemp("first"))
+    rc, log = run_job(dump, 2, STEPS)
+    assert rc == 0, log[-4000:]
+    for step in (2, 4, 6):
+        assert cm.verify(os.path.join(dump, "checkpoint", f"step-{step}")) == [], step
+    return dump, losses(dump)
+
+
+def _copy(dump: str, tmp_path, name: str) -> str:
+    target = str(tmp_path / name)
+    shutil.copytree(os.path.join(dump, "checkpoint"), os.path.join(target, "checkpoint"))
+    return target
+
+
+@pytest.mark.slow
+def test_resume_skips_a_flipped_byte_and_loads_the_previous_checkpoint(first_run, tmp_path):
+    dump, first_losses = first_run
+    damaged = _copy(dump, tmp_path, "damaged")
+    _flip_byte(os.path.join(damaged, "checkpoint", "step-6", "__0_0.distcp"))
+    rc, log = run_job(damaged, 2, ["--training.steps", "8", "--checkpoint.interval", "2"])
+    assert rc == 0, log[-4000:]
+    named = [line for line in log.splitlines() if "fails verification" in line]
+    assert named and all("step 6" in line and "__0_0.distcp: crc32" in line for line in named), named
+    loads = loaded_from(log)
+    assert len(loads) == 2 and all(p.endswith("step-4") for p in loads), loads   # both ranks
+    redone = losses(damaged)
+    assert sorted(redone) == [5, 6, 7, 8]
+    assert [redone[5], redone[6]] == [first_losses[5], first_losses[6]]   # the state of step 4, exactly
+    assert cm.verify(os.path.join(damaged, "checkpoint", "step-6")) == []   # saved again, a new manifest
+
+
+@pytest.mark.slow
+def test_resume_control_undamaged_loads_the_newest(first_run, tmp_path):
+    dump, _ = first_run
+    control = _copy(dump, tmp_path, "control")
+    rc, log = run_job(control, 2, ["--training.steps", "7", "--checkpoint.interval", "2"])
+    assert rc == 0, log[-4000:]
+    assert "fails verification" not in log and "no checksums.json" not in log
+    loads = loaded_from(log)
+    assert len(loads) == 2 and all(p.endswith("step-6") for p in loads), loads
+    assert sorted(losses(control)) == [7]
+
+
+@pytest.mark.slow
+def test_load_step_of_a_damaged_checkpoint_stops_every_rank(first_run, tmp_path):
+    dump, _ = first_run
+    damaged = _copy(dump, tmp_path, "damaged")
+    _flip_byte(os.path.join(damaged, "checkpoint", "step-4", "__1_0.distcp"))
+    rc, log = run_job(damaged, 2, ["--training.steps", "8", "--checkpoint.load_step", "4"], timeout=300)
+    assert rc != 0
+    errors = [line for line in log.splitlines() if "CheckpointIntegrityError: checkpoint step 4" in line]
+    assert len(errors) >= 2 and all("__1_0.distcp: crc32" in line for line in errors), log[-4000:]
+    assert not loaded_from(log)
+
+
+@pytest.mark.slow
+def test_verify_false_loads_the_damaged_checkpoint(first_run, tmp_path):
+    dump, _ = first_run
+    damaged = _copy(dump, tmp_path, "unverified")
+    _flip_byte(os.path.join(damaged, "checkpoint", "step-6", "__0_0.distcp"))
+    rc, log = run_job(damaged, 2, ["--training.steps", "7", "--checkpoint.verify", "false"])
+    assert rc == 0, log[-4000:]
+    loads = loaded_from(log)
+    assert len(loads) == 2 and all(p.endswith("step-6") for p in loads), loads
+    assert "saved without checksums" in log
+    assert not os.path.exists(os.path.join(damaged, "checkpoint", "step-7", cm.MANIFEST_NAME))
