@@ -47,7 +47,7 @@ class VerifiedCheckpointManager(CheckpointManager):
         if self.verify:
             done = manifest.write_manifest(step_dir, step)
             logger.info(f"checkpoint step-{step}: saved with checksums, {time.monotonic() - begin:.3f} s "
-                        f"after the save began (crc32 of {done['files']} files, {done['bytes'] / 2**20:.1f} MiB on this rank: "
+                        f"after the save began (crc32 of {done['files']} file{'s' * (done['files'] != 1)}, {done['bytes'] / 2**20:.1f} MiB on this rank: "
                         f"{done['seconds']:.3f} s)")
             return
         stale = os.path.join(step_dir, manifest.MANIFEST_NAME)
