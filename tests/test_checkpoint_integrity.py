@@ -67,8 +67,9 @@ def _rewrite_manifest(step_dir: str, files: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- one process
-def test_file_crc32_matches_binascii_across_chunk_boundaries(tmp_path):
-    data = os.urandom(cm._CHUNK_BYTES * 2 + 12345)   # two full chunks and a partial one
+def test_file_crc32_matches_binascii_across_chunk_boundaries(tmp_path, monkeypatch):
+    monkeypatch.setattr(cm, "_CHUNK_BYTES", 4096)
+    data = os.urandom(4096 * 2 + 123)   # two full chunks and a partial one
     path = str(tmp_path / "blob")
     _write(path, data)
     assert cm.file_crc32(path) == {"size": len(data), "crc32": f"{binascii.crc32(data):08x}"}
@@ -124,7 +125,10 @@ def test_metadata_intact_checks_only_metadata(tmp_path):
 
 def test_newest_verified_step_falls_back_and_skips_torn_saves(tmp_path):
     folder, log = str(tmp_path), []
-    record = lambda level, message: log.append((level, message))   # noqa: E731
+
+    def record(level, message):
+        log.append((level, message))
+
     for step in (2, 4, 6):
         _fake_step(folder, step)
     os.makedirs(os.path.join(folder, "step-8"))   # torn: data but no .metadata
@@ -185,6 +189,21 @@ def scenario_collective_manifest(rank: int, world: int) -> None:
     log = []
     assert cm.newest_verified_step(folder, lambda level, message: log.append(message)) == 1
     assert len(log) == 1 and "step 2" in log[0] and f"__{world - 1}_0.distcp" in log[0], log
+    # one rank cannot read its file (a directory where its data file belongs): every rank raises, none waits
+    step_dir = os.path.join(folder, "step-3")
+    if rank == 0:
+        os.makedirs(os.path.join(step_dir, f"__{world - 1}_0.distcp"))
+        _write(os.path.join(step_dir, ".metadata"), b"m")
+    dist.barrier()
+    if rank != world - 1:
+        _write(os.path.join(step_dir, f"__{rank}_0.distcp"), b"x")
+    dist.barrier()
+    try:
+        cm.write_manifest(step_dir, 3)
+        raise AssertionError("write_manifest should raise")
+    except cm.CheckpointIntegrityError as e:
+        assert f"rank {world - 1}: " in str(e) and "no checksums.json written" in str(e), e
+    assert not os.path.exists(os.path.join(step_dir, cm.MANIFEST_NAME))
 
 
 @pytest.fixture(scope="module")

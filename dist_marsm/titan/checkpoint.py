@@ -46,9 +46,9 @@ class VerifiedCheckpointManager(CheckpointManager):
             return   # not a DCP folder (a Hugging Face export): nothing the manifest covers
         if self.verify:
             done = manifest.write_manifest(step_dir, step)
-            logger.info(f"checkpoint step-{step}: saved with checksums, {time.monotonic() - begin:.3f} s "
-                        f"after the save began (crc32 of {done['files']} file{'s' * (done['files'] != 1)}, {done['bytes'] / 2**20:.1f} MiB on this rank: "
-                        f"{done['seconds']:.3f} s)")
+            logger.info(f"checkpoint step-{step}: saved with checksums, {time.monotonic() - begin:.3f} s after the "
+                        f"save began (crc32 of {done['files']} file{'s' * (done['files'] != 1)}, "
+                        f"{done['bytes'] / 2**20:.1f} MiB on this rank: {done['seconds']:.3f} s)")
             return
         stale = os.path.join(step_dir, manifest.MANIFEST_NAME)
         if os.path.exists(stale) and dist.get_rank() == 0:
@@ -61,9 +61,9 @@ class VerifiedCheckpointManager(CheckpointManager):
         return manifest.newest_verified_step(folder or self.folder, lambda level, msg: getattr(logger, level)(msg))
 
     def _load(self, step: int = -1) -> bool:
-        if self.verify and step != -1 and os.path.isdir(step_dir := self._create_checkpoint_id(step)):
-            if problems := manifest.verify(step_dir):
-                raise manifest.CheckpointIntegrityError(
-                    f"checkpoint step {step} ({step_dir}), named by [checkpoint] load_step, fails verification: "
-                    + "; ".join(problems))
+        step_dir = self._create_checkpoint_id(step)
+        if self.verify and step != -1 and os.path.isdir(step_dir) and (problems := manifest.verify(step_dir)):
+            raise manifest.CheckpointIntegrityError(
+                f"checkpoint step {step} ({step_dir}), named by [checkpoint] load_step, fails verification: "
+                + "; ".join(problems))
         return super()._load(step)
