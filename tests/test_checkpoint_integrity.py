@@ -289,3 +289,14 @@ def test_verify_false_loads_the_damaged_checkpoint(first_run, tmp_path):
     assert len(loads) == 2 and all(p.endswith("step-6") for p in loads), loads
     assert "saved without checksums" in log
     assert not os.path.exists(os.path.join(damaged, "checkpoint", "step-7", cm.MANIFEST_NAME))
+
+
+@pytest.mark.slow
+def test_async_save_gets_its_manifest_once_the_save_is_waited_for(tmp_path):
+    dump = str(tmp_path / "async")
+    rc, log = run_job(dump, 2, STEPS + ["--checkpoint.async_mode", "async"])
+    assert rc == 0, log[-4000:]
+    for step in (2, 4, 6):   # 2 and 4 asynchronous (manifest at the next save's wait), 6 the final, synchronous
+        step_dir = os.path.join(dump, "checkpoint", f"step-{step}")
+        assert cm.read_manifest(step_dir) is not None and cm.verify(step_dir) == [], step
+    assert log.count("saved with checksums") == 6, log[-4000:]   # 3 saves x 2 ranks
