@@ -150,6 +150,25 @@ def test_newest_verified_step_falls_back_and_skips_torn_saves(tmp_path):
     assert cm.newest_verified_step(str(tmp_path / "absent"), record) == -1
 
 
+def test_check_resume_reads_the_newest_step_whose_metadata_verifies(tmp_path):
+    """The pre-launch optimizer check reads the .metadata of the step the ranks would load: a step whose
+    .metadata fails its manifest is passed over (not unpickled)."""
+    from dist_marsm.titan.recipe import RecipeError, load_recipe
+    from dist_marsm.train import check_resume
+    from tests.test_titan_recipe import ROOT, _fake_checkpoint
+
+    recipe = str(ROOT / "recipes/debug_cpu.toml")
+    for step in (2, 4):
+        _fake_checkpoint(tmp_path, step)
+        cm.write_manifest(str(tmp_path / "checkpoint" / f"step-{step}"), step)
+    config = load_recipe(recipe, ["--dump_folder", str(tmp_path), "--optimizer.name", "AdamW"])
+    with pytest.raises(RecipeError, match="step-4"):   # control: the newest
+        check_resume(config, recipe)
+    _flip_byte(str(tmp_path / "checkpoint" / "step-4" / ".metadata"))
+    with pytest.raises(RecipeError, match="step-2"):
+        check_resume(config, recipe)
+
+
 # ----------------------------------------------------------------------------- 2 and 3 gloo ranks
 def _shared_folder(world: int) -> str:
     return os.path.join(os.environ["DIST_MARSM_TEST_MANIFEST_DIR"], f"world{world}")
