@@ -2,9 +2,11 @@
 
 A DCP folder ``step-N/`` holds one or more ``__<rank>_<i>.distcp`` data files per rank and ``.metadata``.
 After the save completes, every rank computes the CRC-32 and size of the data files it wrote itself (so a
-rank's cost does not grow with the world size), rank 0 gathers them, adds ``.metadata`` and writes
-:data:`MANIFEST_NAME` (temporary file, fsync, rename). A folder with a manifest is therefore complete and
-described exactly; a torn save has no ``.metadata`` (DCP renames it into place last) and no manifest.
+rank's cost does not grow with the world size; rank 0 adds ``.metadata``) and writes them as its part of the
+manifest, ``step-N/checksums/rank-<R>.json`` (temporary file, rename), with no collective: the glue runs it
+in a background thread while training goes on. A torn save has no ``.metadata`` (DCP renames it into place
+last) and no manifest; a part missing means that rank's job ended before it finished (its files are then
+loaded unverified, with a warning).
 
 CRC-32 because the threat is rot and bad copies, not an adversary: it detects every error burst up to 32 bits
 (a flipped bit or byte always), misses random damage with probability 2^-32 per file, and runs at several GB/s
@@ -24,7 +26,7 @@ import zlib
 
 import torch.distributed as dist
 
-MANIFEST_NAME = "checksums.json"
+MANIFEST_NAME = "checksums"   # a folder in step-N: one rank-<R>.json per rank
 METADATA_NAME = ".metadata"
 _CHUNK_BYTES = 64 << 20   # per crc32 call: its overhead vanishes, the GIL is released for each
 _STEP_FOLDER = re.compile(r"step-(\d+)")
@@ -82,59 +84,57 @@ def _from_rank0(value, group):
     return box[0]
 
 
-def write_manifest(step_dir: str, step: int, group=None) -> dict:
-    """Collective, after the checkpoint of ``step`` in ``step_dir`` is complete on every rank: each rank
-    checksums its own data files, rank 0 writes the manifest. Returns this rank's ``{"files", "bytes",
-    "seconds"}``."""
+def write_rank_manifest(step_dir: str, step: int, rank: int, world: int) -> dict:
+    """This rank's part of the manifest of the complete checkpoint ``step_dir``: its own data files (rank 0:
+    and ``.metadata``). No collective. Returns ``{"files", "bytes", "seconds"}``."""
     begin = time.perf_counter()
-    rank, _ = _rank_world(group)   # DCP names data files by the rank in the group that saved
-    try:   # a failure is passed on to every rank, so none waits in the collectives below
-        mine = {name: file_crc32(os.path.join(step_dir, name)) for name in files_of_rank(step_dir, rank)}
-        if rank == 0:
-            mine[METADATA_NAME] = file_crc32(os.path.join(step_dir, METADATA_NAME))
-        error = None
-    except OSError as e:
-        mine, error = {}, f"rank {rank}: {e}"
-    parts = _gather_to_all((mine, error), group)
-    errors = [e for _, e in parts if e]
-    if rank == 0 and not errors:
-        try:
-            _write_atomically(step_dir, {"format": 1, "algorithm": "crc32", "step": step,
-                                         "files": {n: e for part, _ in parts for n, e in sorted(part.items())}})
-        except OSError as e:
-            errors.append(f"rank 0 writing {MANIFEST_NAME}: {e}")
-    # rank 0's verdict: no rank goes on (and possibly saves again) before the manifest is in place
-    if errors := _from_rank0(errors, group):
-        raise CheckpointIntegrityError(f"{step_dir}: no {MANIFEST_NAME} written: " + "; ".join(errors))
-    return {"files": len(mine), "bytes": sum(e["size"] for e in mine.values()),
+    files = {name: file_crc32(os.path.join(step_dir, name)) for name in files_of_rank(step_dir, rank)}
+    if rank == 0:
+        files[METADATA_NAME] = file_crc32(os.path.join(step_dir, METADATA_NAME))
+    folder = os.path.join(step_dir, MANIFEST_NAME)
+    os.makedirs(folder, exist_ok=True)
+    _write_atomically(folder, f"rank-{rank}.json", {"format": 1, "algorithm": "crc32", "step": step, "rank": rank,
+                                                     "world": world, "files": files})
+    if rank == 0:   # parts of an earlier save of this step with more ranks describe files no longer read
+        for name in os.listdir(folder):
+            if (m := re.fullmatch(r"rank-(\d+)\.json", name)) and int(m[1]) >= world:
+                os.remove(os.path.join(folder, name))
+    return {"files": len(files), "bytes": sum(e["size"] for e in files.values()),
             "seconds": time.perf_counter() - begin}
 
 
-def _write_atomically(step_dir: str, manifest: dict) -> None:
-    """Readers see the whole manifest or none. Not fsynced: after a power cut a lost manifest makes the step load
-    unverified (with a warning) and a truncated one makes it fail verification; neither lets damage pass."""
-    temporary = os.path.join(step_dir, MANIFEST_NAME + ".tmp")
+def _write_atomically(folder: str, name: str, manifest: dict) -> None:
+    """Readers see the whole part or none. Not fsynced: after a power cut a lost part makes those files load
+    unverified (with a warning) and a truncated one makes the step fail verification; neither lets damage pass."""
+    temporary = os.path.join(folder, f".{name}.tmp")
     with open(temporary, "w") as f:
         json.dump(manifest, f, indent=1)
-    os.replace(temporary, os.path.join(step_dir, MANIFEST_NAME))
+    os.replace(temporary, os.path.join(folder, name))
 
 
-def read_manifest(step_dir: str) -> dict | None:
-    """The manifest's ``files`` table, None where the folder has none; raises CheckpointIntegrityError where it
-    is unreadable."""
-    path = os.path.join(step_dir, MANIFEST_NAME)
-    if not os.path.exists(path):
+def read_manifest(step_dir: str) -> tuple[dict, list[int]] | None:
+    """``(files, ranks without a part)`` of the manifest, None where the folder has no part; raises
+    CheckpointIntegrityError where a part is unreadable or the parts come from different saves."""
+    folder = os.path.join(step_dir, MANIFEST_NAME)
+    names = [n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if re.fullmatch(r"rank-\d+\.json", n)]
+    if not names:
         return None
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-        if manifest.get("algorithm") != "crc32" or METADATA_NAME not in files or not all(
-                {"size", "crc32"} <= set(e) for e in files.values()):
-            raise ValueError(f"unknown algorithm, no {METADATA_NAME} entry, or unknown entry layout")
-        return files
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointIntegrityError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
+    files, worlds, ranks = {}, set(), set()
+    for name in sorted(names):
+        path = os.path.join(folder, name)
+        try:
+            with open(path) as f:
+                part = json.load(f)
+            if part.get("algorithm") != "crc32" or not all({"size", "crc32"} <= set(e) for e in part["files"].values()):
+                raise ValueError("unknown algorithm or entry layout")
+            files.update(part["files"])
+            worlds.add(int(part["world"]))
+            ranks.add(int(part["rank"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointIntegrityError(f"{path}: unreadable manifest part ({type(e).__name__}: {e})") from None
+    if len(worlds) != 1:
+        raise CheckpointIntegrityError(f"{folder}: manifest parts of saves with different rank counts {sorted(worlds)}")
+    return files, sorted(set(range(worlds.pop())) - ranks)
 
 
 def check_files(step_dir: str, files: dict, names: list[str]) -> list[str]:
@@ -162,26 +162,27 @@ def check_files(step_dir: str, files: dict, names: list[str]) -> list[str]:
 def metadata_intact(step_dir: str) -> bool:
     """Whether ``.metadata`` matches the manifest (True without one): a cheap check for one process."""
     try:
-        files = read_manifest(step_dir)
+        manifest = read_manifest(step_dir)
     except CheckpointIntegrityError:
         return False
-    return files is None or not check_files(step_dir, files, [METADATA_NAME])
+    return manifest is None or METADATA_NAME not in manifest[0] or not check_files(step_dir, manifest[0],
+                                                                                    [METADATA_NAME])
 
 
-def verify(step_dir: str, group=None) -> list[str] | None:
-    """Collective: None where ``step_dir`` has no manifest, else the problems of all its files ([] = verified),
-    the same list on every rank. Each rank reads about 1/world of the files."""
+def verify(step_dir: str, group=None) -> tuple[list[str], list[int]] | None:
+    """Collective: None where ``step_dir`` has no manifest, else ``(problems, ranks without a part)`` for all its
+    files (no problems = verified), the same on every rank. Each rank reads about 1/world of the files."""
     rank, world = _rank_world(group)
     try:
-        files = read_manifest(step_dir) if rank == 0 else None
-        problems = []
+        manifest, problems = read_manifest(step_dir) if rank == 0 else None, []
     except CheckpointIntegrityError as e:
-        files, problems = {}, [str(e)]
-    files, problems = _from_rank0((files, problems), group)
-    if files is None or problems:
-        return None if files is None else problems
+        manifest, problems = ({}, []), [str(e)]
+    manifest, problems = _from_rank0((manifest, problems), group)
+    if manifest is None or problems:
+        return None if manifest is None else (problems, [])
+    files, unchecked = manifest
     names = sorted(files)[rank::world]
-    return sorted(p for part in _gather_to_all(check_files(step_dir, files, names), group) for p in part)
+    return sorted(p for part in _gather_to_all(check_files(step_dir, files, names), group) for p in part), unchecked
 
 
 def newest_verified_step(folder: str, log, group=None) -> int:
@@ -192,12 +193,16 @@ def newest_verified_step(folder: str, log, group=None) -> int:
     steps = _from_rank0(complete_steps(folder) if _rank_world(group)[0] == 0 else None, group)
     for step in reversed(steps):
         step_dir = os.path.join(folder, f"step-{step}")
-        problems = verify(step_dir, group)
-        if problems is None:
+        verdict = verify(step_dir, group)
+        if verdict is None:
             log("warning", f"checkpoint {step_dir} has no {MANIFEST_NAME} (saved without checksums); loading it "
                            "unverified")
             return step
+        problems, unchecked = verdict
         if not problems:
+            if unchecked:
+                log("warning", f"checkpoint {step_dir}: ranks {unchecked} wrote no checksums (their job ended "
+                               "first); loading their files unverified")
             return step
         log("error", f"checkpoint step {step} ({step_dir}) fails verification: " + "; ".join(problems)
             + ". Not loading it; trying the previous checkpoint")
