@@ -3,13 +3,16 @@ and verifies them (dist_marsm.titan.checkpoint).
 
 * Manifest functions in one process: CRC-32 against binascii's over the whole file at once (chunk boundaries);
   a flipped byte, a truncated and a missing file are each named; an unlisted file is ignored; no manifest is
-  told apart from a failing one; the newest verifying step is picked and a torn one (no ``.metadata``) never.
-* The same collectively on 2 and 3 gloo ranks: each rank checksums only its own file, all ranks get the same
-  verdict whichever rank read the damaged file.
+  told apart from a failing one; a missing rank part is reported by rank, parts of a save with another rank
+  count are refused; the newest verifying step is picked and a torn one (no ``.metadata``) never; the
+  pre-launch check (train.check_resume) passes over a step whose ``.metadata`` fails.
+* On 2 and 3 gloo ranks: each rank's part lists only its own file, all ranks get the same verdict whichever
+  rank read the damaged file.
 * The CPU recipe as a real job (2 ranks, slow): one byte flipped in the middle of step-6's ``__0_0.distcp``;
   the resume names the file and the step, loads step-4 and redoes steps 5 and 6 with the losses of the first
   run (bitwise: same ranks, deterministic gloo); control: the undamaged copy resumes from step-6. An explicit
-  ``load_step`` of the damaged step stops every rank with the error; ``verify = false`` loads it.
+  ``load_step`` of the damaged step stops every rank with the error; ``verify = false`` loads it; with
+  ``async_mode = "async"`` every checkpoint still gets a manifest that verifies.
 """
 
 from __future__ import annotations
