@@ -78,16 +78,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_resume(config, where: str) -> None:
     """Stop before training when the checkpoint a run would resume from was written by another optimizer
-    (told by its DCP metadata: MARS-M groups hold gamma, DistMuon's adjust_lr_fn)."""
+    (told by its DCP metadata: MARS-M groups hold gamma, DistMuon's adjust_lr_fn). With ``[checkpoint] verify``
+    that is the newest step whose ``.metadata`` matches its checksum manifest (data files are verified by the
+    ranks, dist_marsm.titan.checkpoint)."""
     from torch.distributed.checkpoint import FileSystemReader
 
+    from dist_marsm.checkpoint_manifest import complete_steps, metadata_intact
     from dist_marsm.titan.optimizer_container import OPTIMIZER_NAME
     from dist_marsm.titan.recipe import RecipeError
 
     ck, folder = config.checkpoint, Path(config.dump_folder) / config.checkpoint.folder
     if not ck.enable or "optimizer" in ck.exclude_from_loading or not folder.is_dir():
         return
-    steps = sorted(int(d.name[5:]) for d in folder.glob("step-*") if d.name[5:].isdigit() and (d / ".metadata").exists())
+    steps = [s for s in complete_steps(str(folder)) if not ck.verify or metadata_intact(str(folder / f"step-{s}"))]
     step = ck.load_step if ck.load_step != -1 else (steps[-1] if steps else None)
     if step not in steps:
         return

@@ -21,7 +21,6 @@ from typing import Annotated, Literal
 import tyro
 from tyro import _errors as tyro_errors   # parse failures as events, not printed text (private: pyproject pins tyro)
 from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec
-from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.components.validate import Validator
 from torchtitan.config.manager import ConfigManager, custom_registry
@@ -34,6 +33,7 @@ from torchtitan.models.llama3 import _LINEAR_INIT
 from torchtitan.trainer import Trainer
 
 from dist_marsm.titan import corpus, cpu_shims, moe
+from dist_marsm.titan.checkpoint import VerifiedCheckpointManager
 from dist_marsm.titan.metrics import MARSMMetricsProcessor
 from dist_marsm.titan.optimizer_container import MARSMOptimizersContainer
 
@@ -128,7 +128,7 @@ class MARSMTrainerConfig(Trainer.Config):
     validator: Validator.Config = field(default_factory=lambda: Validator.Config(
         enable=False, steps=4, dataloader=HuggingFaceTextDataLoader.Config(dataset=corpus.VALIDATION_DATASET)))
     activation_checkpoint: _AC = None
-    checkpoint: CheckpointManager.Config = field(default_factory=lambda: CheckpointManager.Config(
+    checkpoint: VerifiedCheckpointManager.Config = field(default_factory=lambda: VerifiedCheckpointManager.Config(
         last_save_model_only=False))
 
     def __post_init__(self):
