@@ -66,7 +66,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_distributed
-from _common import LLAMA3, MODEL_CONFIGS, Attention, LlamaLike, lm_loss, make_model, markdown_table, median, save
+from _common import (
+    LLAMA3,
+    MODEL_CONFIGS,
+    Attention,
+    LlamaLike,
+    lm_loss,
+    machine_info,
+    make_model,
+    markdown_table,
+    median,
+    save,
+)
 
 # ============================================================ models
 # Llama 3 8B's matrix proportions at 1/8 of its width: head_dim 128, 4 query heads per KV head (GQA), FFN
@@ -616,7 +627,10 @@ def main():
     for (world, repeat, model), per_rank in results.items():
         for kind, text in per_rank[0]["profiles"].items():
             path = Path(__file__).resolve().parent / "results" / f"{args.name}_profile_{model}_{world}r_{kind}.txt"
-            path.write_text(text)
+            info = machine_info()
+            path.write_text(f"cProfile of {args.profile} steps of {kind} on rank 0 of {world} ({model}), "
+                            f"{info['date_utc']}, {info['cpu']}, torch {info['torch']}, commit {info['commit']}\n"
+                            f"Command: {info['command']}\n\n{text}")
             print(f"profile of {kind} ({model}, {world} ranks, rank 0): {path}")
     save(args.name, data, md)
 
