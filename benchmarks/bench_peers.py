@@ -510,19 +510,22 @@ def summarize_model(per_rank: list[dict], args) -> dict:
         ratios[f"{a} / {b}"] = {"ratio": gm, "ci95": [lo, hi]}
     phases = {}
     for k, rounds in per_rank[0]["phases"].items():
-        if not rounds:
+        if not rounds or all(len(ph) == 1 for ph in rounds):   # nothing but the step: no phases to show
             continue
-        acc = defaultdict(float)
-        for i in range(len(rounds)):
-            slowest = max(per_rank, key=lambda r: r["phases"][k][i]["step"])["phases"][k][i]
-            for name, s in slowest.items():
-                acc[name] += s / len(rounds)
-        if len(acc) == 1:   # nothing but the step: no phases to show
-            continue
-        acc["unaccounted"] = acc["step"] - sum(v for name, v in acc.items() if name != "step")
-        ordered = sorted(acc, key=lambda name: PHASE_ORDER.index(name) if name in PHASE_ORDER else len(PHASE_ORDER))
-        phases[k] = {"source": per_rank[0]["phase_sources"].get(k), "mean_s": {name: acc[name] for name in ordered}}
-    return {"median_s": medians, "ratios": ratios, "phases": phases, "step_s": step}
+        by_rank = []
+        for r in per_rank:
+            acc = defaultdict(float)
+            for ph in r["phases"][k]:
+                for name, sec in ph.items():
+                    acc[name] += sec / len(rounds)
+            acc["unaccounted"] = acc["step"] - sum(v for name, v in acc.items() if name != "step")
+            by_rank.append(dict(acc))
+        names = sorted({n for acc in by_rank for n in acc},
+                       key=lambda n: (PHASE_ORDER + ("step",)).index(n) if n in PHASE_ORDER + ("step",) else -1)
+        phases[k] = {"source": per_rank[0]["phase_sources"].get(k),
+                     "per_rank_mean_s": [{n: acc.get(n, 0.0) for n in names} for acc in by_rank]}
+    return {"median_s": medians, "ratios": ratios, "phases": phases, "step_s": step,
+            "raw_per_rank": [{"times": r["times"], "phases": r["phases"]} for r in per_rank]}
 
 
 def overlap(a, b) -> bool:
@@ -563,14 +566,17 @@ def report(results: dict, tiny: dict | None, args) -> tuple[dict, str]:
                        + (["intervals overlap"] if len(runs) > 1 else []))
             med_rows = [[LABELS.get(k, k)] + [r["median_s"][k] * 1e3 for r in runs] for k in runs[0]["median_s"]]
             med = markdown_table(["entry"] + [f"median ms, run {i + 1}" for i in range(len(runs))], med_rows)
-            ph = []
-            for k, p in runs[-1]["phases"].items():
-                items = [(name, s) for name, s in p["mean_s"].items() if name != "step"]
-                ph.append(f"- {LABELS.get(k, k)} ({p['source']}; step {p['mean_s']['step'] * 1e3:.1f} ms): "
-                          + ", ".join(f"{name} {s * 1e3:.1f}" for name, s in items) + " (ms)")
+            last = runs[-1]["phases"]
+            columns = [n for n in PHASE_ORDER + ("step",) if any(n in acc for p in last.values()
+                                                                    for acc in p["per_rank_mean_s"])]
+            columns += sorted({n for p in last.values() for acc in p["per_rank_mean_s"] for n in acc} - set(columns))
+            ph_rows = [[LABELS.get(k, k), rank] + [acc[n] * 1e3 if n in acc else None for n in columns]
+                       for k, p in last.items() for rank, acc in enumerate(p["per_rank_mean_s"])]
+            sources = "; ".join(f"{LABELS.get(k, k)}: {p['source']}" for k, p in last.items())
             parts.append(head + "\n\n" + markdown_table(headers, rows) + "\n\n" + med
-                         + (f"\n\nPer phase (mean of {args.phase_rounds} extra interleaved rounds, the slowest "
-                            f"rank's phases per round, last run):\n" + "\n".join(ph) if ph else ""))
+                         + (f"\n\nPer phase, ms (mean of {args.phase_rounds} extra interleaved rounds per rank, "
+                            f"last run; a phase that waits on another rank includes the wait; sources: {sources}):"
+                            "\n\n" + markdown_table(["optimizer", "rank", *columns], ph_rows) if ph_rows else ""))
     if tiny:
         parts.append(f"### {tiny['matrices']} tiny 16 x 16 matrices, 1 rank (MARSM ns_dtype={tiny['ns_dtype']})\n\n"
                      + markdown_table(["MARSM median ms", "AdamW foreach median ms", "MARSM / AdamW [95% interval]"],
