@@ -30,6 +30,10 @@ and a 95% bootstrap percentile interval of it (10,000 resamples of the rounds wi
 after ``--warmup-rounds`` discarded rounds. With ``--repeat 2`` (default) the whole measurement (fresh models
 and optimizers) runs twice back to back, and the table says whether the two intervals overlap.
 
+Alongside, a CPU-time ratio of the same pairs: per round, the step's process CPU time (``time.process_time``,
+gloo's threads included) summed over ranks. Other processes' load barely moves it, but it leaves out time spent
+waiting on another rank, so the wall-time ratio is the verdict and the CPU-time ratio tells work from waiting.
+
 Phases: after the timed rounds, ``--phase-rounds`` more interleaved rounds record per-phase times (not used in
 the ratios, so instrumentation cannot bias them). Ours: ``opt.last_step_stats["phase_s"]`` with
 ``opt.record_phases = True`` when the optimizer provides it; otherwise the benchmark wraps the step's internal
@@ -358,6 +362,7 @@ def measure_model(model_name, mesh, device, args, rank, world) -> dict:
             floors.insert(0, OurPlanFloor(e.opt, device))
     slots = entries + floors
     times = {s.kind: [] for s in slots}
+    cpu = {s.kind: [] for s in slots}
     n_rounds = args.warmup_rounds + args.rounds
     t_start = time.perf_counter()
     for i in range(n_rounds):
@@ -366,10 +371,11 @@ def measure_model(model_name, mesh, device, args, rank, world) -> dict:
         for s in slots[shift:] + slots[:shift]:
             dist.barrier()
             sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             s.step()
             sync(device)
             times[s.kind].append(time.perf_counter() - t)
+            cpu[s.kind].append(time.process_time() - c)
         if rank == 0 and (i + 1) % 10 == 0:
             print(f"  [{model_name}, {world} ranks] round {i + 1}/{n_rounds} ({time.perf_counter() - t_start:.0f}s)",
                   flush=True)
@@ -390,7 +396,7 @@ def measure_model(model_name, mesh, device, args, rank, world) -> dict:
         text = e.profile(args.profile)
         if rank == 0:
             profiles[e.kind] = text
-    rec = {"times": times, "phases": phases, "phase_sources": sources, "profiles": profiles}
+    rec = {"times": times, "cpu": cpu, "phases": phases, "phase_sources": sources, "profiles": profiles}
     everyone = [None] * world
     dist.all_gather_object(everyone, rec)
     return everyone
@@ -504,10 +510,12 @@ def summarize_model(per_rank: list[dict], args) -> dict:
     n = args.warmup_rounds + args.rounds
     step = {k: [max(r["times"][k][i] for r in per_rank) for i in range(n)][args.warmup_rounds:] for k in kinds}
     medians = {k: median(v) for k, v in step.items()}
+    cpu = {k: [sum(r["cpu"][k][i] for r in per_rank) for i in range(n)][args.warmup_rounds:] for k in kinds}
     ratios = {}
     for a, b in pairs_for(kinds):
         gm, lo, hi = geo_mean_interval([x / y for x, y in zip(step[a], step[b])])
-        ratios[f"{a} / {b}"] = {"ratio": gm, "ci95": [lo, hi]}
+        cgm, clo, chi = geo_mean_interval([x / y for x, y in zip(cpu[a], cpu[b])])
+        ratios[f"{a} / {b}"] = {"ratio": gm, "ci95": [lo, hi], "cpu_ratio": cgm, "cpu_ci95": [clo, chi]}
     phases = {}
     for k, rounds in per_rank[0]["phases"].items():
         if not rounds or all(len(ph) == 1 for ph in rounds):   # nothing but the step: no phases to show
@@ -524,8 +532,8 @@ def summarize_model(per_rank: list[dict], args) -> dict:
                        key=lambda n: (PHASE_ORDER + ("step",)).index(n) if n in PHASE_ORDER + ("step",) else -1)
         phases[k] = {"source": per_rank[0]["phase_sources"].get(k),
                      "per_rank_mean_s": [{n: acc.get(n, 0.0) for n in names} for acc in by_rank]}
-    return {"median_s": medians, "ratios": ratios, "phases": phases, "step_s": step,
-            "raw_per_rank": [{"times": r["times"], "phases": r["phases"]} for r in per_rank]}
+    return {"median_s": medians, "ratios": ratios, "phases": phases, "step_s": step, "cpu_s": cpu,
+            "raw_per_rank": [{"times": r["times"], "cpu": r["cpu"], "phases": r["phases"]} for r in per_rank]}
 
 
 def overlap(a, b) -> bool:
@@ -555,15 +563,19 @@ def report(results: dict, tiny: dict | None, args) -> tuple[dict, str]:
             for pair in runs[0]["ratios"]:
                 cells = [f"{r['ratios'][pair]['ratio']:.3f} [{r['ratios'][pair]['ci95'][0]:.3f}, "
                          f"{r['ratios'][pair]['ci95'][1]:.3f}]" for r in runs]
+                cpu_cells = [f"{r['ratios'][pair]['cpu_ratio']:.3f} [{r['ratios'][pair]['cpu_ci95'][0]:.3f}, "
+                             f"{r['ratios'][pair]['cpu_ci95'][1]:.3f}]" for r in runs]
                 stable = (all(overlap(runs[0]["ratios"][pair]["ci95"], r["ratios"][pair]["ci95"]) for r in runs[1:])
                           if len(runs) > 1 else None)
                 a, b = pair.split(" / ")
                 row = [f"{LABELS.get(a, a)} / {LABELS.get(b, b)}", *cells] + (
-                    ["yes" if stable else "NO"] if stable is not None else [])
+                    ["yes" if stable else "NO"] if stable is not None else []) + cpu_cells
                 rows.append(row)
-                summary_rows.append([model, world, pair, *cells] + ([row[-1]] if stable is not None else []))
-            headers = (["ratio"] + [f"run {i + 1}" for i in range(len(runs))]
-                       + (["intervals overlap"] if len(runs) > 1 else []))
+                summary_rows.append([model, world, pair, *cells] + (["yes" if stable else "NO"] if stable is not None
+                                                                     else []))
+            headers = (["ratio (wall time)"] + [f"run {i + 1}" for i in range(len(runs))]
+                       + (["intervals overlap"] if len(runs) > 1 else [])
+                       + [f"CPU-time ratio, run {i + 1}" for i in range(len(runs))])
             med_rows = [[LABELS.get(k, k)] + [r["median_s"][k] * 1e3 for r in runs] for k in runs[0]["median_s"]]
             med = markdown_table(["entry"] + [f"median ms, run {i + 1}" for i in range(len(runs))], med_rows)
             last = runs[-1]["phases"]
