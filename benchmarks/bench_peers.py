@@ -606,9 +606,9 @@ def main():
     ap.add_argument("--kinds", default="marsm_gamma0,marsm_approx_bf16,distmuon_default,adamw",
                     help="comma list of " + ",".join(bench_distributed.KINDS))
     ap.add_argument("--no-floors", dest="floors", action="store_false", help="leave the plan floors out")
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=24)
     ap.add_argument("--warmup-rounds", type=int, default=3)
-    ap.add_argument("--phase-rounds", type=int, default=4)
+    ap.add_argument("--phase-rounds", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=2, help="back-to-back repetitions of the whole measurement")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="cProfile STEPS steps of each optimizer on rank 0 after the rounds (printed and saved)")
