@@ -484,6 +484,34 @@ def measure_tiny(args) -> dict:
             "ratio": gm, "ci95": [lo, hi], "times": times}
 
 
+# ============================================================ Newton-Schulz kernels, one matrix, one thread
+def measure_kernels(args) -> list[dict]:
+    """Our ``newton_schulz`` against DistMuon's ``_zeropower_via_newtonschulz`` per shape, bf16, 5 steps,
+    alternating calls; thread CPU time, so other processes' load does not enter."""
+    from torchtitan.distributed.flex_shard.dist_muon import _zeropower_via_newtonschulz
+
+    from dist_marsm.newton_schulz import MUON_COEFFICIENTS, newton_schulz
+    torch.set_num_threads(1)
+    rows = []
+    for spec in args.kernels.split(","):
+        shape = tuple(int(x) for x in spec.split("x"))
+        m = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        calls = {"ours": lambda m=m: newton_schulz(m, 5, torch.bfloat16),
+                 "distmuon": lambda m=m: _zeropower_via_newtonschulz(m, ns_coefficients=MUON_COEFFICIENTS, ns_steps=5,
+                                                                 eps=1e-7)}
+        times = {k: [] for k in calls}
+        for i in range(args.kernel_reps + 1):
+            for k in (list(calls) if i % 2 else list(calls)[::-1]):
+                start = time.thread_time()
+                calls[k]()
+                times[k].append(time.thread_time() - start)
+        ratios = [a / b for a, b in zip(times["ours"][1:], times["distmuon"][1:])]
+        gm, lo, hi = geo_mean_interval(ratios)
+        rows.append({"shape": spec, "ours_ms": median(times["ours"][1:]) * 1e3,
+                     "distmuon_ms": median(times["distmuon"][1:]) * 1e3, "ratio": gm, "ci95": [lo, hi]})
+    return rows
+
+
 # ============================================================ report
 LABELS = {**{k: v[0] for k, v in bench_distributed.KINDS.items()},
           "our_plan_floor": "our plan floor (NS of owned matrices only)",
@@ -540,8 +568,8 @@ def overlap(a, b) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
 
 
-def report(results: dict, tiny: dict | None, args) -> tuple[dict, str]:
-    parts, data = [], {"args": {k: v for k, v in vars(args).items()}, "runs": {}, "tiny": tiny}
+def report(results: dict, tiny: dict | None, args, kernels: list | None = None) -> tuple[dict, str]:
+    parts, data = [], {"args": dict(vars(args)), "runs": {}, "tiny": tiny, "kernels": kernels}
     stats_line = (f"Ratios: geometric mean over {args.rounds} interleaved rounds (after {args.warmup_rounds} "
                   f"discarded) of t_ours / t_peer within a round, each step timed as its slowest rank; [95% bootstrap "
                   f"percentile interval, 10,000 resamples, seed 0]. {args.threads} torch thread(s) per rank, "
@@ -595,6 +623,12 @@ def report(results: dict, tiny: dict | None, args) -> tuple[dict, str]:
                                       [[tiny["marsm_median_ms"], tiny["adamw_median_ms"],
                                         f"{tiny['ratio']:.3f} [{tiny['ci95'][0]:.3f}, {tiny['ci95'][1]:.3f}]"]])
                      + f"\n\nInterleaved, {tiny['rounds']} rounds after {args.tiny_warmup} discarded; ratio as above.")
+    if kernels:
+        parts.append(f"### Newton-Schulz kernel, one matrix, 1 thread, bf16, 5 steps ({args.kernel_reps} alternating "
+                     "calls each, thread CPU time)\n\n" + markdown_table(
+                         ["shape", "ours ms", "DistMuon ms", "ours / DistMuon [95% interval]"],
+                         [[k["shape"], k["ours_ms"], k["distmuon_ms"],
+                           f"{k['ratio']:.3f} [{k['ci95'][0]:.3f}, {k['ci95'][1]:.3f}]"] for k in kernels]))
     data["summary"] = summary_rows
     return data, "\n\n".join(parts)
 
@@ -623,6 +657,9 @@ def main():
     ap.add_argument("--tiny-warmup", type=int, default=5)
     ap.add_argument("--tiny-ns-dtype", default="float32", choices=("bfloat16", "float32"))
     ap.add_argument("--only-tiny", action="store_true", help="run only the tiny-matrices comparison")
+    ap.add_argument("--kernels", default="", help="comma list of AxB shapes: time each Newton-Schulz kernel alone "
+                                                  "(e.g. 1792x512,512x1792,512x512); with --only-tiny --tiny 0, only this")
+    ap.add_argument("--kernel-reps", type=int, default=12)
     ap.add_argument("--pg-timeout", type=float, default=1800)
     ap.add_argument("--name", default="bench_peers", help="results file stem")
     args = ap.parse_args()
@@ -640,7 +677,8 @@ def main():
             for (repeat, model), per_rank in spawn(world, args).items():
                 results[(world, repeat, model)] = per_rank
     tiny = measure_tiny(args) if args.tiny else None
-    data, md = report(results, tiny, args)
+    kernels = measure_kernels(args) if args.kernels else None
+    data, md = report(results, tiny, args, kernels)
     print("\n" + md)
     for (world, repeat, model), per_rank in results.items():
         for kind, text in per_rank[0]["profiles"].items():
