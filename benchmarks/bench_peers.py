@@ -5,6 +5,7 @@
     python benchmarks/bench_peers.py --ranks 2,4 --models debug
     python benchmarks/bench_peers.py --only-tiny            # 512 tiny matrices, MARSM vs AdamW foreach, 1 rank
     python benchmarks/bench_peers.py --models wide --profile 3   # + cProfile of each optimizer's step
+    python benchmarks/bench_peers.py --only-tiny --tiny 0 --kernels 1792x512,512x512   # NS kernels alone
 
 Why interleaved: on a shared machine, load comes and goes in bursts of seconds to minutes. Timing each
 optimizer's steps as one block puts a burst on whichever block it meets; here every *round* runs one step of
