@@ -277,7 +277,7 @@ class OurPlanFloor:
     kind = "our_plan_floor"
 
     def __init__(self, marsm, device):
-        plans = [fg.plan for fg in marsm._flat_groups]
+        plans = [fg.owner_plan for fg in marsm.step_plan.flat_groups]
         gen = torch.Generator(device=device).manual_seed(1)
         self.work = [(plan, {pos: torch.randn(e.shape, generator=gen, device=device)
                              for pos, e in enumerate(plan.entries) if e.owner == plan.my_rank}) for plan in plans]
