@@ -25,7 +25,7 @@ import shutil
 import pytest
 
 from dist_marsm import checkpoint_manifest as cm
-from tests._spawn import scenario_check
+from tests._spawn import scenario, scenario_cases, scenario_check
 from tests._titan_jobs import loaded_from, losses, run_job
 
 
@@ -195,6 +195,7 @@ def _rank_bytes(rank: int, step: int) -> bytes:
     return bytes((rank * 31 + step * 7 + i) % 251 for i in range(5000 + 1000 * rank))
 
 
+@scenario(2, 3)
 def scenario_collective_manifest(rank: int, world: int) -> None:
     import torch.distributed as dist
 
@@ -231,12 +232,12 @@ def scenario_collective_manifest(rank: int, world: int) -> None:
 @pytest.fixture(scope="module")
 def collective(tmp_path_factory):
     os.environ["DIST_MARSM_TEST_MANIFEST_DIR"] = str(tmp_path_factory.mktemp("manifest"))
-    return scenario_check("tests.test_checkpoint_integrity", ["scenario_collective_manifest"], timeout=180)
+    return scenario_check(__name__, timeout=180)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_collective_manifest_and_verdict(collective, world):
-    collective(world, "scenario_collective_manifest")
+@pytest.mark.parametrize("world,name", scenario_cases(__name__))
+def test_collective_manifest_and_verdict(collective, world, name):
+    collective(world, name)
 
 
 # ----------------------------------------------------------------------------- the CPU recipe, a real job
