@@ -13,6 +13,7 @@ an owner gathers from the ranks of its own replica and scatters the result to ev
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -88,55 +89,127 @@ def replicated_layout(shape: tuple[int, ...], ranks: tuple[int, ...]) -> Layout:
     return Layout(ranks, tuple(full for _ in ranks), tuple((r,) for r in range(len(ranks))))
 
 
+def _chunk_bounds(size: int, chunks: int, i: int) -> tuple[int, int]:
+    """Positions [start, stop) of piece ``i`` when ``size`` items are cut as torch.chunk cuts them: pieces of
+    ceil(size / chunks), the last ones short or empty (the rule DTensor's Shard follows, without padding)."""
+    step = -(-size // chunks)
+    return min(i * step, size), min((i + 1) * step, size)
+
+
+Runs = tuple[tuple[int, int], ...]   # an ordered index set as consecutive [start, stop) runs
+
+
+def _take_positions(runs: Runs, start: int, stop: int) -> Runs:
+    """The runs covering positions [start, stop) of the ordered index set ``runs``."""
+    out, offset = [], 0
+    for a, b in runs:
+        lo, hi = max(start - offset, 0), min(stop - offset, b - a)
+        if lo < hi:
+            out.append((a + lo, a + hi))
+        offset += b - a
+        if offset >= stop:
+            break
+    return tuple(out)
+
+
+def _shard_runs(runs: Runs, chunks: int, i: int, split_factor: int | None) -> Runs:
+    """Piece ``i`` of ``chunks`` of an ordered index set, as Shard (``split_factor`` None) or _StridedShard cuts it.
+
+    _StridedShard(split_factor=f) first cuts the set into f pieces, cuts each of those into ``chunks``, and
+    gives piece i the concatenation of the f sub-pieces i (the order a later mesh dim's sharding left behind).
+    """
+    size = sum(b - a for a, b in runs)
+    if split_factor is None:
+        return _take_positions(runs, *_chunk_bounds(size, chunks, i))
+    out = []
+    for j in range(split_factor):
+        lo, hi = _chunk_bounds(size, split_factor, j)
+        sub_lo, sub_hi = _chunk_bounds(hi - lo, chunks, i)
+        out.extend(_take_positions(runs, lo + sub_lo, lo + sub_hi))
+    merged: list[tuple[int, int]] = []
+    for a, b in out:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return tuple(merged)
+
+
+def _runs_index(runs: Runs) -> Index:
+    if not runs:
+        return slice(0, 0)
+    if len(runs) == 1:
+        return slice(*runs[0])
+    return torch.cat([torch.arange(a, b) for a, b in runs])
+
+
 def dtensor_layout(dtensor, view_shape: tuple[int, ...] | None = None) -> Layout:
     """Derive the layout of a DTensor from its mesh and placements, for every rank of its mesh.
 
-    Each tensor dim is split independently by the mesh dims that shard it, left to right, with
-    the placements' own split functions applied to an index range - the same code DTensor uses to
-    cut the data, so Shard, uneven chunks, empty shards and _StridedShard (FSDP+TP) all agree
-    with the local tensors by construction. ``view_shape`` (flattening conv kernels to 2-D) is only
-    allowed where it keeps every rank's block a set of whole leading rows.
+    Each tensor dim is cut independently by the mesh dims that shard it, left to right, by arithmetic on
+    index runs with torch.chunk's rule (pieces of ceil(n / k), the last ones short or empty) - the rule
+    DTensor cuts its data by, so Shard, uneven chunks, empty shards and _StridedShard (FSDP+TP) all
+    agree with the local tensors. A block depends only on the rank's coordinates on the dims that
+    shard it, so each distinct block is computed once: the work is linear in the mesh size.
+    ``view_shape`` (flattening conv kernels to 2-D) is only allowed where it keeps every rank's block
+    a set of whole leading rows.
+    """
+    mesh = dtensor.device_mesh
+    return _layout_from_placements(tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape),
+                                   tuple(dtensor.placements), tuple(dtensor.shape),
+                                   None if view_shape is None else tuple(view_shape))
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_from_placements(mesh_ranks: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tuple,
+                            shape: tuple[int, ...], view_shape: tuple[int, ...] | None) -> Layout:
+    """The layout of a tensor of ``shape`` on a mesh (ranks in row-major order) with ``placements``.
+
+    Cached: a model's layers repeat a few (shape, placements) pairs, and a Layout is immutable.
     """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    mesh = dtensor.device_mesh
-    placements = tuple(dtensor.placements)
-    shape = tuple(dtensor.shape)
-    mesh_ranks = mesh.mesh
-    ranks = tuple(sorted(int(r) for r in mesh_ranks.flatten().tolist()))
-    blocks, keys = [], []
-    for rank in ranks:
-        coord = [int(c) for c in (mesh_ranks == rank).nonzero()[0].tolist()]
-        block = []
-        for tdim, size in enumerate(shape):
-            idx = torch.arange(size)
-            for mdim, placement in enumerate(placements):
-                if isinstance(placement, _StridedShard) and placement.dim == tdim:
-                    splitter = _StridedShard(0, split_factor=placement.split_factor)
-                elif isinstance(placement, Shard) and placement.dim == tdim:
-                    splitter = Shard(0)
-                else:
-                    continue
-                idx = splitter._split_tensor(idx, mesh.size(mdim), with_padding=False)[0][coord[mdim]]
-            block.append(_as_index(idx))
-        keys.append(tuple(coord[m] for m, p in enumerate(placements) if isinstance(p, Replicate)))
-        blocks.append(tuple(block))
     for p in placements:
         if not isinstance(p, (Shard, _StridedShard, Replicate)):
             raise ValueError(f"unsupported placement {p} (parameters must be Shard or Replicate), placements {placements}")
-    if view_shape is not None and tuple(view_shape) != shape:
+    # Per tensor dim: the (mesh dim, split factor or None) that cut it, in mesh-dim order.
+    cuts = [[(m, p.split_factor if isinstance(p, _StridedShard) else None) for m, p in enumerate(placements)
+             if isinstance(p, (Shard, _StridedShard)) and p.dim == tdim] for tdim in range(len(shape))]
+    replicate_dims = [m for m, p in enumerate(placements) if isinstance(p, Replicate)]
+    strides = [math.prod(mesh_shape[m + 1:]) for m in range(len(mesh_shape))]
+    cache: dict[tuple, Index] = {}
+
+    def dim_index(tdim: int, coord: tuple[int, ...]) -> Index:
+        key = (tdim, tuple(coord[m] for m, _ in cuts[tdim]))
+        if key not in cache:
+            runs: Runs = ((0, shape[tdim]),)
+            for m, split_factor in cuts[tdim]:
+                runs = _shard_runs(runs, mesh_shape[m], coord[m], split_factor)
+            cache[key] = _runs_index(runs)
+        return cache[key]
+
+    by_rank = {}
+    for flat, rank in enumerate(mesh_ranks):
+        coord = tuple(flat // strides[m] % mesh_shape[m] for m in range(len(mesh_shape)))
+        block = tuple(dim_index(tdim, coord) for tdim in range(len(shape)))
+        by_rank[rank] = (block, tuple(coord[m] for m in replicate_dims))
+    ranks = tuple(sorted(by_rank))
+    blocks = [by_rank[r][0] for r in ranks]
+    keys = tuple(by_rank[r][1] for r in ranks)
+    if view_shape is not None and view_shape != shape:
         tail = math.prod(shape[1:])
-        flat = []
+        whole_rows = {}
+        flat_blocks = []
         for block in blocks:
             if any(index_len(i) != s for i, s in zip(block[1:], shape[1:])):
                 raise ValueError(
                     f"cannot flatten a DTensor of shape {shape} with placements {placements} to a matrix: "
                     "only dim-0 sharding keeps whole rows; use matrix_view='batch'"
                 )
-            flat.append((block[0], slice(0, tail)))
-        blocks = flat
-    return Layout(ranks, tuple(blocks), tuple(keys), str(placements))
+            flat_blocks.append(whole_rows.setdefault(id(block[0]), (block[0], slice(0, tail))))
+        blocks = flat_blocks
+    return Layout(ranks, tuple(blocks), keys, str(placements))
 
 
 @dataclass(frozen=True)
