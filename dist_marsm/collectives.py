@@ -69,14 +69,30 @@ def _orthogonalize_batched(fulls: dict[int, torch.Tensor], entries: list[MatrixE
 
 
 class OwnerCompute:
-    """Executes one GroupPlan per step: local blocks of momentum in, local blocks of updates out."""
+    """Executes one GroupPlan per step: local blocks of momentum in, local blocks of updates out.
+
+    Per step it counts ``bytes_sent`` / ``bytes_received`` (from the split sizes), ``collectives`` (the
+    all_to_all_single calls), ``ns_matrices``, and ``peak_transient_bytes``: the most bytes held at once in
+    gathered matrices, their results and the send / receive buffers of gathers and of scatters still in
+    flight (this rank's own blocks of the updates, the step's output, are not counted). At most two
+    buckets' gathers or results and one bucket's scatter are alive at a time, so the peak is bounded by a
+    few buckets, whatever the world size and however many buckets this rank owns.
+    """
 
     def __init__(self, plan: GroupPlan, wire_dtype: torch.dtype):
         self.plan = plan
         self.wire_dtype = wire_dtype
         self.bytes_sent = 0
+        self.bytes_received = 0
+        self.collectives = 0
         self.ns_matrices = 0
+        self.peak_transient_bytes = 0
+        self._live_bytes = 0
         self.device = torch.device("cpu")
+
+    def _hold(self, nbytes: int) -> None:
+        self._live_bytes += nbytes
+        self.peak_transient_bytes = max(self.peak_transient_bytes, self._live_bytes)
 
     def run(self, local_inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """``local_inputs`` maps entry position -> this rank's block (shape of its layout block).
@@ -84,8 +100,8 @@ class OwnerCompute:
         Returns the same positions mapped to this rank's block of Newton-Schulz(full matrix).
         """
         plan = self.plan
-        self.bytes_sent = 0
-        self.ns_matrices = 0
+        self.bytes_sent = self.bytes_received = self.collectives = self.ns_matrices = 0
+        self.peak_transient_bytes = self._live_bytes = 0
         outputs: dict[int, torch.Tensor] = {}
         buckets = [[p for p in b if p in local_inputs] for b in plan.buckets]
         buckets = [b for b in buckets if b]
@@ -93,29 +109,35 @@ class OwnerCompute:
             return outputs
         self.device = next(iter(local_inputs.values())).device
         gather = self._start_gather(buckets[0], local_inputs)
-        scatters = []
+        in_flight = None
         for k, bucket in enumerate(buckets):
             fulls = self._finish_gather(bucket, local_inputs, gather)
             if k + 1 < len(buckets):
                 gather = self._start_gather(buckets[k + 1], local_inputs)
             results = _orthogonalize_batched(fulls, plan.entries)
             self.ns_matrices += sum(plan.entries[p].num_matrices for p in results)
-            scatters.append((bucket, results, self._start_scatter(bucket, results)))
-        for bucket, results, handle in scatters:
-            self._finish_scatter(bucket, results, handle, outputs)
+            self._hold(_gathered_bytes(results, local_inputs))
+            scatter = self._start_scatter(bucket, results, outputs)
+            # The scatter's send buffer holds copies: the gathered matrices and their results can go.
+            self._hold(-_gathered_bytes(fulls, local_inputs) - _gathered_bytes(results, local_inputs))
+            del fulls, results
+            if in_flight is not None:   # at most one scatter in flight: its buffers bound the memory
+                self._finish_scatter(*in_flight, outputs)
+            in_flight = (bucket, scatter)
+        self._finish_scatter(*in_flight, outputs)
         return outputs
 
     # -- gather: blocks of momentum to owners --------------------------------------------------
     def _start_gather(self, bucket, local_inputs):
         plan, me = self.plan, self.plan.my_rank
-        send_parts, send_sizes = [[] for _ in range(plan.world)], [0] * plan.world
-        recv_sizes = [0] * plan.world
+        send_parts: dict[int, list[torch.Tensor]] = defaultdict(list)
+        send_sizes, recv_sizes = [0] * plan.world, [0] * plan.world
         for pos in bucket:
             e = plan.entries[pos]
-            if e.owner != me and me in e.senders(e.owner):
+            if e.sends_to_owner(me):
                 send_parts[e.owner].append(local_inputs[pos].reshape(-1))
                 send_sizes[e.owner] += block_numel(e.layout.blocks[me])
-            if e.owner == me:
+            elif e.owner == me:
                 for q in e.senders(me):
                     if q != me:
                         recv_sizes[q] += block_numel(e.layout.blocks[q])
@@ -140,13 +162,16 @@ class OwnerCompute:
                 values = local_inputs[pos] if q == me else pieces[q].pop(block_numel(block))
                 put_block(full, block, values.reshape([index_len(i) for i in block]))
             fulls[pos] = full
+        self._hold(_gathered_bytes(fulls, local_inputs))
+        self._release(handle)
         return fulls
 
     # -- scatter: blocks of results back to every rank ----------------------------------------
-    def _start_scatter(self, bucket, results):
+    def _start_scatter(self, bucket, results, outputs):
+        """Send each rank its block of the results this rank owns; this rank's own blocks go to ``outputs``."""
         plan, me = self.plan, self.plan.my_rank
-        send_parts, send_sizes = [[] for _ in range(plan.world)], [0] * plan.world
-        recv_sizes = [0] * plan.world
+        send_parts: dict[int, list[torch.Tensor]] = defaultdict(list)
+        send_sizes, recv_sizes = [0] * plan.world, [0] * plan.world
         for pos in bucket:
             e = plan.entries[pos]
             if e.owner == me:
@@ -154,46 +179,69 @@ class OwnerCompute:
                     if q != me:
                         send_parts[q].append(take_block(results[pos], e.layout.blocks[q]).reshape(-1))
                         send_sizes[q] += block_numel(e.layout.blocks[q])
+                block = e.layout.blocks[me]
+                shape = [index_len(i) for i in block]
+                mine = results[pos]
+                if tuple(mine.shape) != tuple(shape):   # a copy, so that the whole result is not kept alive
+                    mine = take_block(mine, block).clone()
+                outputs[pos] = mine.reshape(shape)
             else:
                 recv_sizes[e.owner] += block_numel(e.layout.blocks[me])
         return self._exchange(send_parts, send_sizes, recv_sizes)
 
-    def _finish_scatter(self, bucket, results, handle, outputs) -> None:
+    def _finish_scatter(self, bucket, handle, outputs) -> None:
         plan, me = self.plan, self.plan.my_rank
         pieces = self._wait(handle)
         for pos in bucket:
             e = plan.entries[pos]
-            block = e.layout.blocks[me]
-            shape = [index_len(i) for i in block]
-            if e.owner == me:
-                mine = results[pos] if tuple(results[pos].shape) == tuple(shape) else take_block(results[pos], block)
-                outputs[pos] = mine.reshape(shape)
-            else:
-                outputs[pos] = pieces[e.owner].pop(block_numel(block)).reshape(shape)
+            if e.owner != me:
+                block = e.layout.blocks[me]
+                outputs[pos] = pieces[e.owner].pop(block_numel(block)).reshape([index_len(i) for i in block])
+        # From here the receive buffer is this rank's blocks of the updates (the step's output), not transient.
+        self._release(handle)
 
     # -- one all_to_all_single -------------------------------------------------------------
-    def _exchange(self, send_parts, send_sizes, recv_sizes):
+    def _exchange(self, send_parts: dict, send_sizes: list[int], recv_sizes: list[int]):
+        """Start one all_to_all_single; ``send_parts`` maps destination rank -> flat pieces, in order."""
         plan = self.plan
-        if plan.world == 1 or (sum(send_sizes) == 0 and sum(recv_sizes) == 0 and plan.group is None):
-            return None, recv_sizes, None
-        flat = [t for parts in send_parts for t in parts]
+        if plan.world == 1 or (not send_parts and not any(recv_sizes) and plan.group is None):
+            return None, recv_sizes, None, None
+        flat = [t for rank in sorted(send_parts) for t in send_parts[rank]]
         # One cast after the concatenation (cat promotes mixed inputs), not one per matrix.
         send = torch.cat(flat).to(self.wire_dtype) if flat else torch.empty(0, dtype=self.wire_dtype, device=self.device)
         recv = torch.empty(sum(recv_sizes), dtype=self.wire_dtype, device=self.device)
         self.bytes_sent += send.numel() * send.element_size()
+        self.bytes_received += recv.numel() * recv.element_size()
+        self.collectives += 1
+        self._hold((send.numel() + recv.numel()) * send.element_size())
         work = dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=plan.group, async_op=True)
-        return work, recv_sizes, recv
+        return work, recv_sizes, recv, send
+
+    def _release(self, handle) -> None:
+        _, _, recv, send = handle
+        if send is not None:
+            self._hold(-(send.numel() + recv.numel()) * send.element_size())
 
     @staticmethod
-    def _wait(handle) -> list["_Cursor"]:
-        work, recv_sizes, recv = handle
+    def _wait(handle) -> dict[int, _Cursor]:
+        """Per source rank: a cursor over its part of the receive buffer."""
+        work, recv_sizes, recv, _ = handle
         if work is not None:
             work.wait()
-        cursors, offset = [], 0
-        for n in recv_sizes:
-            cursors.append(_Cursor(recv[offset: offset + n] if recv is not None else None))
-            offset += n
+        if recv is None:
+            return {}
+        # A rank that sends nothing (an empty shard) reads as an empty part.
+        cursors, offset = defaultdict(lambda: _Cursor(recv[:0])), 0
+        for rank, n in enumerate(recv_sizes):
+            if n:
+                cursors[rank] = _Cursor(recv[offset: offset + n])
+                offset += n
         return cursors
+
+
+def _gathered_bytes(tensors: dict[int, torch.Tensor], local_inputs: dict[int, torch.Tensor]) -> int:
+    """Bytes of the tensors that are not this rank's own inputs (a matrix it holds whole is not a copy)."""
+    return sum(t.numel() * t.element_size() for pos, t in tensors.items() if t is not local_inputs.get(pos))
 
 
 class _Cursor:
@@ -206,4 +254,3 @@ class _Cursor:
         out = self.buf[self.offset: self.offset + n]
         self.offset += n
         return out
-

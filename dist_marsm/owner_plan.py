@@ -14,6 +14,7 @@ an owner gathers from the ranks of its own replica and scatters the result to ev
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -331,6 +332,13 @@ class MatrixEntry:
         key = self.layout.replica_keys[owner]
         return [r for r, k in enumerate(self.layout.replica_keys) if k == key]
 
+    def sends_to_owner(self, rank: int) -> bool:
+        """Whether ``rank`` sends its block to this entry's owner (it is another rank of the owner's replica).
+
+        Constant time: the step asks this for every entry on every rank, so it must not scan the group.
+        """
+        return rank != self.owner and self.layout.replica_keys[rank] == self.layout.replica_keys[self.owner]
+
 
 def assign_owners(costs: list[float], world: int, policy: str,
                   fixed: list[int | None] | None = None) -> tuple[list[int], list[int]]:
@@ -353,9 +361,18 @@ def assign_owners(costs: list[float], world: int, policy: str,
     load = [0.0] * world
     owners = [0] * n
     for i in order:
-        rank = fixed[i] if fixed[i] is not None else min(range(world), key=lambda r: (load[r], r))
+        if fixed[i] is not None:
+            owners[i] = fixed[i]
+            load[fixed[i]] += costs[i]
+    # The least-loaded rank (lowest rank on ties) from a heap: the plan's cost stays linear in the world size.
+    heap = [(load[r], r) for r in range(world)]
+    heapq.heapify(heap)
+    for i in order:
+        if fixed[i] is not None:
+            continue
+        rank_load, rank = heapq.heappop(heap)
         owners[i] = rank
-        load[rank] += costs[i]
+        heapq.heappush(heap, (rank_load + costs[i], rank))
     return owners, order
 
 
@@ -385,6 +402,7 @@ class GroupPlan:
     buckets: list[list[int]] = field(default_factory=list)  # positions in ``entries``
     wire_bytes: int = 2
     group: object = None                           # torch.distributed ProcessGroup (None: one rank)
+    _traffic_cache: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def world(self) -> int:
@@ -396,27 +414,42 @@ class GroupPlan:
 
     def send_elements(self, rank: int) -> int:
         """Elements ``rank`` sends per step: its blocks to owners of its replica, results it owns to everyone."""
-        total = 0
-        for e in self.entries:
-            if e.owner == rank:
-                total += sum(block_numel(e.layout.blocks[q]) for q in range(self.world) if q != rank)
-            elif rank in e.senders(e.owner):
-                total += block_numel(e.layout.blocks[rank])
-        return total
+        return self._traffic()[0][rank]
+
+    def recv_elements(self, rank: int) -> int:
+        """Elements ``rank`` receives per step: blocks of the matrices it owns, its blocks of the others' results."""
+        return self._traffic()[1][rank]
+
+    def _traffic(self) -> tuple[list[int], list[int]]:
+        """Per group rank: elements sent and received per step, in one pass over the entries (O(entries x W))."""
+        if self._traffic_cache is None:
+            sent, received = [0] * self.world, [0] * self.world
+            for e in self.entries:
+                sizes = [block_numel(b) for b in e.layout.blocks]
+                owner_key = e.layout.replica_keys[e.owner]
+                for q, n in enumerate(sizes):
+                    if q == e.owner:
+                        continue
+                    sent[e.owner] += n           # the owner's result, each rank's block
+                    received[q] += n
+                    if e.layout.replica_keys[q] == owner_key:
+                        sent[q] += n             # the block of momentum, to the owner
+                        received[e.owner] += n
+            self._traffic_cache = (sent, received)
+        return self._traffic_cache
 
     def report(self) -> list[dict]:
         """Per rank: matrices owned, Newton-Schulz FLOPs, bytes sent per step, local matrix-shard bytes."""
-        rows = []
-        for rank in range(self.world):
-            owned = self.owned(rank)
-            rows.append({
-                "rank": self.ranks[rank],
-                "matrices_owned": sum(e.num_matrices for e in owned),
-                "ns_flops": sum(e.flops for e in owned),
-                "bytes_sent": self.send_elements(rank) * self.wire_bytes,
-                "local_shard_bytes": sum(block_numel(e.layout.blocks[rank]) for e in self.entries) * self.wire_bytes,
-            })
-        return rows
+        matrices, flops, local = [0] * self.world, [0] * self.world, [0] * self.world
+        for e in self.entries:
+            matrices[e.owner] += e.num_matrices
+            flops[e.owner] += e.flops
+            for q, b in enumerate(e.layout.blocks):
+                local[q] += block_numel(b)
+        sent, received = self._traffic()
+        return [{"rank": self.ranks[r], "matrices_owned": matrices[r], "ns_flops": flops[r],
+                 "bytes_sent": sent[r] * self.wire_bytes, "bytes_received": received[r] * self.wire_bytes,
+                 "local_shard_bytes": local[r] * self.wire_bytes} for r in range(self.world)]
 
 
 def build_group_plan(
