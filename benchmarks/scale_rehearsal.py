@@ -164,14 +164,39 @@ class StandinNewtonSchulz:
 
 # ---------------------------------------------------------------------- the model on one rank
 def as_rank(rank: int, world: int) -> None:
+    """Make this process rank ``rank`` of a fresh fake group of ``world`` ranks."""
     if dist.is_initialized():
         dist.destroy_process_group()
     dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    _resolve_stale_mesh_groups()
 
 
-def build_model(flavor: str, layers: int | None, mesh: tuple[int, int, int], rank: int):
-    """torchtitan's Llama 3 ``flavor`` (its first ``layers`` layers), parallelized on ``mesh`` as rank ``rank``,
-    with this rank's local shards allocated on the CPU (not initialized)."""
+def _resolve_stale_mesh_groups() -> None:
+    """After a group is re-initialized as another rank, a sub-mesh torchtitan unflattens can carry the name
+    of a group made in an earlier incarnation (a real job initializes once and never sees this); such a
+    mesh dim gets a new group over the same ranks."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if getattr(DeviceMesh.get_group, "_rehearsal", False):
+        return
+    original = DeviceMesh.get_group
+
+    def get_group(self, mesh_dim=None):
+        try:
+            return original(self, mesh_dim)
+        except RuntimeError:
+            if self.ndim != 1:
+                raise
+            return dist.new_group(self.mesh.flatten().tolist())
+
+    get_group._rehearsal = True
+    DeviceMesh.get_group = get_group
+
+
+def build_model(flavor: str, layers: int | None, mesh: tuple[int, int, int], rank: int | None):
+    """torchtitan's Llama 3 ``flavor`` (its first ``layers`` layers), parallelized on ``mesh`` as rank ``rank``
+    of the fake group (None: in the process group already initialized), with this rank's local shards
+    allocated on the CPU (not initialized)."""
     from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
     from torchtitan.distributed import ParallelDims
     from torchtitan.models.llama3.parallelize import parallelize_llama
@@ -182,7 +207,8 @@ def build_model(flavor: str, layers: int | None, mesh: tuple[int, int, int], ran
     apply_cpu_device_module()
     replicate, shard, tp = mesh
     world = replicate * shard * tp
-    as_rank(rank, world)
+    if rank is not None:
+        as_rank(rank, world)
     spec = ModelConfig(flavor=flavor, fuse_qkv=False).spec()
     if layers is not None:
         spec.model.layers = spec.model.layers[:layers]
@@ -221,9 +247,9 @@ def build_plan(opt: MARSM) -> list:
 
 
 # ---------------------------------------------------------------------- measurements
-def plan_row(flavor: str, mesh_name: str, rank: int, mirrored: MirroredGroup) -> dict:
+def plan_row(flavor: str, mesh_name: str, rank: int, mirrored: MirroredGroup, mesh=None) -> dict:
     """Plan for the whole model on one rank: its time, memory and what it gives this rank."""
-    mesh = MESHES[mesh_name]
+    mesh = mesh or MESHES[mesh_name]
     world = math.prod(mesh)
     model = build_model(flavor, None, mesh, rank)
     opt = build_optimizer(model)
@@ -254,8 +280,6 @@ def plan_row(flavor: str, mesh_name: str, rank: int, mirrored: MirroredGroup) ->
         "owned_tflop": me["ns_flops"] / 1e12, "even_split_tflop": total_flops / world / 1e12,
         "busiest_rank": fg.ranks[busiest], "busiest_tflop": report[busiest]["ns_flops"] / 1e12,
         "bytes_sent_per_step": me["bytes_sent"], "bytes_received_per_step": me["bytes_received"],
-        "ns_shapes": [tuple(e.shape) for e in fg.plan.entries], "ns_steps": fg.plan.entries[0].ns_steps,
-        "ns_dtype": fg.plan.entries[0].ns_dtype, "ns_method": fg.plan.entries[0].ns_method,
     }
     del opt, model, groups, fg
     gc.collect()
@@ -282,28 +306,37 @@ def fill_gradients(model, seed: int) -> None:
                                     run_check=False)
 
 
-def python_time(fn) -> tuple[float, int]:
-    """(seconds in Python frames, calls of C functions) of ``fn()`` under cProfile."""
+def init_parameters(model) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.to_local().normal_(0, 0.02)
+
+
+def host_calls(fn) -> tuple[float, int, int]:
+    """(seconds in Python frames, Python function calls, C function calls) of ``fn()`` under cProfile.
+
+    The calls are the step's host work independent of tensor sizes: on a GPU each torch call is a launch
+    and each Python call interpreter time, whatever the shard size. The seconds include the tensor math
+    that Python operators (``a * b``) run inside a Python frame, so on a CPU they shrink as shards do.
+    """
     profile = cProfile.Profile()
     profile.enable()
     fn()
     profile.disable()
     stats = pstats.Stats(profile).stats
     python_s = sum(tt for (file, _, _), (_, _, tt, _, _) in stats.items() if file != "~")
+    py_calls = sum(nc for (file, _, _), (_, nc, _, _, _) in stats.items() if file != "~")
     c_calls = sum(nc for (file, _, _), (_, nc, _, _, _) in stats.items() if file == "~")
-    return python_s, c_calls
+    return python_s, py_calls, c_calls
 
 
-def step_row(flavor: str, mesh_name: str, rank: int, layers: int, steps: int, mirrored: MirroredGroup,
-             ns: StandinNewtonSchulz) -> dict:
+def step_row(flavor: str, mesh_name: str, rank: int, layers: int | None, steps: int, mirrored: MirroredGroup,
+             ns: StandinNewtonSchulz, mesh=None, **optimizer_settings) -> dict:
     """Real steps of the first ``layers`` layers on one rank: time, counts and transient memory."""
-    mesh = MESHES[mesh_name]
-    world = math.prod(mesh)
+    mesh = mesh or MESHES[mesh_name]
     model = build_model(flavor, layers, mesh, rank)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.to_local().normal_(0, 0.02)
-    opt = build_optimizer(model)
+    init_parameters(model)
+    opt = build_optimizer(model, **optimizer_settings)
     times, per_step = [], []
     with mirrored.active(), ns.active():
         for step in range(steps):
@@ -315,30 +348,39 @@ def step_row(flavor: str, mesh_name: str, rank: int, layers: int, steps: int, mi
             times.append(time.perf_counter() - start)
             per_step.append((dict(mirrored.calls), mirrored.bytes_sent, mirrored.bytes_received, ns.flops))
         fill_gradients(model, steps)
-        py_s, c_calls = python_time(opt.step)
+        py_s, py_calls, c_calls = host_calls(opt.step)
+    calls, sent, received, flops = per_step[-1]
+    row = {
+        "model": flavor, "mesh": mesh_name, "world": math.prod(mesh), "rank": rank, "layers": len(model.layers),
+        "first_step_s": times[0], "step_s": min(times[1:]), "step_python_s": py_s, "step_py_calls": py_calls,
+        "step_c_calls": c_calls,
+        "collectives": calls, "a2a_bytes_sent": sent, "a2a_bytes_received": received,
+        "ns_tflop_this_rank": flops / 1e12,
+        "local_shard_elements": sum(p.to_local().numel() for p in model.parameters()),
+        **step_counts(opt),
+    }
+    del opt, model
+    gc.collect()
+    return row
+
+
+def step_counts(opt: MARSM) -> dict:
+    """What the last step's plan and engine say on this rank (the same on a real job and in the rehearsal)."""
     (fg,) = [g for g in flat_groups(opt) if g.matrices]
     engine = fg.engine
-    calls, sent, received, flops = per_step[-1]
     sizes = [math.prod(e.shape) for e in fg.plan.entries]
-    bucket_bytes = int(opt.options["bucket_mb"] * 2**20)
     wire = opt.wire_dtype.itemsize
     largest_bucket_elements = max(sum(sizes[p] for p in b) for b in fg.plan.buckets)
     bound = transient_bound(largest_bucket_elements, input_bytes=4, result_bytes=resolve_dtype(
         fg.plan.entries[0].ns_dtype).itemsize, wire_bytes=wire)
-    row = {
-        "model": flavor, "mesh": mesh_name, "world": world, "rank": rank, "layers": layers,
-        "first_step_s": times[0], "step_s": min(times[1:]), "step_python_s": py_s, "step_c_calls": c_calls,
-        "collectives": calls, "a2a_bytes_sent": sent, "a2a_bytes_received": received,
-        "engine_bytes_sent": engine.bytes_sent, "engine_bytes_received": engine.bytes_received,
-        "plan_bytes_sent": fg.plan.report()[fg.my_rank]["bytes_sent"],
-        "plan_bytes_received": fg.plan.report()[fg.my_rank]["bytes_received"],
-        "ns_tflop_this_rank": flops / 1e12, "buckets": len(fg.plan.buckets),
-        "peak_transient_bytes": engine.peak_transient_bytes, "transient_bound_bytes": bound,
-        "bucket_bytes": bucket_bytes, "local_shard_elements": sum(p.to_local().numel() for p in model.parameters()),
+    mine = fg.plan.report()[fg.my_rank]
+    return {
+        "engine_collectives": engine.collectives, "engine_bytes_sent": engine.bytes_sent,
+        "engine_bytes_received": engine.bytes_received, "plan_bytes_sent": mine["bytes_sent"],
+        "plan_bytes_received": mine["bytes_received"], "owned_ns_flops": mine["ns_flops"],
+        "buckets": len(fg.plan.buckets), "peak_transient_bytes": engine.peak_transient_bytes,
+        "transient_bound_bytes": bound, "bucket_bytes": int(opt.options["bucket_mb"] * 2**20),
     }
-    del opt, model, fg, engine
-    gc.collect()
-    return row
 
 
 def transient_bound(largest_bucket_elements: int, input_bytes: int, result_bytes: int, wire_bytes: int) -> int:
@@ -364,7 +406,7 @@ def markdown(plan_rows: list[dict], step_rows: list[dict]) -> str:
            "|" + "---|" * 14]
     for r in plan_rows:
         out.append(f"| {r['model']} | {r['mesh']} | {r['world']} | {r['rank']} | {r['plan_s']:.2f} | "
-                   f"{r['plan_python_peak_mib']:.0f} | {r['owned_tflop']:.2f} | {r['even_split_tflop']:.2f} | "
+                   f"{r['plan_python_peak_mib']:.1f} | {r['owned_tflop']:.2f} | {r['even_split_tflop']:.2f} | "
                    f"{r['busiest_tflop']:.2f} (rank {r['busiest_rank']}) | {r['plan_balance_busiest_tflop']:.2f} | "
                    f"{r['buckets']} | {r['a2a_per_step']} | {fmt_bytes(r['bytes_sent_per_step'])} | "
                    f"{fmt_bytes(r['bytes_received_per_step'])} |")
@@ -421,7 +463,8 @@ def main(argv=None) -> dict:
                 row["busiest"] = rank == busiest
                 step_rows.append(row)
                 print(f"step {flavor} {mesh_name} rank {rank}{' (busiest)' if rank == busiest else ''}: first "
-                      f"{row['first_step_s']:.2f} s, steady {row['step_s']:.3f} s (Python {row['step_python_s']:.3f} s), "
+                      f"{row['first_step_s']:.2f} s, steady {row['step_s']:.3f} s (Python {row['step_python_s']:.3f} s, "
+                      f"{row['step_py_calls']} Python + {row['step_c_calls']} C calls), "
                       f"{row['collectives']}, peak transient {fmt_bytes(row['peak_transient_bytes'])} "
                       f"(bound {fmt_bytes(row['transient_bound_bytes'])})", flush=True)
     if dist.is_initialized():

@@ -9,6 +9,7 @@ block never travels. Bytes sent are counted from the split sizes, not estimated.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 
 import torch
@@ -141,12 +142,13 @@ class OwnerCompute:
                 for q in e.senders(me):
                     if q != me:
                         recv_sizes[q] += block_numel(e.layout.blocks[q])
-        return self._exchange(send_parts, send_sizes, recv_sizes)
+        return self._exchange([t for rank in sorted(send_parts) for t in send_parts[rank]], send_sizes, recv_sizes)
 
     def _finish_gather(self, bucket, local_inputs, handle) -> dict[int, torch.Tensor]:
         plan, me = self.plan, self.plan.my_rank
         pieces = self._wait(handle)
         fulls = {}
+        owned = sum(1 for pos in bucket if plan.entries[pos].owner == me)
         for pos in bucket:
             e = plan.entries[pos]
             if e.owner != me:
@@ -156,6 +158,16 @@ class OwnerCompute:
                 fulls[pos] = local_inputs[pos]
                 continue
             # Assembled in the input's dtype: only blocks that travel are rounded to the wire dtype.
+            tiling = e.leading_tiling(me)
+            if tiling is not None:
+                mine = local_inputs[pos].reshape(-1)
+                if owned == 1:   # the receive buffer is this matrix's blocks in rank order, less this rank's
+                    cut = pieces.offsets[me]
+                    parts = [pieces.recv[:cut], mine, pieces.recv[cut:]]
+                else:
+                    parts = [mine if q == me else pieces[q].pop(n) for q, n in tiling]
+                fulls[pos] = torch.cat(parts).to(mine.dtype).view(e.shape)
+                continue
             full = torch.empty(e.shape, dtype=local_inputs[pos].dtype, device=local_inputs[pos].device)
             for q in senders:
                 block = e.layout.blocks[q]
@@ -172,13 +184,23 @@ class OwnerCompute:
         plan, me = self.plan, self.plan.my_rank
         send_parts: dict[int, list[torch.Tensor]] = defaultdict(list)
         send_sizes, recv_sizes = [0] * plan.world, [0] * plan.world
+        owned = [pos for pos in bucket if plan.entries[pos].owner == me]
+        flat = None
+        if len(owned) == 1:
+            e = plan.entries[owned[0]]
+            tiling = e.leading_tiling(me) if len(e.layout.ranks) == len(e.senders(me)) else None
+            if tiling is not None:   # every other rank's block is one range of the flat result, in rank order
+                _, sizes = zip(*tiling)
+                start = sum(sizes[:me])
+                result = results[owned[0]].reshape(-1)
+                flat = [result[:start], result[start + sizes[me]:]]
+                send_sizes = list(sizes)
+                send_sizes[me] = 0
         for pos in bucket:
             e = plan.entries[pos]
             if e.owner == me:
-                for q in range(plan.world):
-                    if q != me:
-                        send_parts[q].append(take_block(results[pos], e.layout.blocks[q]).reshape(-1))
-                        send_sizes[q] += block_numel(e.layout.blocks[q])
+                if flat is None:
+                    self._split_result(e, results[pos], send_parts, send_sizes)
                 block = e.layout.blocks[me]
                 shape = [index_len(i) for i in block]
                 mine = results[pos]
@@ -187,7 +209,25 @@ class OwnerCompute:
                 outputs[pos] = mine.reshape(shape)
             else:
                 recv_sizes[e.owner] += block_numel(e.layout.blocks[me])
-        return self._exchange(send_parts, send_sizes, recv_sizes)
+        if flat is None:
+            flat = [t for rank in sorted(send_parts) for t in send_parts[rank]]
+        return self._exchange(flat, send_sizes, recv_sizes)
+
+    def _split_result(self, e: MatrixEntry, result: torch.Tensor, send_parts: dict, send_sizes: list[int]) -> None:
+        """Every other rank's block of one result, as flat views where the blocks tile the leading dim."""
+        me = self.plan.my_rank
+        tiling = e.leading_tiling(me) if e.senders(me) == list(range(self.plan.world)) else None
+        if tiling is not None:
+            ranks, sizes = zip(*tiling)
+            for q, n, view in zip(ranks, sizes, result.reshape(-1).split(sizes)):
+                if q != me and n:
+                    send_parts[q].append(view)
+                    send_sizes[q] += n
+            return
+        for q in range(self.plan.world):
+            if q != me:
+                send_parts[q].append(take_block(result, e.layout.blocks[q]).reshape(-1))
+                send_sizes[q] += block_numel(e.layout.blocks[q])
 
     def _finish_scatter(self, bucket, handle, outputs) -> None:
         plan, me = self.plan, self.plan.my_rank
@@ -201,12 +241,11 @@ class OwnerCompute:
         self._release(handle)
 
     # -- one all_to_all_single -------------------------------------------------------------
-    def _exchange(self, send_parts: dict, send_sizes: list[int], recv_sizes: list[int]):
-        """Start one all_to_all_single; ``send_parts`` maps destination rank -> flat pieces, in order."""
+    def _exchange(self, flat: list[torch.Tensor], send_sizes: list[int], recv_sizes: list[int]):
+        """Start one all_to_all_single; ``flat`` is what goes out, in destination-rank order."""
         plan = self.plan
-        if plan.world == 1 or (not send_parts and not any(recv_sizes) and plan.group is None):
+        if plan.world == 1 or (not flat and not any(recv_sizes) and plan.group is None):
             return None, recv_sizes, None, None
-        flat = [t for rank in sorted(send_parts) for t in send_parts[rank]]
         # One cast after the concatenation (cat promotes mixed inputs), not one per matrix.
         send = torch.cat(flat).to(self.wire_dtype) if flat else torch.empty(0, dtype=self.wire_dtype, device=self.device)
         recv = torch.empty(sum(recv_sizes), dtype=self.wire_dtype, device=self.device)
@@ -223,25 +262,30 @@ class OwnerCompute:
             self._hold(-(send.numel() + recv.numel()) * send.element_size())
 
     @staticmethod
-    def _wait(handle) -> dict[int, _Cursor]:
-        """Per source rank: a cursor over its part of the receive buffer."""
+    def _wait(handle) -> _Parts:
         work, recv_sizes, recv, _ = handle
         if work is not None:
             work.wait()
-        if recv is None:
-            return {}
-        # A rank that sends nothing (an empty shard) reads as an empty part.
-        cursors, offset = defaultdict(lambda: _Cursor(recv[:0])), 0
-        for rank, n in enumerate(recv_sizes):
-            if n:
-                cursors[rank] = _Cursor(recv[offset: offset + n])
-                offset += n
-        return cursors
+        return _Parts(recv, recv_sizes)
 
 
 def _gathered_bytes(tensors: dict[int, torch.Tensor], local_inputs: dict[int, torch.Tensor]) -> int:
     """Bytes of the tensors that are not this rank's own inputs (a matrix it holds whole is not a copy)."""
     return sum(t.numel() * t.element_size() for pos, t in tensors.items() if t is not local_inputs.get(pos))
+
+
+class _Parts(dict):
+    """Per source rank: a cursor over its part of a receive buffer, made when first read (most ranks
+    receive from few others, so nothing here walks the whole group in Python)."""
+
+    def __init__(self, recv: torch.Tensor | None, recv_sizes: list[int]):
+        super().__init__()
+        self.recv = recv
+        self.offsets = list(itertools.accumulate(recv_sizes, initial=0)) if recv is not None else None
+
+    def __missing__(self, rank: int) -> _Cursor:
+        cursor = self[rank] = _Cursor(self.recv[self.offsets[rank]: self.offsets[rank + 1]])
+        return cursor
 
 
 class _Cursor:

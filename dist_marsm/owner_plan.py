@@ -136,14 +136,6 @@ def _shard_runs(runs: Runs, chunks: int, i: int, split_factor: int | None) -> Ru
     return tuple(merged)
 
 
-def _runs_index(runs: Runs) -> Index:
-    if not runs:
-        return slice(0, 0)
-    if len(runs) == 1:
-        return slice(*runs[0])
-    return torch.cat([torch.arange(a, b) for a, b in runs])
-
-
 def dtensor_layout(dtensor, view_shape: tuple[int, ...] | None = None) -> Layout:
     """Derive the layout of a DTensor from its mesh and placements, for every rank of its mesh.
 
@@ -179,22 +171,43 @@ def _layout_from_placements(mesh_ranks: tuple[int, ...], mesh_shape: tuple[int, 
              if isinstance(p, (Shard, _StridedShard)) and p.dim == tdim] for tdim in range(len(shape))]
     replicate_dims = [m for m, p in enumerate(placements) if isinstance(p, Replicate)]
     strides = [math.prod(mesh_shape[m + 1:]) for m in range(len(mesh_shape))]
-    cache: dict[tuple, Index] = {}
+    runs_cache: dict[tuple, Runs] = {}
 
-    def dim_index(tdim: int, coord: tuple[int, ...]) -> Index:
-        key = (tdim, tuple(coord[m] for m, _ in cuts[tdim]))
-        if key not in cache:
-            runs: Runs = ((0, shape[tdim]),)
-            for m, split_factor in cuts[tdim]:
-                runs = _shard_runs(runs, mesh_shape[m], coord[m], split_factor)
-            cache[key] = _runs_index(runs)
-        return cache[key]
+    def dim_runs(tdim: int, coords: tuple[int, ...]) -> Runs:
+        """The runs of tensor dim ``tdim`` held at ``coords`` on its cutting mesh dims (a prefix of them),
+        each cut computed once per distinct prefix."""
+        key = (tdim, coords)
+        if key not in runs_cache:
+            if not coords:
+                runs_cache[key] = ((0, shape[tdim]),)
+            else:
+                m, split_factor = cuts[tdim][len(coords) - 1]
+                runs_cache[key] = _shard_runs(dim_runs(tdim, coords[:-1]), mesh_shape[m], coords[-1], split_factor)
+        return runs_cache[key]
 
-    by_rank = {}
+    rank_keys = {}
     for flat, rank in enumerate(mesh_ranks):
         coord = tuple(flat // strides[m] % mesh_shape[m] for m in range(len(mesh_shape)))
-        block = tuple(dim_index(tdim, coord) for tdim in range(len(shape)))
-        by_rank[rank] = (block, tuple(coord[m] for m in replicate_dims))
+        dim_keys = tuple((tdim, tuple(coord[m] for m, _ in cuts[tdim])) for tdim in range(len(shape)))
+        for tdim, coords in dim_keys:
+            dim_runs(tdim, coords)
+        rank_keys[rank] = (dim_keys, tuple(coord[m] for m in replicate_dims))
+    # One Index per distinct block: a slice for one run; index tensors for the rest, made together (views
+    # of one tensor), since thousands of small tensors made one by one would dominate the cost.
+    indices: dict[tuple, Index] = {}
+    scattered = []
+    for key in {k for dim_keys, _ in rank_keys.values() for k in dim_keys}:
+        runs = runs_cache[key]
+        if len(runs) <= 1:
+            indices[key] = slice(*runs[0]) if runs else slice(0, 0)
+        else:
+            scattered.append(key)
+    if scattered:
+        lengths = [sum(b - a for a, b in runs_cache[k]) for k in scattered]
+        flat_index = torch.tensor([i for k in scattered for a, b in runs_cache[k] for i in range(a, b)],
+                                  dtype=torch.long)
+        indices.update(zip(scattered, flat_index.split(lengths)))
+    by_rank = {rank: (tuple(indices[k] for k in dim_keys), key) for rank, (dim_keys, key) in rank_keys.items()}
     ranks = tuple(sorted(by_rank))
     blocks = [by_rank[r][0] for r in ranks]
     keys = tuple(by_rank[r][1] for r in ranks)
@@ -322,6 +335,7 @@ class MatrixEntry:
     holder: int | None = None       # group rank that holds the whole matrix in the first replica: its owner
     owner: int = -1                 # group rank
     flops: int = 0
+    _tilings: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_matrices(self) -> int:
@@ -331,6 +345,25 @@ class MatrixEntry:
         """Group ranks whose blocks, together, tile the matrix for ``owner``: its own replica."""
         key = self.layout.replica_keys[owner]
         return [r for r, k in enumerate(self.layout.replica_keys) if k == key]
+
+    def leading_tiling(self, owner: int) -> list[tuple[int, int]] | None:
+        """(group rank, elements) of each sender to ``owner``, in order, when their blocks are consecutive
+        ranges of the leading dim, whole along the others (FSDP's Shard(0), HSDP): the full matrix is then
+        the concatenation of the blocks, flattened, and the owner moves them with one call instead of one
+        per rank. None for any other layout (tensor parallelism, column shards). Cached per owner."""
+        if owner not in self._tilings:
+            tiling, expected = [], 0
+            for q in self.senders(owner):
+                block = self.layout.blocks[q]
+                lead = block[0]
+                whole = all(_covers(i, s) for i, s in zip(block[1:], self.shape[1:]))
+                if not (isinstance(lead, slice) and whole and (lead.start == expected or lead.start == lead.stop)):
+                    tiling = None
+                    break
+                expected = max(expected, lead.stop)
+                tiling.append((q, block_numel(block)))
+            self._tilings[owner] = tiling if tiling is not None and expected == self.shape[0] else None
+        return self._tilings[owner]
 
     def sends_to_owner(self, rank: int) -> bool:
         """Whether ``rank`` sends its block to this entry's owner (it is another rank of the owner's replica).
