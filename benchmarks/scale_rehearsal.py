@@ -82,16 +82,16 @@ class MirroredGroup:
     """Collectives as seen by one rank of a job in which every other rank mirrors this one.
 
     Patches torch.distributed's all_reduce, all_gather_object and all_to_all_single while active and
-    counts calls and bytes (sent: the send splits' elements; received: the receive splits').
+    counts calls and bytes (all_to_all_single's sent: the send splits' elements, received: the receive
+    splits'; all_reduce's separately).
     """
 
     def __init__(self):
         self.calls: dict[str, int] = {}
-        self.bytes_sent = 0
-        self.bytes_received = 0
+        self.reset()
 
     def reset(self):
-        self.calls, self.bytes_sent, self.bytes_received = {}, 0, 0
+        self.calls, self.bytes_sent, self.bytes_received, self.allreduce_bytes = {}, 0, 0, 0
 
     def _count(self, name):
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -102,7 +102,7 @@ class MirroredGroup:
             tensor.mul_(dist.get_world_size(group))
         elif op not in (dist.ReduceOp.MAX, dist.ReduceOp.MIN, dist.ReduceOp.AVG):
             raise NotImplementedError(f"mirrored all_reduce: op {op}")
-        self.bytes_sent += tensor.numel() * tensor.element_size()
+        self.allreduce_bytes += tensor.numel() * tensor.element_size()
         return _Done() if async_op else None
 
     def all_gather_object(self, object_list, obj, group=None):
@@ -371,8 +371,9 @@ def step_counts(opt: MARSM) -> dict:
     sizes = [math.prod(e.shape) for e in fg.plan.entries]
     wire = opt.wire_dtype.itemsize
     largest_bucket_elements = max(sum(sizes[p] for p in b) for b in fg.plan.buckets)
+    replicas = max(len(set(e.layout.replica_keys)) for e in fg.plan.entries)
     bound = transient_bound(largest_bucket_elements, input_bytes=4, result_bytes=resolve_dtype(
-        fg.plan.entries[0].ns_dtype).itemsize, wire_bytes=wire)
+        fg.plan.entries[0].ns_dtype).itemsize, wire_bytes=wire, replicas=replicas)
     mine = fg.plan.report()[fg.my_rank]
     return {
         "engine_collectives": engine.collectives, "engine_bytes_sent": engine.bytes_sent,
@@ -383,11 +384,13 @@ def step_counts(opt: MARSM) -> dict:
     }
 
 
-def transient_bound(largest_bucket_elements: int, input_bytes: int, result_bytes: int, wire_bytes: int) -> int:
-    """docs/scale.md's bound on OwnerCompute.peak_transient_bytes: the largest bucket (at least one matrix)
-    gathered in the input dtype, its results, the next gather's receive and send buffers and the previous
-    scatter's send and receive buffers on the wire."""
-    return largest_bucket_elements * (input_bytes + result_bytes + 4 * wire_bytes)
+def transient_bound(largest_bucket_elements: int, input_bytes: int, result_bytes: int, wire_bytes: int,
+                    replicas: int) -> int:
+    """docs/scale.md's bound on OwnerCompute.peak_transient_bytes, B the largest bucket (at least one matrix):
+    B gathered in the input dtype and its results, the next gather's send and receive buffers (B each on the
+    wire), and one scatter: every rank's block of B, in every replica (replicas x B), and this rank's blocks
+    received (B)."""
+    return largest_bucket_elements * (input_bytes + result_bytes + (replicas + 3) * wire_bytes)
 
 
 # ---------------------------------------------------------------------- the table
@@ -424,6 +427,28 @@ def markdown(plan_rows: list[dict], step_rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def summary(plan_rows: list[dict], step_rows: list[dict]) -> str:
+    """Per model: the slowest plan build at W = 1,024, and each rank role's step at FSDP 1024 over FSDP 64."""
+    out = ["### Growth with W", "",
+           "| model | slowest plan at W = 1,024 | role | step s, W 64 -> 1,024 | host calls, W 64 -> 1,024 |",
+           "|---|---|---|---|---|"]
+    for flavor in dict.fromkeys(r["model"] for r in plan_rows):
+        slowest = max((r["plan_s"] for r in plan_rows if r["model"] == flavor and r["world"] == 1024), default=None)
+        roles = {}
+        for r in step_rows:
+            if r["model"] == flavor and r["mesh"] in ("FSDP 64", "FSDP 1024"):
+                role = "busiest owner" if r.get("busiest") else ("first" if r["rank"] == 0 else "last")
+                roles.setdefault(role, {})[r["world"]] = r
+        for role, by_world in roles.items():
+            if 64 in by_world and 1024 in by_world:
+                a, b = by_world[64], by_world[1024]
+                calls_a = a["step_py_calls"] + a["step_c_calls"]
+                calls_b = b["step_py_calls"] + b["step_c_calls"]
+                out.append(f"| {flavor} | {slowest:.2f} s | {role} | {a['step_s']:.3f} -> {b['step_s']:.3f} "
+                           f"({b['step_s'] / a['step_s']:.2f}x) | {calls_a} -> {calls_b} ({calls_b / calls_a:.2f}x) |")
+    return "\n".join(out)
+
+
 def pick_ranks(world: int, busiest: int) -> list[int]:
     return list(dict.fromkeys([0, world - 1, busiest]))
 
@@ -433,7 +458,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", nargs="+", default=["8B", "70B"])
     ap.add_argument("--meshes", nargs="+", default=list(MESHES), choices=list(MESHES))
     ap.add_argument("--step-layers", type=int, default=2, help="layers in the stepped model (memory: W = 64)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per rank (the first builds the plan)")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per rank (the first builds the plan), "
+                    "then one more under cProfile")
     ap.add_argument("--out", default="scale_rehearsal", help="results/<out>.json and .md")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)    # a shared 2-core machine; one rank's host work is single-threaded anyway
@@ -454,7 +480,7 @@ def main(argv=None) -> dict:
             # The stepped model's own busiest owner (its plan has only the first layers).
             step_first = step_row(flavor, mesh_name, 0, args.step_layers, args.steps, mirrored, ns)
             probe = build_optimizer(build_model(flavor, args.step_layers, MESHES[mesh_name], 0))
-            report = [g for g in build_plan(probe) if g.matrices][0].plan.report()
+            report = next(g for g in build_plan(probe) if g.matrices).plan.report()
             busiest = max(report, key=lambda r: (r["ns_flops"], -r["rank"]))["rank"]
             del probe
             for rank in pick_ranks(world, busiest):
@@ -469,7 +495,7 @@ def main(argv=None) -> dict:
                       f"(bound {fmt_bytes(row['transient_bound_bytes'])})", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
-    table = markdown(plan_rows, step_rows)
+    table = markdown(plan_rows, step_rows) + "\n\n" + summary(plan_rows, step_rows)
     print("\n" + table)
     print(f"\nrehearsal took {time.perf_counter() - started:.0f} s")
     from _common import save

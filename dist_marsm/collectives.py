@@ -75,9 +75,10 @@ class OwnerCompute:
     Per step it counts ``bytes_sent`` / ``bytes_received`` (from the split sizes), ``collectives`` (the
     all_to_all_single calls), ``ns_matrices``, and ``peak_transient_bytes``: the most bytes held at once in
     gathered matrices, their results and the send / receive buffers of gathers and of scatters still in
-    flight (this rank's own blocks of the updates, the step's output, are not counted). At most two
-    buckets' gathers or results and one bucket's scatter are alive at a time, so the peak is bounded by a
-    few buckets, whatever the world size and however many buckets this rank owns.
+    flight (this rank's own blocks of the updates, the step's output, are not counted). At most one bucket's
+    gathered matrices and results, the next bucket's gather and one scatter are alive at a time, so the
+    peak is bounded by a few buckets (docs/scale.md), whatever the world size and however many buckets
+    this rank owns.
     """
 
     def __init__(self, plan: GroupPlan, wire_dtype: torch.dtype):
@@ -118,12 +119,12 @@ class OwnerCompute:
             results = _orthogonalize_batched(fulls, plan.entries)
             self.ns_matrices += sum(plan.entries[p].num_matrices for p in results)
             self._hold(_gathered_bytes(results, local_inputs))
+            if in_flight is not None:   # one scatter in flight at a time: it overlapped this bucket's NS
+                self._finish_scatter(*in_flight, outputs)
             scatter = self._start_scatter(bucket, results, outputs)
             # The scatter's send buffer holds copies: the gathered matrices and their results can go.
             self._hold(-_gathered_bytes(fulls, local_inputs) - _gathered_bytes(results, local_inputs))
             del fulls, results
-            if in_flight is not None:   # at most one scatter in flight: its buffers bound the memory
-                self._finish_scatter(*in_flight, outputs)
             in_flight = (bucket, scatter)
         self._finish_scatter(*in_flight, outputs)
         return outputs
@@ -139,9 +140,10 @@ class OwnerCompute:
                 send_parts[e.owner].append(local_inputs[pos].reshape(-1))
                 send_sizes[e.owner] += block_numel(e.layout.blocks[me])
             elif e.owner == me:
-                for q in e.senders(me):
+                tiling = e.leading_tiling(me)
+                for q, n in tiling if tiling is not None else ((q, block_numel(e.layout.blocks[q])) for q in e.senders(me)):
                     if q != me:
-                        recv_sizes[q] += block_numel(e.layout.blocks[q])
+                        recv_sizes[q] += n
         return self._exchange([t for rank in sorted(send_parts) for t in send_parts[rank]], send_sizes, recv_sizes)
 
     def _finish_gather(self, bucket, local_inputs, handle) -> dict[int, torch.Tensor]:

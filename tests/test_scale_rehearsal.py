@@ -42,7 +42,7 @@ class CountingCollectives(rehearsal.MirroredGroup):
 
     def all_reduce(self, tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
         self._count("all_reduce")
-        self.bytes_sent += tensor.numel() * tensor.element_size()
+        self.allreduce_bytes += tensor.numel() * tensor.element_size()
         return self.real["all_reduce"](tensor, op=op, group=group, async_op=async_op)
 
     def all_gather_object(self, object_list, obj, group=None):
