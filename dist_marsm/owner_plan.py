@@ -147,10 +147,15 @@ def dtensor_layout(dtensor, view_shape: tuple[int, ...] | None = None) -> Layout
     ``view_shape`` (flattening conv kernels to 2-D) is only allowed where it keeps every rank's block
     a set of whole leading rows.
     """
-    mesh = dtensor.device_mesh
-    return _layout_from_placements(tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape),
-                                   tuple(dtensor.placements), tuple(dtensor.shape),
-                                   None if view_shape is None else tuple(view_shape))
+    return _layout_from_placements(*_mesh_ranks(dtensor.device_mesh), tuple(dtensor.placements),
+                                   tuple(dtensor.shape), None if view_shape is None else tuple(view_shape))
+
+
+@functools.lru_cache(maxsize=64)
+def _mesh_ranks(mesh) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A mesh's ranks in row-major order and its shape, once per mesh (torch rebuilds the tensor per call)."""
+    ranks = mesh.mesh
+    return tuple(ranks.flatten().tolist()), tuple(ranks.shape)
 
 
 @functools.lru_cache(maxsize=256)
