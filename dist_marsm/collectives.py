@@ -189,13 +189,15 @@ class OwnerCompute:
         owned = [pos for pos in bucket if plan.entries[pos].owner == me]
         flat = None
         if len(owned) == 1:
-            e = plan.entries[owned[0]]
-            tiling = e.leading_tiling(me) if len(e.layout.ranks) == len(e.senders(me)) else None
-            if tiling is not None:   # every other rank's block is one range of the flat result, in rank order
-                _, sizes = zip(*tiling)
-                start = sum(sizes[:me])
+            sizes = plan.entries[owned[0]].scatter_sizes()
+            if sizes is not None:   # the ranks' blocks are the flat result, once per replica, in rank order
                 result = results[owned[0]].reshape(-1)
-                flat = [result[:start], result[start + sizes[me]:]]
+                copies = sum(sizes) // result.numel()
+                if sizes[me] == 0:
+                    flat = [result] * copies
+                else:   # this rank's own block is cut out of its replica's copy
+                    copy, cut = divmod(sum(sizes[:me]), result.numel())
+                    flat = [result] * copy + [result[:cut], result[cut + sizes[me]:]] + [result] * (copies - copy - 1)
                 send_sizes = list(sizes)
                 send_sizes[me] = 0
         for pos in bucket:

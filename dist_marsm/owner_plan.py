@@ -370,6 +370,32 @@ class MatrixEntry:
             self._tilings[owner] = tiling if tiling is not None and expected == self.shape[0] else None
         return self._tilings[owner]
 
+    def scatter_sizes(self) -> list[int] | None:
+        """Each group rank's block size, when the ranks in group order run through the matrix's leading dim
+        as consecutive ranges, once per replica (FSDP: once; HSDP: replicas of consecutive ranks): every rank's
+        block of a result is then a range of the result repeated per replica, flattened, and the owner sends
+        them with a few views instead of one slice per rank. None otherwise (tensor parallelism). Cached."""
+        if "scatter" not in self._tilings:
+            sizes, expected, rows = [], 0, self.shape[0]
+            for block in self.layout.blocks:
+                lead = block[0]
+                if not (isinstance(lead, slice) and all(_covers(i, s) for i, s in zip(block[1:], self.shape[1:]))):
+                    sizes = None
+                    break
+                if lead.start == lead.stop:
+                    sizes.append(0)
+                    continue
+                if expected == rows and lead.start == 0:
+                    expected = 0      # the next replica starts over
+                if lead.start != expected:
+                    sizes = None
+                    break
+                expected = lead.stop
+                sizes.append(block_numel(block))
+            ok = sizes is not None and expected == rows and sum(sizes) % math.prod(self.shape) == 0
+            self._tilings["scatter"] = sizes if ok else None
+        return self._tilings["scatter"]
+
     def sends_to_owner(self, rank: int) -> bool:
         """Whether ``rank`` sends its block to this entry's owner (it is another rank of the owner's replica).
 
