@@ -458,7 +458,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", nargs="+", default=["8B", "70B"])
     ap.add_argument("--meshes", nargs="+", default=list(MESHES), choices=list(MESHES))
     ap.add_argument("--step-layers", type=int, default=2, help="layers in the stepped model (memory: W = 64)")
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per rank (the first builds the plan), "
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per rank (the first builds the plan), "
                     "then one more under cProfile")
     ap.add_argument("--out", default="scale_rehearsal", help="results/<out>.json and .md")
     args = ap.parse_args(argv)
