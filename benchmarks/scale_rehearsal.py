@@ -50,8 +50,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: E402
 
-import dist_marsm.collectives as collectives  # noqa: E402
-from dist_marsm import MARSM, build_param_groups  # noqa: E402
+from dist_marsm import MARSM, build_param_groups, collectives  # noqa: E402
 from dist_marsm.newton_schulz import newton_schulz_flops, resolve_dtype  # noqa: E402
 
 # name -> (dp_replicate, dp_shard, tp); W is their product.
@@ -404,8 +403,8 @@ def fmt_bytes(n: float) -> str:
 
 def markdown(plan_rows: list[dict], step_rows: list[dict]) -> str:
     out = ["### Plan (whole model, first step; NS TFLOP per step)", "",
-           "| model | mesh | W | rank | plan s | plan Python MiB | owned TFLOP | even split | busiest | "
-           "plan_balance busiest | buckets | all_to_all / step | sent / step | received / step |",
+           ("| model | mesh | W | rank | plan s | plan Python MiB | owned TFLOP | even split | busiest | "
+            "plan_balance busiest | buckets | all_to_all / step | sent / step | received / step |"),
            "|" + "---|" * 14]
     for r in plan_rows:
         out.append(f"| {r['model']} | {r['mesh']} | {r['world']} | {r['rank']} | {r['plan_s']:.2f} | "
@@ -414,8 +413,8 @@ def markdown(plan_rows: list[dict], step_rows: list[dict]) -> str:
                    f"{r['buckets']} | {r['a2a_per_step']} | {fmt_bytes(r['bytes_sent_per_step'])} | "
                    f"{fmt_bytes(r['bytes_received_per_step'])} |")
     out += ["", "### Steps (first layers only; Newton-Schulz stood in)", "",
-            "| model | mesh | W | rank | layers | first step s | step s | step Python s | torch C calls | "
-            "collectives / step | sent | received | NS TFLOP here | peak transient | bound |",
+            ("| model | mesh | W | rank | layers | first step s | step s | step Python s | torch C calls | "
+             "collectives / step | sent | received | NS TFLOP here | peak transient | bound |"),
             "|" + "---|" * 15]
     for r in step_rows:
         calls = ", ".join(f"{k} {v}" for k, v in sorted(r["collectives"].items()))
