@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import heapq
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -151,11 +152,15 @@ def dtensor_layout(dtensor, view_shape: tuple[int, ...] | None = None) -> Layout
                                    tuple(dtensor.shape), None if view_shape is None else tuple(view_shape))
 
 
-@functools.lru_cache(maxsize=64)
+_MESH_RANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _mesh_ranks(mesh) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """A mesh's ranks in row-major order and its shape, once per mesh (torch rebuilds the tensor per call)."""
-    ranks = mesh.mesh
-    return tuple(ranks.flatten().tolist()), tuple(ranks.shape)
+    """A mesh's ranks in row-major order and its shape, once per live mesh (torch rebuilds the tensor per call)."""
+    if mesh not in _MESH_RANKS:
+        ranks = mesh.mesh
+        _MESH_RANKS[mesh] = (tuple(ranks.flatten().tolist()), tuple(ranks.shape))
+    return _MESH_RANKS[mesh]
 
 
 @functools.lru_cache(maxsize=256)
