@@ -13,7 +13,10 @@ an owner gathers from the ranks of its own replica and scatters the result to ev
 
 from __future__ import annotations
 
+import functools
+import heapq
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -88,55 +91,149 @@ def replicated_layout(shape: tuple[int, ...], ranks: tuple[int, ...]) -> Layout:
     return Layout(ranks, tuple(full for _ in ranks), tuple((r,) for r in range(len(ranks))))
 
 
+def _chunk_bounds(size: int, chunks: int, i: int) -> tuple[int, int]:
+    """Positions [start, stop) of piece ``i`` when ``size`` items are cut as torch.chunk cuts them: pieces of
+    ceil(size / chunks), the last ones short or empty (the rule DTensor's Shard follows, without padding)."""
+    step = -(-size // chunks)
+    return min(i * step, size), min((i + 1) * step, size)
+
+
+Runs = tuple[tuple[int, int], ...]   # an ordered index set as consecutive [start, stop) runs
+
+
+def _take_positions(runs: Runs, start: int, stop: int) -> Runs:
+    """The runs covering positions [start, stop) of the ordered index set ``runs``."""
+    out, offset = [], 0
+    for a, b in runs:
+        lo, hi = max(start - offset, 0), min(stop - offset, b - a)
+        if lo < hi:
+            out.append((a + lo, a + hi))
+        offset += b - a
+        if offset >= stop:
+            break
+    return tuple(out)
+
+
+def _shard_runs(runs: Runs, chunks: int, i: int, split_factor: int | None) -> Runs:
+    """Piece ``i`` of ``chunks`` of an ordered index set, as Shard (``split_factor`` None) or _StridedShard cuts it.
+
+    _StridedShard(split_factor=f) first cuts the set into f pieces, cuts each of those into ``chunks``, and
+    gives piece i the concatenation of the f sub-pieces i (the order a later mesh dim's sharding left behind).
+    """
+    size = sum(b - a for a, b in runs)
+    if split_factor is None:
+        return _take_positions(runs, *_chunk_bounds(size, chunks, i))
+    out = []
+    for j in range(split_factor):
+        lo, hi = _chunk_bounds(size, split_factor, j)
+        sub_lo, sub_hi = _chunk_bounds(hi - lo, chunks, i)
+        out.extend(_take_positions(runs, lo + sub_lo, lo + sub_hi))
+    merged: list[tuple[int, int]] = []
+    for a, b in out:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return tuple(merged)
+
+
 def dtensor_layout(dtensor, view_shape: tuple[int, ...] | None = None) -> Layout:
     """Derive the layout of a DTensor from its mesh and placements, for every rank of its mesh.
 
-    Each tensor dim is split independently by the mesh dims that shard it, left to right, with
-    the placements' own split functions applied to an index range - the same code DTensor uses to
-    cut the data, so Shard, uneven chunks, empty shards and _StridedShard (FSDP+TP) all agree
-    with the local tensors by construction. ``view_shape`` (flattening conv kernels to 2-D) is only
-    allowed where it keeps every rank's block a set of whole leading rows.
+    Each tensor dim is cut independently by the mesh dims that shard it, left to right, by arithmetic on
+    index runs with torch.chunk's rule (pieces of ceil(n / k), the last ones short or empty) - the rule
+    DTensor cuts its data by, so Shard, uneven chunks, empty shards and _StridedShard (FSDP+TP) all
+    agree with the local tensors. A block depends only on the rank's coordinates on the dims that
+    shard it, so each distinct block is computed once: the work is linear in the mesh size.
+    ``view_shape`` (flattening conv kernels to 2-D) is only allowed where it keeps every rank's block
+    a set of whole leading rows.
+    """
+    return _layout_from_placements(*_mesh_ranks(dtensor.device_mesh), tuple(dtensor.placements),
+                                   tuple(dtensor.shape), None if view_shape is None else tuple(view_shape))
+
+
+_MESH_RANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _mesh_ranks(mesh) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A mesh's ranks in row-major order and its shape, once per live mesh (torch rebuilds the tensor per call)."""
+    if mesh not in _MESH_RANKS:
+        ranks = mesh.mesh
+        _MESH_RANKS[mesh] = (tuple(ranks.flatten().tolist()), tuple(ranks.shape))
+    return _MESH_RANKS[mesh]
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_from_placements(mesh_ranks: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tuple,
+                            shape: tuple[int, ...], view_shape: tuple[int, ...] | None) -> Layout:
+    """The layout of a tensor of ``shape`` on a mesh (ranks in row-major order) with ``placements``.
+
+    Cached: a model's layers repeat a few (shape, placements) pairs, and a Layout is immutable.
     """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    mesh = dtensor.device_mesh
-    placements = tuple(dtensor.placements)
-    shape = tuple(dtensor.shape)
-    mesh_ranks = mesh.mesh
-    ranks = tuple(sorted(int(r) for r in mesh_ranks.flatten().tolist()))
-    blocks, keys = [], []
-    for rank in ranks:
-        coord = [int(c) for c in (mesh_ranks == rank).nonzero()[0].tolist()]
-        block = []
-        for tdim, size in enumerate(shape):
-            idx = torch.arange(size)
-            for mdim, placement in enumerate(placements):
-                if isinstance(placement, _StridedShard) and placement.dim == tdim:
-                    splitter = _StridedShard(0, split_factor=placement.split_factor)
-                elif isinstance(placement, Shard) and placement.dim == tdim:
-                    splitter = Shard(0)
-                else:
-                    continue
-                idx = splitter._split_tensor(idx, mesh.size(mdim), with_padding=False)[0][coord[mdim]]
-            block.append(_as_index(idx))
-        keys.append(tuple(coord[m] for m, p in enumerate(placements) if isinstance(p, Replicate)))
-        blocks.append(tuple(block))
     for p in placements:
         if not isinstance(p, (Shard, _StridedShard, Replicate)):
             raise ValueError(f"unsupported placement {p} (parameters must be Shard or Replicate), placements {placements}")
-    if view_shape is not None and tuple(view_shape) != shape:
+    # Per tensor dim: the (mesh dim, split factor or None) that cut it, in mesh-dim order.
+    cuts = [[(m, p.split_factor if isinstance(p, _StridedShard) else None) for m, p in enumerate(placements)
+             if isinstance(p, (Shard, _StridedShard)) and p.dim == tdim] for tdim in range(len(shape))]
+    replicate_dims = [m for m, p in enumerate(placements) if isinstance(p, Replicate)]
+    strides = [math.prod(mesh_shape[m + 1:]) for m in range(len(mesh_shape))]
+    runs_cache: dict[tuple, Runs] = {}
+
+    def dim_runs(tdim: int, coords: tuple[int, ...]) -> Runs:
+        """The runs of tensor dim ``tdim`` held at ``coords`` on its cutting mesh dims (a prefix of them),
+        each cut computed once per distinct prefix."""
+        key = (tdim, coords)
+        if key not in runs_cache:
+            if not coords:
+                runs_cache[key] = ((0, shape[tdim]),)
+            else:
+                m, split_factor = cuts[tdim][len(coords) - 1]
+                runs_cache[key] = _shard_runs(dim_runs(tdim, coords[:-1]), mesh_shape[m], coords[-1], split_factor)
+        return runs_cache[key]
+
+    rank_keys = {}
+    for flat, rank in enumerate(mesh_ranks):
+        coord = tuple(flat // strides[m] % mesh_shape[m] for m in range(len(mesh_shape)))
+        dim_keys = tuple((tdim, tuple(coord[m] for m, _ in cuts[tdim])) for tdim in range(len(shape)))
+        for tdim, coords in dim_keys:
+            dim_runs(tdim, coords)
+        rank_keys[rank] = (dim_keys, tuple(coord[m] for m in replicate_dims))
+    # One Index per distinct block: a slice for one run; index tensors for the rest, made together (views
+    # of one tensor), since thousands of small tensors made one by one would dominate the cost.
+    indices: dict[tuple, Index] = {}
+    scattered = []
+    for key in {k for dim_keys, _ in rank_keys.values() for k in dim_keys}:
+        runs = runs_cache[key]
+        if len(runs) <= 1:
+            indices[key] = slice(*runs[0]) if runs else slice(0, 0)
+        else:
+            scattered.append(key)
+    if scattered:
+        lengths = [sum(b - a for a, b in runs_cache[k]) for k in scattered]
+        flat_index = torch.tensor([i for k in scattered for a, b in runs_cache[k] for i in range(a, b)],
+                                  dtype=torch.long)
+        indices.update(zip(scattered, flat_index.split(lengths)))
+    by_rank = {rank: (tuple(indices[k] for k in dim_keys), key) for rank, (dim_keys, key) in rank_keys.items()}
+    ranks = tuple(sorted(by_rank))
+    blocks = [by_rank[r][0] for r in ranks]
+    keys = tuple(by_rank[r][1] for r in ranks)
+    if view_shape is not None and view_shape != shape:
         tail = math.prod(shape[1:])
-        flat = []
+        whole_rows = {}
+        flat_blocks = []
         for block in blocks:
             if any(index_len(i) != s for i, s in zip(block[1:], shape[1:])):
                 raise ValueError(
                     f"cannot flatten a DTensor of shape {shape} with placements {placements} to a matrix: "
                     "only dim-0 sharding keeps whole rows; use matrix_view='batch'"
                 )
-            flat.append((block[0], slice(0, tail)))
-        blocks = flat
-    return Layout(ranks, tuple(blocks), tuple(keys), str(placements))
+            flat_blocks.append(whole_rows.setdefault(id(block[0]), (block[0], slice(0, tail))))
+        blocks = flat_blocks
+    return Layout(ranks, tuple(blocks), keys, str(placements))
 
 
 @dataclass(frozen=True)
@@ -248,6 +345,7 @@ class MatrixEntry:
     holder: int | None = None       # group rank that holds the whole matrix in the first replica: its owner
     owner: int = -1                 # group rank
     flops: int = 0
+    _tilings: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_matrices(self) -> int:
@@ -257,6 +355,58 @@ class MatrixEntry:
         """Group ranks whose blocks, together, tile the matrix for ``owner``: its own replica."""
         key = self.layout.replica_keys[owner]
         return [r for r, k in enumerate(self.layout.replica_keys) if k == key]
+
+    def leading_tiling(self, owner: int) -> list[tuple[int, int]] | None:
+        """(group rank, elements) of each sender to ``owner``, in order, when their blocks are consecutive
+        ranges of the leading dim, whole along the others (FSDP's Shard(0), HSDP): the full matrix is then
+        the concatenation of the blocks, flattened, and the owner moves them with one call instead of one
+        per rank. None for any other layout (tensor parallelism, column shards). Cached per owner."""
+        if owner not in self._tilings:
+            tiling, expected = [], 0
+            for q in self.senders(owner):
+                block = self.layout.blocks[q]
+                lead = block[0]
+                whole = all(_covers(i, s) for i, s in zip(block[1:], self.shape[1:]))
+                if not (isinstance(lead, slice) and whole and (lead.start == expected or lead.start == lead.stop)):
+                    tiling = None
+                    break
+                expected = max(expected, lead.stop)
+                tiling.append((q, block_numel(block)))
+            self._tilings[owner] = tiling if tiling is not None and expected == self.shape[0] else None
+        return self._tilings[owner]
+
+    def scatter_sizes(self) -> list[int] | None:
+        """Each group rank's block size, when the ranks in group order run through the matrix's leading dim
+        as consecutive ranges, once per replica (FSDP: once; HSDP: replicas of consecutive ranks): every rank's
+        block of a result is then a range of the result repeated per replica, flattened, and the owner sends
+        them with a few views instead of one slice per rank. None otherwise (tensor parallelism). Cached."""
+        if "scatter" not in self._tilings:
+            sizes, expected, rows = [], 0, self.shape[0]
+            for block in self.layout.blocks:
+                lead = block[0]
+                if not (isinstance(lead, slice) and all(_covers(i, s) for i, s in zip(block[1:], self.shape[1:]))):
+                    sizes = None
+                    break
+                if lead.start == lead.stop:
+                    sizes.append(0)
+                    continue
+                if expected == rows and lead.start == 0:
+                    expected = 0      # the next replica starts over
+                if lead.start != expected:
+                    sizes = None
+                    break
+                expected = lead.stop
+                sizes.append(block_numel(block))
+            ok = sizes is not None and expected == rows and sum(sizes) % math.prod(self.shape) == 0
+            self._tilings["scatter"] = sizes if ok else None
+        return self._tilings["scatter"]
+
+    def sends_to_owner(self, rank: int) -> bool:
+        """Whether ``rank`` sends its block to this entry's owner (it is another rank of the owner's replica).
+
+        Constant time: the step asks this for every entry on every rank, so it must not scan the group.
+        """
+        return rank != self.owner and self.layout.replica_keys[rank] == self.layout.replica_keys[self.owner]
 
 
 def assign_owners(costs: list[float], world: int, policy: str,
@@ -280,9 +430,18 @@ def assign_owners(costs: list[float], world: int, policy: str,
     load = [0.0] * world
     owners = [0] * n
     for i in order:
-        rank = fixed[i] if fixed[i] is not None else min(range(world), key=lambda r: (load[r], r))
+        if fixed[i] is not None:
+            owners[i] = fixed[i]
+            load[fixed[i]] += costs[i]
+    # The least-loaded rank (lowest rank on ties) from a heap: the plan's cost stays linear in the world size.
+    heap = [(load[r], r) for r in range(world)]
+    heapq.heapify(heap)
+    for i in order:
+        if fixed[i] is not None:
+            continue
+        rank_load, rank = heapq.heappop(heap)
         owners[i] = rank
-        load[rank] += costs[i]
+        heapq.heappush(heap, (rank_load + costs[i], rank))
     return owners, order
 
 
@@ -312,6 +471,7 @@ class GroupPlan:
     buckets: list[list[int]] = field(default_factory=list)  # positions in ``entries``
     wire_bytes: int = 2
     group: object = None                           # torch.distributed ProcessGroup (None: one rank)
+    _traffic_cache: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def world(self) -> int:
@@ -323,27 +483,42 @@ class GroupPlan:
 
     def send_elements(self, rank: int) -> int:
         """Elements ``rank`` sends per step: its blocks to owners of its replica, results it owns to everyone."""
-        total = 0
-        for e in self.entries:
-            if e.owner == rank:
-                total += sum(block_numel(e.layout.blocks[q]) for q in range(self.world) if q != rank)
-            elif rank in e.senders(e.owner):
-                total += block_numel(e.layout.blocks[rank])
-        return total
+        return self._traffic()[0][rank]
+
+    def recv_elements(self, rank: int) -> int:
+        """Elements ``rank`` receives per step: blocks of the matrices it owns, its blocks of the others' results."""
+        return self._traffic()[1][rank]
+
+    def _traffic(self) -> tuple[list[int], list[int]]:
+        """Per group rank: elements sent and received per step, in one pass over the entries (O(entries x W))."""
+        if self._traffic_cache is None:
+            sent, received = [0] * self.world, [0] * self.world
+            for e in self.entries:
+                sizes = [block_numel(b) for b in e.layout.blocks]
+                owner_key = e.layout.replica_keys[e.owner]
+                for q, n in enumerate(sizes):
+                    if q == e.owner:
+                        continue
+                    sent[e.owner] += n           # the owner's result, each rank's block
+                    received[q] += n
+                    if e.layout.replica_keys[q] == owner_key:
+                        sent[q] += n             # the block of momentum, to the owner
+                        received[e.owner] += n
+            self._traffic_cache = (sent, received)
+        return self._traffic_cache
 
     def report(self) -> list[dict]:
         """Per rank: matrices owned, Newton-Schulz FLOPs, bytes sent per step, local matrix-shard bytes."""
-        rows = []
-        for rank in range(self.world):
-            owned = self.owned(rank)
-            rows.append({
-                "rank": self.ranks[rank],
-                "matrices_owned": sum(e.num_matrices for e in owned),
-                "ns_flops": sum(e.flops for e in owned),
-                "bytes_sent": self.send_elements(rank) * self.wire_bytes,
-                "local_shard_bytes": sum(block_numel(e.layout.blocks[rank]) for e in self.entries) * self.wire_bytes,
-            })
-        return rows
+        matrices, flops, local = [0] * self.world, [0] * self.world, [0] * self.world
+        for e in self.entries:
+            matrices[e.owner] += e.num_matrices
+            flops[e.owner] += e.flops
+            for q, b in enumerate(e.layout.blocks):
+                local[q] += block_numel(b)
+        sent, received = self._traffic()
+        return [{"rank": self.ranks[r], "matrices_owned": matrices[r], "ns_flops": flops[r],
+                 "bytes_sent": sent[r] * self.wire_bytes, "bytes_received": received[r] * self.wire_bytes,
+                 "local_shard_bytes": local[r] * self.wire_bytes} for r in range(self.world)]
 
 
 def build_group_plan(
