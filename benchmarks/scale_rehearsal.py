@@ -237,12 +237,12 @@ def build_optimizer(model, **kwargs) -> MARSM:
 
 
 def flat_groups(opt: MARSM) -> list:
-    return opt._flat_groups
+    return opt.step_plan.flat_groups
 
 
 def build_plan(opt: MARSM) -> list:
-    """The plan the first step builds (MARSM._ensure_plan), without a step."""
-    return opt._ensure_plan()
+    """The plan the first step builds (MARSM._current_plan), without a step."""
+    return opt._current_plan().flat_groups
 
 
 # ---------------------------------------------------------------------- measurements
@@ -267,15 +267,15 @@ def plan_row(flavor: str, mesh_name: str, rank: int, mirrored: MirroredGroup, me
     tracemalloc.stop()
     del opt_mem
     (fg,) = [g for g in groups if g.matrices]
-    report = fg.plan.report()
+    report = fg.owner_plan.report()
     me = report[fg.my_rank]
     total_flops = sum(r["ns_flops"] for r in report)
     busiest = max(range(len(report)), key=lambda r: (report[r]["ns_flops"], -r))
     row = {
         "model": flavor, "mesh": mesh_name, "world": world, "rank": rank, "layers": len(model.layers),
         "plan_s": seconds, "plan_python_peak_mib": peak / 2**20, "plan_collectives": calls,
-        "matrices": len(fg.matrices), "entries": len(fg.plan.entries), "buckets": len(fg.plan.buckets),
-        "a2a_per_step": 2 * len(fg.plan.buckets), "owned_matrices": me["matrices_owned"],
+        "matrices": len(fg.matrices), "entries": len(fg.owner_plan.entries), "buckets": len(fg.owner_plan.buckets),
+        "a2a_per_step": 2 * len(fg.owner_plan.buckets), "owned_matrices": me["matrices_owned"],
         "owned_tflop": me["ns_flops"] / 1e12, "even_split_tflop": total_flops / world / 1e12,
         "busiest_rank": fg.ranks[busiest], "busiest_tflop": report[busiest]["ns_flops"] / 1e12,
         "bytes_sent_per_step": me["bytes_sent"], "bytes_received_per_step": me["bytes_received"],
@@ -367,18 +367,18 @@ def step_counts(opt: MARSM) -> dict:
     """What the last step's plan and engine say on this rank (the same on a real job and in the rehearsal)."""
     (fg,) = [g for g in flat_groups(opt) if g.matrices]
     engine = fg.engine
-    sizes = [math.prod(e.shape) for e in fg.plan.entries]
+    sizes = [math.prod(e.shape) for e in fg.owner_plan.entries]
     wire = opt.wire_dtype.itemsize
-    largest_bucket_elements = max(sum(sizes[p] for p in b) for b in fg.plan.buckets)
-    replicas = max(len(set(e.layout.replica_keys)) for e in fg.plan.entries)
+    largest_bucket_elements = max(sum(sizes[p] for p in b) for b in fg.owner_plan.buckets)
+    replicas = max(len(set(e.layout.replica_keys)) for e in fg.owner_plan.entries)
     bound = transient_bound(largest_bucket_elements, input_bytes=4, result_bytes=resolve_dtype(
-        fg.plan.entries[0].ns_dtype).itemsize, wire_bytes=wire, replicas=replicas)
-    mine = fg.plan.report()[fg.my_rank]
+        fg.owner_plan.entries[0].ns_dtype).itemsize, wire_bytes=wire, replicas=replicas)
+    mine = fg.owner_plan.report()[fg.my_rank]
     return {
         "engine_collectives": engine.collectives, "engine_bytes_sent": engine.bytes_sent,
         "engine_bytes_received": engine.bytes_received, "plan_bytes_sent": mine["bytes_sent"],
         "plan_bytes_received": mine["bytes_received"], "owned_ns_flops": mine["ns_flops"],
-        "buckets": len(fg.plan.buckets), "peak_transient_bytes": engine.peak_transient_bytes,
+        "buckets": len(fg.owner_plan.buckets), "peak_transient_bytes": engine.peak_transient_bytes,
         "transient_bound_bytes": bound, "bucket_bytes": int(opt.options["bucket_mb"] * 2**20),
     }
 
@@ -479,7 +479,7 @@ def main(argv=None) -> dict:
             # The stepped model's own busiest owner (its plan has only the first layers).
             step_first = step_row(flavor, mesh_name, 0, args.step_layers, args.steps, mirrored, ns)
             probe = build_optimizer(build_model(flavor, args.step_layers, MESHES[mesh_name], 0))
-            report = next(g for g in build_plan(probe) if g.matrices).plan.report()
+            report = next(g for g in build_plan(probe) if g.matrices).owner_plan.report()
             busiest = max(report, key=lambda r: (r["ns_flops"], -r["rank"]))["rank"]
             del probe
             for rank in pick_ranks(world, busiest):

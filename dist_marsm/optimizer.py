@@ -19,6 +19,7 @@ import torch
 
 from dist_marsm import functional, guard, settings
 from dist_marsm.guard import Header, NonFiniteGradientError
+from dist_marsm.newton_schulz import resolve_dtype
 from dist_marsm.step_plan import FlatGroup, StepPlan, build_step_plan, plan_key
 
 __all__ = ["MARSM", "NonFiniteGradientError"]
@@ -61,6 +62,10 @@ class MARSM(torch.optim.Optimizer):
         self._checked: list[tuple] = []
         super().__init__(params, defaults)
         self._checked_options = tuple(self.options.values())
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.options["wire_dtype"])
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict) -> None:

@@ -23,10 +23,10 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from dist_marsm.owner_plan import dtensor_layout, take_block
 
 
-def _as_rank(rank: int, world: int):
+def _as_rank(rank: int, world_size: int):
     if dist.is_initialized():
         dist.destroy_process_group()
-    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
 
 
 @pytest.fixture(autouse=True)

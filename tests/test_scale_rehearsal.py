@@ -21,7 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import scale_rehearsal as rehearsal  # noqa: E402
-from _spawn import run_scenarios  # noqa: E402
+from _spawn import run_scenarios, scenario, scenario_cases  # noqa: E402
 
 FLAVOR = "debugmodel"          # torchtitan's llama3 debug model: dim 256, 16 heads
 LAYERS = 2
@@ -59,6 +59,7 @@ class CountingCollectives(rehearsal.MirroredGroup):
                                               async_op=async_op)
 
 
+@scenario(4)
 def gloo_counts(rank: int, world: int) -> None:
     """One rank of the real job: two steps per mesh, the second step's counts written as JSON."""
     out = {}
@@ -84,10 +85,13 @@ def _no_group_left():
         dist.destroy_process_group()
 
 
+CASES = scenario_cases(__name__)
+
+
 @pytest.mark.slow
 def test_rehearsal_counts_equal_a_real_gloo_run(tmp_path, monkeypatch, _no_group_left):
     monkeypatch.setenv(OUT_ENV, str(tmp_path))
-    errors = run_scenarios("test_scale_rehearsal", ["gloo_counts"], 4, timeout=600)["gloo_counts"]
+    errors = run_scenarios(__name__, [name for _, name in CASES], 4, timeout=600)["gloo_counts"]
     assert all(e is None for e in errors), "\n".join(e for e in errors if e)
     real = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(4)]
     mirrored, ns = rehearsal.MirroredGroup(), rehearsal.StandinNewtonSchulz()
