@@ -15,8 +15,9 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+from dist_marsm.layouts import block_numel, index_len, put_block, take_block
 from dist_marsm.newton_schulz import orthogonalize_many, resolve_coefficients, resolve_dtype
-from dist_marsm.owner_plan import GroupPlan, MatrixEntry, block_numel, index_len, put_block, take_block
+from dist_marsm.owner_plan import GroupPlan, MatrixEntry
 
 _GROUPS: dict[tuple[int, ...], object] = {}
 

@@ -25,7 +25,7 @@ import torch
 from torch.optim.adamw import adamw as functional_adamw
 
 from dist_marsm import mars_math
-from dist_marsm.owner_plan import index_len
+from dist_marsm.layouts import index_len
 from dist_marsm.step_plan import AdamWParam, FlatGroup, is_dtensor, local
 
 

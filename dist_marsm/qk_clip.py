@@ -13,7 +13,7 @@ Under data parallelism every rank sees different tokens, so the maxima are reduc
 ``MAX`` all-reduce per step for all layers and heads (4 bytes per head per layer) before anyone
 rescales; without it, replicas would scale differently and diverge. The rescale runs on each rank's
 local rows (an FSDP2 DTensor shard or a plain replica): which global rows a rank holds comes from
-:func:`dist_marsm.owner_plan.dtensor_layout`, computed once per parameter.
+:func:`dist_marsm.layouts.dtensor_layout`, computed once per parameter.
 
 Nothing persists across steps: the maxima are reset by :meth:`QKClip.apply`, so a checkpoint taken
 after the step has nothing of QK-clip to save.
@@ -242,7 +242,7 @@ class QKClip:
         from torch.distributed.tensor import DTensor
 
         if isinstance(p, DTensor):
-            from dist_marsm.owner_plan import dtensor_layout
+            from dist_marsm.layouts import dtensor_layout
 
             layout = dtensor_layout(p)
             rank = dist.get_rank()

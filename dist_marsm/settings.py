@@ -10,8 +10,9 @@ means one entry here and the code that reads it; a rule between settings goes in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Any, Literal, Optional
 
 import torch
 

@@ -19,20 +19,18 @@ from torch.distributed.tensor import DTensor
 
 from dist_marsm import mars_math
 from dist_marsm.collectives import OwnerCompute, flat_group
-from dist_marsm.newton_schulz import resolve_dtype
-from dist_marsm.owner_plan import (
-    GroupPlan,
+from dist_marsm.layouts import (
     Layout,
-    MatrixEntry,
     Unit,
     block_numel,
-    build_group_plan,
     dtensor_layout,
     index_len,
     replicated_layout,
     split_units,
     take_block,
 )
+from dist_marsm.newton_schulz import resolve_dtype
+from dist_marsm.owner_plan import GroupPlan, MatrixEntry, build_group_plan
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

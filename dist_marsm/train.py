@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from pathlib import Path
 import sys
+from pathlib import Path
 
 
 def _parse(argv: list[str]):

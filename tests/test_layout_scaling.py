@@ -20,7 +20,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from dist_marsm.owner_plan import dtensor_layout, take_block
+from dist_marsm.layouts import dtensor_layout, take_block
 
 
 def _as_rank(rank: int, world_size: int):

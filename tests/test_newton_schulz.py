@@ -12,7 +12,6 @@ import importlib
 
 import pytest
 import torch
-
 from _spawn import scenario, scenario_cases, scenario_check
 from references import newton_schulz as reference
 
@@ -195,7 +194,8 @@ def test_flops_gram_saves_on_llama_mlp_shape():
 
 
 def test_owner_plan_costs_use_the_method_run():
-    from dist_marsm.owner_plan import MatrixEntry, build_group_plan, replicated_layout
+    from dist_marsm.layouts import replicated_layout
+    from dist_marsm.owner_plan import MatrixEntry, build_group_plan
 
     shapes = [(64, 64), (64, 224), (224, 64), (2, 32, 96)]
     entries = [MatrixEntry(i, f"m{i}", s, replicated_layout(s, (0,)), 5, "bfloat16", "gram", "polar_express")

@@ -8,18 +8,16 @@ by about 1e-6 relative on these sizes, so 1e-5 of the update.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
 from _spawn import scenario, scenario_cases, scenario_check
+from references import newton_schulz as ns64
 from test_distributed import _mesh_1d, full
 
 from dist_marsm import MARSM
-from dist_marsm.owner_plan import Layout, split_units
-from references import newton_schulz as ns64
+from dist_marsm.layouts import Layout, split_units
 
 
 def first_step_update(grad: torch.Tensor, head_dim: int | None, beta=0.95) -> torch.Tensor:

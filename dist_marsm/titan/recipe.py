@@ -262,7 +262,7 @@ def _unknown(config, tokens: list[str]) -> tuple[str | None, str]:
     if token is None:
         return None, f"unexpected {' '.join(tokens)}"
     path = token.removeprefix("--").split("=")[0].split(":")[0].replace("-", "_").split(".")
-    for depth, part in enumerate(path):   # down to the first part that is no section
+    for depth, part in enumerate(path):  # noqa: B007 - depth is read after the loop: how far the walk got
         hints, known = _fields(config)
         if part not in known or not dataclasses.is_dataclass(config := getattr(config, part)):
             break
