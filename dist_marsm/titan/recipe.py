@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import tyro
-from tyro import _errors as tyro_errors   # parse failures as events, not printed text (private: pyproject pins tyro)
-from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.components.validate import Validator
 from torchtitan.config.manager import ConfigManager, custom_registry
@@ -31,6 +29,8 @@ from torchtitan.models.common.config_utils import decoder_vocab_size
 from torchtitan.models.common.linear import Linear
 from torchtitan.models.llama3 import _LINEAR_INIT
 from torchtitan.trainer import Trainer
+from tyro import _errors as tyro_errors  # parse failures as events, not printed text (private: pyproject pins tyro)
+from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec
 
 from dist_marsm.titan import corpus, cpu_shims, moe
 from dist_marsm.titan.checkpoint import VerifiedCheckpointManager
