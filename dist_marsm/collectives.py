@@ -106,6 +106,10 @@ class OwnerCompute:
         self.bytes_sent = self.bytes_received = self.collectives = self.ns_matrices = 0
         self.peak_transient_bytes = self._live_bytes = 0
         outputs: dict[int, torch.Tensor] = {}
+        if plan.world == 1:   # every block is its whole matrix: nothing to gather, scatter or bucket
+            outputs = _orthogonalize_batched(local_inputs, plan.entries)
+            self.ns_matrices = sum(plan.entries[p].num_matrices for p in outputs)
+            return outputs
         buckets = [[p for p in b if p in local_inputs] for b in plan.buckets]
         buckets = [b for b in buckets if b]
         if not buckets:

@@ -72,49 +72,54 @@ def _block(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def corrected_gradients(fg: FlatGroup, present: list[int], param_groups: list[dict], states: dict[int, dict],
-                        prev_grads: dict) -> dict[int, torch.Tensor]:
-    """c = g + gamma * beta / (1 - beta) * (g - g_prev) per matrix, one foreach chain per setting."""
-    corrected, batches = {}, defaultdict(list)
-    for pos in present:
-        m = fg.matrices[pos]
+def corrected_gradients(fg: FlatGroup, param_groups: list[dict], state, prev_grads: dict):
+    """c = g + gamma * beta / (1 - beta) * (g - g_prev) per matrix with a gradient, one foreach call per
+    setting; returns (positions with a gradient, their states, their corrected gradients)."""
+    present, states, corrected, batches = [], {}, {}, defaultdict(list)
+    for pos, m in enumerate(fg.matrices):
+        grad = m.param.grad
+        if grad is None:
+            continue
+        grad = local(grad)
+        if grad.is_sparse:
+            raise ValueError(f"MARSM: parameter {m.name} has a sparse gradient; MARSM needs dense gradients")
+        present.append(pos)
+        st = states[pos] = state[m.param]
         group = param_groups[m.group_index]
-        dtype = state_dtype(m.param)
-        grad = _block(m.param.grad, m.block_shape, dtype)
+        if grad.shape != m.block_shape or grad.dtype != m.state_dtype:
+            grad = grad.reshape(m.block_shape).to(m.state_dtype)
         if group["variant"] == "efficient" or group["gamma"] == 0:
             corrected[pos] = grad
             continue
         prev = prev_grads.get(m.param) if prev_grads else None
-        prev = states[pos].get("prev_grad") if prev is None else prev
-        prev = None if prev is None else _block(prev, m.block_shape, dtype)
+        prev = st.get("prev_grad") if prev is None else prev
+        prev = None if prev is None else _block(prev, m.block_shape, m.state_dtype)
         batches[(group["gamma"], group["momentum"], prev is not None)].append((pos, grad, prev))
     for (gamma, beta, has_prev), items in batches.items():
         out = mars_math.mars_corrections([g for _, g, _ in items], [p for _, _, p in items] if has_prev else None,
                                          gamma, beta)
         corrected.update((pos, c) for (pos, _, _), c in zip(items, out))
-    return corrected
+    return present, states, corrected
 
 
 def stage_gradients(fg: FlatGroup, param_groups: list[dict], state, prev_grads: dict, header: list[float]) -> Staged:
     """Corrected gradients of this rank's matrices, and the numbers of the step's all-reduce (with the
     guard's ``header``) written into ``fg.reduce_buffer``, ready to be reduced."""
-    present = [pos for pos, m in enumerate(fg.matrices) if m.param.grad is not None]
+    present, states, corrected = corrected_gradients(fg, param_groups, state, prev_grads)
     adamw_present = [k for k, a in enumerate(fg.adamw) if a.param.grad is not None]
-    for pos in present:
-        if local(fg.matrices[pos].param.grad).is_sparse:
-            raise ValueError(f"MARSM: parameter {fg.matrices[pos].name} has a sparse gradient; "
-                             "MARSM needs dense gradients")
-    states = {pos: state[fg.matrices[pos].param] for pos in present}
-    corrected = corrected_gradients(fg, present, param_groups, states, prev_grads)
     views, view_owner = [], []
     for pos in present:
         c = corrected[pos]
-        mats = [c] if c.ndim == 2 else c.reshape(-1, *c.shape[-2:]).unbind(0)
-        views.extend(mats)
-        view_owner.extend([pos] * len(mats))
+        if c.ndim == 2:
+            views.append(c)
+            view_owner.append(pos)
+        else:
+            mats = c.reshape(-1, *c.shape[-2:]).unbind(0)
+            views.extend(mats)
+            view_owner.extend([pos] * len(mats))
     adamw_grads = [local(fg.adamw[k].param.grad) for k in adamw_present]
     sparse = [k for k, g in zip(adamw_present, adamw_grads) if g.is_sparse]
-    dense = views + [g for g in adamw_grads if not g.is_sparse]
+    dense = views + [g for g in adamw_grads if not g.is_sparse] if sparse else views + adamw_grads
     _write_gradient_numbers(fg, present, adamw_present, sparse, view_owner,
                             torch._foreach_norm(dense, 2, dtype=torch.float64) if dense else [], header)
     return Staged(present, states, corrected, adamw_present)
@@ -222,7 +227,11 @@ def _unit_inputs(fg: FlatGroup, inputs: dict) -> dict:
     """Each plan unit's block of this rank's inputs (a view where the unit is the whole local block)."""
     out, me = {}, fg.my_rank
     for pos, x in inputs.items():
-        for slot in fg.matrices[pos].units:
+        m = fg.matrices[pos]
+        if m.whole_unit is not None:
+            out[m.whole_unit] = x
+            continue
+        for slot in m.units:
             u = slot.unit
             if slot.empty is not None:
                 out[slot.entry] = slot.empty.to(x.dtype) if slot.empty.dtype != x.dtype else slot.empty
@@ -239,6 +248,9 @@ def _assemble(fg: FlatGroup, unit_outputs: dict, inputs: dict) -> dict:
     outputs = {}
     for pos in inputs:
         m = fg.matrices[pos]
+        if m.whole_unit is not None:
+            outputs[pos] = unit_outputs[m.whole_unit]
+            continue
         if len(m.units) == 1 and m.units[0].unit.lead_pos is None:
             outputs[pos] = unit_outputs[m.units[0].entry]
             continue

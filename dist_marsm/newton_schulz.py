@@ -322,8 +322,8 @@ def orthogonalize_many(
         if len(positions) > 1 and stack_pays_off(shape, device):
             result = newton_schulz(torch.stack([matrices[i] for i in positions]), steps, dtype, eps,
                                    method=method, coefficients=coefficients)
-            for k, i in enumerate(positions):
-                out[i] = result[k]
+            for i, r in zip(positions, result.unbind(0)):
+                out[i] = r
         else:
             for i in positions:
                 out[i] = newton_schulz(matrices[i], steps, dtype, eps, method=method, coefficients=coefficients)

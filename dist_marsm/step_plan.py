@@ -68,6 +68,12 @@ class MatrixParam:
     slot_list: list[int] = field(default_factory=list)  # the same, on the host
     first_replica: bool = True  # this rank's block counts towards the global norms
     units: list[UnitSlot] = field(default_factory=list)
+    whole_unit: int | None = None  # the entry of the one unit that is this rank's whole block, as it is
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """Optimizer state is kept in float32 for low-precision parameters (fp32 master state)."""
+        return torch.float32 if self.param.dtype in (torch.bfloat16, torch.float16) else self.param.dtype
 
     @property
     def num_local_matrices(self) -> int:
@@ -245,6 +251,9 @@ def plan_units(fg: FlatGroup, param_groups: list[dict]) -> list[MatrixEntry]:
             my_block = u.layout.blocks[fg.my_rank]
             empty = None if block_numel(my_block) else torch.empty([index_len(i) for i in my_block], device=fg.device)
             m.units.append(UnitSlot(len(entries), u, empty))
+            if len(units) == 1 and u.lead_pos is None and empty is None and \
+                    tuple(index_len(i) for i in my_block) == m.block_shape:
+                m.whole_unit = len(entries)
             entries.append(MatrixEntry(len(entries), m.name + u.label, u.shape, u.layout, g["ns_steps"],
                                        g["ns_dtype"], g["ns_method"], g["ns_coefficients"], holder=u.holder))
     return entries
