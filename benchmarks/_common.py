@@ -43,8 +43,15 @@ def llama3_matrix_shapes(name: str) -> list[tuple[int, int]]:
     c = LLAMA3[name]
     head_dim = c["dim"] // c["n_heads"]
     kv = c["n_kv_heads"] * head_dim
-    per_layer = [(c["dim"], c["dim"]), (kv, c["dim"]), (kv, c["dim"]), (c["dim"], c["dim"]),  # wq wk wv wo
-                 (c["ffn"], c["dim"]), (c["dim"], c["ffn"]), (c["ffn"], c["dim"])]             # w1 w2 w3
+    per_layer = [
+        (c["dim"], c["dim"]),
+        (kv, c["dim"]),
+        (kv, c["dim"]),
+        (c["dim"], c["dim"]),  # wq wk wv wo
+        (c["ffn"], c["dim"]),
+        (c["dim"], c["ffn"]),
+        (c["ffn"], c["dim"]),
+    ]  # w1 w2 w3
     return per_layer * c["n_layers"]
 
 
@@ -58,15 +65,22 @@ def llama3_params(name: str) -> int:
 # One GPU's bf16 dense matmul numbers. "gemm_tflops" is the rate Newton-Schulz is costed at; "peak_tflops" is the
 # datasheet peak that MFU is quoted against (H100 SXM and H200 SXM are the same GH100 compute die: both 989).
 GPUS = {
-    "H100": dict(gemm_tflops=989.0, peak_tflops=989.0, hbm_tbs=3.35,
-                 source="H100 SXM datasheet peak, dense bf16 (1979 with sparsity); not measured, so its ms are "
-                        "optimistic"),
-    "H200": dict(gemm_tflops=790.0, peak_tflops=989.0, hbm_tbs=4.8,
-                 source="bf16 dense GEMM measured at about 790 TFLOP/s on one H200 in an earlier session of this "
-                        "project (80% of the 989 datasheet peak; no result file in this repository)"),
+    "H100": dict(
+        gemm_tflops=989.0,
+        peak_tflops=989.0,
+        hbm_tbs=3.35,
+        source="H100 SXM datasheet peak, dense bf16 (1979 with sparsity); not measured, so its ms are optimistic",
+    ),
+    "H200": dict(
+        gemm_tflops=790.0,
+        peak_tflops=989.0,
+        hbm_tbs=4.8,
+        source="bf16 dense GEMM measured at about 790 TFLOP/s on one H200 in an earlier session of this "
+        "project (80% of the 989 datasheet peak; no result file in this repository)",
+    ),
 }
-TOKENS_PER_STEP = 4 * 2**20   # 4M tokens per optimizer step (e.g. 1024 sequences of 4096)
-MFU = 0.40                    # model FLOPs utilization of the forward + backward, against the datasheet peak
+TOKENS_PER_STEP = 4 * 2**20  # 4M tokens per optimizer step (e.g. 1024 sequences of 4096)
+MFU = 0.40  # model FLOPs utilization of the forward + backward, against the datasheet peak
 
 
 def train_step_seconds(model: str, world: int, gpu: str, tokens: int = TOKENS_PER_STEP, mfu: float = MFU) -> float:
@@ -97,7 +111,9 @@ class Attention(nn.Module):
 
     def forward(self, x):
         b, t, d = x.shape
-        q, k, v = (w(x).view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (
+            w(x).view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for w in (self.wq, self.wk, self.wv)
+        )
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(b, t, d))
 
@@ -197,15 +213,22 @@ def machine_info() -> dict:
     except (OSError, StopIteration):
         cpu = platform.processor()
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         commit = ""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version(), "commit": commit,
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    return {
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": commit,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
 
 
 def fmt(x, digits=3) -> str:
@@ -240,9 +263,11 @@ def save(name: str, data: dict, markdown: str) -> None:
     """Write results/<name>.json and results/<name>.md (the markdown starts with machine and command)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = data.setdefault("machine", machine_info())
-    header = (f"Measured {info['date_utc']} on {info['cpu']} ({info['cores']} cores"
-              f"{', GPU ' + info['gpu'] if info.get('gpu') else ', no GPU'}), torch {info['torch']}, "
-              f"commit {info['commit']}.\nCommand: `{info['command']}`\n\n")
+    header = (
+        f"Measured {info['date_utc']} on {info['cpu']} ({info['cores']} cores"
+        f"{', GPU ' + info['gpu'] if info.get('gpu') else ', no GPU'}), torch {info['torch']}, "
+        f"commit {info['commit']}.\nCommand: `{info['command']}`\n\n"
+    )
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (RESULTS / f"{name}.md").write_text(header + markdown + "\n")
     print(f"\nsaved {RESULTS / (name + '.json')} and {RESULTS / (name + '.md')}")

@@ -34,21 +34,62 @@ HASHED = re.compile(r"checkpoint step-(\d+): crc32 of \d+ files? \(([\d.]+) MiB\
 
 def run_job(steps: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as dump:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
-               "2", "--local-ranks-filter", "0", "--role", "rank", "--tee", "3", __file__, "--as-rank",
-               "--recipe", "recipes/debug_cpu.toml", "--dump_folder", dump, "--training.steps", str(steps),
-               "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "0", "--validator.enable", "false",
-               "--training.seq_len", "64", "--training.local_batch_size", "2", "--lr_scheduler.warmup_steps", "1"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            "2",
+            "--local-ranks-filter",
+            "0",
+            "--role",
+            "rank",
+            "--tee",
+            "3",
+            __file__,
+            "--as-rank",
+            "--recipe",
+            "recipes/debug_cpu.toml",
+            "--dump_folder",
+            dump,
+            "--training.steps",
+            str(steps),
+            "--checkpoint.interval",
+            "1",
+            "--checkpoint.keep_latest_k",
+            "0",
+            "--validator.enable",
+            "false",
+            "--training.seq_len",
+            "64",
+            "--training.local_batch_size",
+            "2",
+            "--lr_scheduler.warmup_steps",
+            "1",
+        ]
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"job failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
     text = proc.stdout + proc.stderr
     hashed = {int(m[1]): (float(m[2]), float(m[3])) for m in HASHED.finditer(text)}
-    saves = [{"step": int(m[1]), "verify": m[3] != "without checksums", "save_s": float(m[2]),
-              "checksum_s": hashed.get(int(m[1]), (None, None))[1], "mib_rank0": hashed.get(int(m[1]), (None,))[0]}
-             for m in SAVED.finditer(text)]
+    saves = [
+        {
+            "step": int(m[1]),
+            "verify": m[3] != "without checksums",
+            "save_s": float(m[2]),
+            "checksum_s": hashed.get(int(m[1]), (None, None))[1],
+            "mib_rank0": hashed.get(int(m[1]), (None,))[0],
+        }
+        for m in SAVED.finditer(text)
+    ]
     if [s["step"] for s in saves] != list(range(1, steps + 1)):
         raise SystemExit(f"expected one save line per step from rank 0, parsed steps {[s['step'] for s in saves]}")
     return saves
@@ -81,24 +122,36 @@ def main() -> None:
         by_step = {s["step"]: s for s in got}
         pairs += [by_step[k]["save_s"] / by_step[k + 1]["save_s"] for k in range(2, args.steps, 2)]
         saves += [dict(s, job=job) for s in got if s["step"] > 1]
-        print(f"job {job}: save s (even steps with checksums) " + " ".join(f"{s['save_s']:.3f}" for s in got),
-              flush=True)
+        print(
+            f"job {job}: save s (even steps with checksums) " + " ".join(f"{s['save_s']:.3f}" for s in got), flush=True
+        )
     on = [s["save_s"] for s in saves if s["verify"]]
     off = [s["save_s"] for s in saves if not s["verify"]]
     hashing = [s["checksum_s"] for s in saves if s["verify"]]
-    result = {"saves_with": len(on), "saves_without": len(off), "median_save_s_with": median(on),
-              "median_save_s_without": median(off), "overhead_of_medians": median(on) / median(off) - 1,
-              "median_pair_ratio": median(pairs), "median_checksum_stage_s": median(hashing),
-              "checksum_stage_share_of_save": median([s["checksum_s"] / s["save_s"] for s in saves if s["verify"]]),
-              "mib_rank0": next(s["mib_rank0"] for s in saves if s["verify"]), "saves": saves}
-    rows = [["with checksums", len(on), median(on), min(on), max(on)],
-            ["without", len(off), median(off), min(off), max(off)]]
-    text = (markdown_table(["save", "saves", "median s", "min s", "max s"], rows)
-            + f"\n\nOverhead: {100 * result['overhead_of_medians']:+.1f}% (ratio of medians - 1); median of the "
-            f"ratios of adjacent saves (step 2k with / step 2k+1 without): {result['median_pair_ratio']:.3f}. "
-            f"Checksums on rank 0, in a background thread after the save (its files, {result['mib_rank0']} MiB, "
-            f"and its part of the manifest): median {result['median_checksum_stage_s']:.3f} s, "
-            f"{100 * result['checksum_stage_share_of_save']:.1f}% of a save's time.")
+    result = {
+        "saves_with": len(on),
+        "saves_without": len(off),
+        "median_save_s_with": median(on),
+        "median_save_s_without": median(off),
+        "overhead_of_medians": median(on) / median(off) - 1,
+        "median_pair_ratio": median(pairs),
+        "median_checksum_stage_s": median(hashing),
+        "checksum_stage_share_of_save": median([s["checksum_s"] / s["save_s"] for s in saves if s["verify"]]),
+        "mib_rank0": next(s["mib_rank0"] for s in saves if s["verify"]),
+        "saves": saves,
+    }
+    rows = [
+        ["with checksums", len(on), median(on), min(on), max(on)],
+        ["without", len(off), median(off), min(off), max(off)],
+    ]
+    text = (
+        markdown_table(["save", "saves", "median s", "min s", "max s"], rows)
+        + f"\n\nOverhead: {100 * result['overhead_of_medians']:+.1f}% (ratio of medians - 1); median of the "
+        f"ratios of adjacent saves (step 2k with / step 2k+1 without): {result['median_pair_ratio']:.3f}. "
+        f"Checksums on rank 0, in a background thread after the save (its files, {result['mib_rank0']} MiB, "
+        f"and its part of the manifest): median {result['median_checksum_stage_s']:.3f} s, "
+        f"{100 * result['checksum_stage_share_of_save']:.1f}% of a save's time."
+    )
     print(text)
     save("bench_checkpoint_save", result, text)
 

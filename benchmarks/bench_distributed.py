@@ -51,8 +51,19 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import (Combined, MODEL_CONFIGS, human_bytes, lm_loss, make_model, markdown_table, matrix_shapes,  # noqa: E402
-                     median, save, state_bytes, sync)
+from _common import (  # noqa: E402
+    MODEL_CONFIGS,
+    Combined,
+    human_bytes,
+    lm_loss,
+    make_model,
+    markdown_table,
+    matrix_shapes,
+    median,
+    save,
+    state_bytes,
+    sync,
+)
 
 # ============================================================ per-model configuration, one function each
 # The table reports how many source lines of each function were needed (the optimizer's constructor call
@@ -61,6 +72,7 @@ from _common import (Combined, MODEL_CONFIGS, human_bytes, lm_loss, make_model, 
 
 def configure_marsm(model):
     from dist_marsm import build_param_groups
+
     return build_param_groups(model)
 
 
@@ -68,6 +80,7 @@ def configure_distmuon(model):
     from torchtitan.distributed.flex_shard import BucketConfig, ComputeLayout, Owned
 
     from dist_marsm import build_param_groups
+
     muon, rest = build_param_groups(model)  # DistMuon takes matrices only; the rest needs its own AdamW
     layouts = {name: ComputeLayout(shardings_by_mesh_axis={"fsdp": Owned()}) for name in muon["param_names"]}
     buckets = [BucketConfig(patterns=("*",))]
@@ -76,6 +89,7 @@ def configure_distmuon(model):
 
 def configure_naive(model):
     from dist_marsm import build_param_groups
+
     return build_param_groups(model)
 
 
@@ -99,8 +113,16 @@ class NaiveFSDPMuon(torch.optim.Optimizer):
     Parameters are FSDP2 DTensors sharded Shard(0) on a 1-D mesh.
     """
 
-    def __init__(self, params, lr=3e-3, momentum=0.95, weight_decay=0.1, ns_dtype=torch.bfloat16,
-                 wire_dtype=torch.bfloat16, ns_method="standard"):
+    def __init__(
+        self,
+        params,
+        lr=3e-3,
+        momentum=0.95,
+        weight_decay=0.1,
+        ns_dtype=torch.bfloat16,
+        wire_dtype=torch.bfloat16,
+        ns_method="standard",
+    ):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.ns_dtype, self.wire_dtype, self.ns_method = ns_dtype, wire_dtype, ns_method
 
@@ -124,14 +146,14 @@ class NaiveFSDPMuon(torch.optim.Optimizer):
         group_pg = items[0][0].device_mesh.get_group()
         world = dist.get_world_size(group_pg)
         me = dist.get_rank(group_pg)
-        chunk = [math.ceil(p.shape[0] / world) for p, _ in items]        # FSDP2 shards dim 0 like torch.chunk
+        chunk = [math.ceil(p.shape[0] / world) for p, _ in items]  # FSDP2 shards dim 0 like torch.chunk
         width = [math.prod(p.shape[1:]) for p, _ in items]
         sizes = [c * w for c, w in zip(chunk, width)]
         send = torch.zeros(sum(sizes), dtype=self.wire_dtype, device=items[0][0]._local_tensor.device)
         offset = 0
         for (p, _), n in zip(items, sizes):
             m = self.state[p]["momentum"].reshape(-1)
-            send[offset: offset + m.numel()].copy_(m)
+            send[offset : offset + m.numel()].copy_(m)
             offset += n
         recv = torch.empty(world * send.numel(), dtype=self.wire_dtype, device=send.device)
         dist.all_gather_into_tensor(recv, send, group=group_pg)
@@ -139,7 +161,7 @@ class NaiveFSDPMuon(torch.optim.Optimizer):
         fulls, offset = [], 0
         for (p, _), c, w, n in zip(items, chunk, width, sizes):
             rows = [max(0, min(c, p.shape[0] - r * c)) for r in range(world)]
-            parts = [recv[r, offset: offset + rows[r] * w].view(rows[r], w) for r in range(world)]
+            parts = [recv[r, offset : offset + rows[r] * w].view(rows[r], w) for r in range(world)]
             fulls.append(torch.cat(parts).view(p.shape))
             offset += n
         by_shape = defaultdict(list)
@@ -150,7 +172,7 @@ class NaiveFSDPMuon(torch.optim.Optimizer):
             for k, i in enumerate(idx):
                 p, group = items[i]
                 start = me * chunk[i]
-                mine = out[k][start: start + p._local_tensor.shape[0]]
+                mine = out[k][start : start + p._local_tensor.shape[0]]
                 local = p._local_tensor
                 local.mul_(1 - group["lr"] * group["weight_decay"])
                 local.add_(mine.to(local.dtype), alpha=-group["lr"] * 0.2 * math.sqrt(max(shape[-2], shape[-1])))
@@ -165,30 +187,40 @@ def build_optimizer(kind: str, model, ns_dtype: str, ns_method: str = "standard"
     ns = getattr(torch, ns_dtype)
     if kind.startswith("marsm"):
         from dist_marsm import MARSM
+
         kw = dict(lr=LR, weight_decay=WD, ns_dtype=ns_dtype, ns_method=ns_method)
-        kw.update({
-            "marsm_approx_bf16": dict(variant="approx", wire_dtype="bfloat16"),
-            "marsm_approx_fp32": dict(variant="approx", wire_dtype="float32"),
-            "marsm_efficient_bf16": dict(variant="efficient", wire_dtype="bfloat16"),
-            "marsm_efficient_fp32": dict(variant="efficient", wire_dtype="float32"),
-            "marsm_gamma0": dict(gamma=0.0, clip=False, wire_dtype="bfloat16"),
-        }[kind])
+        kw.update(
+            {
+                "marsm_approx_bf16": dict(variant="approx", wire_dtype="bfloat16"),
+                "marsm_approx_fp32": dict(variant="approx", wire_dtype="float32"),
+                "marsm_efficient_bf16": dict(variant="efficient", wire_dtype="bfloat16"),
+                "marsm_efficient_fp32": dict(variant="efficient", wire_dtype="float32"),
+                "marsm_gamma0": dict(gamma=0.0, clip=False, wire_dtype="bfloat16"),
+            }[kind]
+        )
         return MARSM(configure_marsm(model), **kw)
     if kind == "naive_muon":
         muon, rest = configure_naive(model)
-        return Combined(NaiveFSDPMuon(muon["params"], lr=LR, weight_decay=WD, ns_dtype=ns, ns_method=ns_method),
-                        torch.optim.AdamW(rest["params"], lr=LR, betas=(0.9, 0.95), weight_decay=WD, foreach=True))
+        return Combined(
+            NaiveFSDPMuon(muon["params"], lr=LR, weight_decay=WD, ns_dtype=ns, ns_method=ns_method),
+            torch.optim.AdamW(rest["params"], lr=LR, betas=(0.9, 0.95), weight_decay=WD, foreach=True),
+        )
     if kind == "adamw":
         return torch.optim.AdamW(configure_adamw(model), lr=LR, betas=(0.9, 0.95), weight_decay=WD, foreach=True)
     if kind.startswith("distmuon"):
         from distmuon_cpu import build_dist_muon_cpu
+
         muon, rest, layouts, buckets = configure_distmuon(model)
         extra = dict(nesterov=False, adjust_lr_fn="match_rms_adamw") if kind == "distmuon_l4l" else {}
-        opt = build_dist_muon_cpu([{"params": muon["params"], "param_names": muon["param_names"]}],
-                                  compute_sharding_by_fqn=layouts, bucket_configs=buckets, lr=LR, weight_decay=WD,
-                                  **extra)
-        return Combined(opt, torch.optim.AdamW(rest["params"], lr=LR, betas=(0.9, 0.95), weight_decay=WD,
-                                               foreach=True))
+        opt = build_dist_muon_cpu(
+            [{"params": muon["params"], "param_names": muon["param_names"]}],
+            compute_sharding_by_fqn=layouts,
+            bucket_configs=buckets,
+            lr=LR,
+            weight_decay=WD,
+            **extra,
+        )
+        return Combined(opt, torch.optim.AdamW(rest["params"], lr=LR, betas=(0.9, 0.95), weight_decay=WD, foreach=True))
     raise ValueError(kind)
 
 
@@ -216,8 +248,9 @@ def count_collectives(counter: dict):
         per = input.numel() // w if input_split_sizes is None else None
         own = per if per is not None else input_split_sizes[me]
         counter["bytes"] += (input.numel() - own) * input.element_size()
-        return saved["all_to_all_single"](output, input, output_split_sizes, input_split_sizes, group=group,
-                                          async_op=async_op)
+        return saved["all_to_all_single"](
+            output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op
+        )
 
     def agit(output, input, group=None, async_op=False):
         counter["bytes"] += input.numel() * input.element_size() * (dist.get_world_size(group) - 1)
@@ -242,6 +275,7 @@ def owner_orthogonalize(fulls: dict, entries: list) -> dict:
     full matrix in, position -> Newton-Schulz result out). Looked up at call time so the floors take the
     owners' kernel path; when the library's choice moves, this line moves with it."""
     from dist_marsm import collectives
+
     return collectives._orthogonalize_batched(fulls, entries)
 
 
@@ -264,10 +298,13 @@ def owner_floors(opt, device, reps: int, rank: int, world: int) -> dict:
     (a MARSM that has stepped once, so its plan is built)."""
     plans = [fg.owner_plan for fg in opt.step_plan.flat_groups]
     gen = torch.Generator(device=device).manual_seed(1)
-    fulls = [{pos: torch.randn(e.shape, generator=gen, device=device) for pos, e in enumerate(plan.entries)}
-             for plan in plans]
-    mine = [{pos: f for pos, f in fs.items() if plan.entries[pos].owner == plan.my_rank}
-            for plan, fs in zip(plans, fulls)]
+    fulls = [
+        {pos: torch.randn(e.shape, generator=gen, device=device) for pos, e in enumerate(plan.entries)}
+        for plan in plans
+    ]
+    mine = [
+        {pos: f for pos, f in fs.items() if plan.entries[pos].owner == plan.my_rank} for plan, fs in zip(plans, fulls)
+    ]
 
     def run(selected):
         for plan, fs in zip(plans, selected):
@@ -280,14 +317,18 @@ def owner_floors(opt, device, reps: int, rank: int, world: int) -> dict:
     whole = _timed(lambda: run(fulls), device, reps, barrier=False) if rank == 0 else None
     dist.barrier()
     owned_flops = [sum(e.flops for plan in plans for e in plan.entries if e.owner == r) for r in range(world)]
-    return {"plan_floor_s": median([max(r[i] for r in everyone) for i in range(reps)]),
-            "plan_floor_per_rank_s": everyone, "ns_single_process_s": median(whole) if whole else None,
-            "max_rank_ns_gflop": max(owned_flops) / 1e9}
+    return {
+        "plan_floor_s": median([max(r[i] for r in everyone) for i in range(reps)]),
+        "plan_floor_per_rank_s": everyone,
+        "ns_single_process_s": median(whole) if whole else None,
+        "max_rank_ns_gflop": max(owned_flops) / 1e9,
+    }
 
 
 def model_floors(config, mesh, device, args, rank, world) -> dict:
     """Both floors on a fresh MARSM's plan for ``config`` (built by one step, as in the timed runs)."""
     from dist_marsm import MARSM
+
     model = fsdp_model(config, mesh, device)
     opt = MARSM(configure_marsm(model), ns_dtype=args.ns_dtype, ns_method=args.ns_method)
     lm_loss(model, 0, args.batch, args.seq, device).backward()
@@ -301,13 +342,21 @@ def model_floors(config, mesh, device, args, rank, world) -> dict:
 def ns_single_process_distmuon(shapes, device, reps: int) -> float:
     """Median seconds of DistMuon's own _zeropower_via_newtonschulz, one call per matrix (its Owned layout)."""
     from torchtitan.distributed.flex_shard.dist_muon import _zeropower_via_newtonschulz as distmuon_ns
+
     mats = [torch.randn(*s, device=device) for s in shapes]
-    return median(_timed(lambda: [distmuon_ns(m, ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps=5, eps=1e-7)
-                                  for m in mats], device, reps, barrier=False))
+    return median(
+        _timed(
+            lambda: [distmuon_ns(m, ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps=5, eps=1e-7) for m in mats],
+            device,
+            reps,
+            barrier=False,
+        )
+    )
 
 
 def fsdp_model(config, mesh, device):
     from torch.distributed.fsdp import fully_shard
+
     model = make_model(config, seed=0, device=device)
     for block in model.layers:
         fully_shard(block, mesh=mesh)
@@ -336,9 +385,14 @@ def run_one(kind, config, mesh, device, args, world):
         if step >= args.warmup:
             opt_times.append(t2 - t1)
             step_times.append(t2 - t0)
-    rec = {"opt": opt_times, "step": step_times, "bytes_sent": counter["bytes"], "state_bytes": state_bytes(opt),
-           "loss": float(loss.detach())}
-    if kind.startswith("marsm"):   # this optimizer's own plan, timed right after its steps (same load)
+    rec = {
+        "opt": opt_times,
+        "step": step_times,
+        "bytes_sent": counter["bytes"],
+        "state_bytes": state_bytes(opt),
+        "loss": float(loss.detach()),
+    }
+    if kind.startswith("marsm"):  # this optimizer's own plan, timed right after its steps (same load)
         rec["floors"] = owner_floors(opt, device, args.ns_reps, dist.get_rank(), world)
     inner = opt.optimizer if hasattr(opt, "optimizer") else opt
     if hasattr(inner, "last_step_stats"):
@@ -356,9 +410,11 @@ def rank_main(rank, world, port, args, queue):
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=args.pg_timeout))
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=args.pg_timeout)
+    )
     from torch.distributed.device_mesh import init_device_mesh
+
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
     out = {}
     for config in args.models:
@@ -390,6 +446,7 @@ def rank_main(rank, world, port, args, queue):
 # ============================================================ report
 def summarize(out, args, world):
     from dist_marsm.newton_schulz import newton_schulz_flops
+
     tables, data = [], {"args": vars(args), "world": world, "models": {}}
     for config, o in out.items():
         shapes = o["shapes"]
@@ -406,15 +463,31 @@ def summarize(out, args, world):
                 continue
             opt = median([max(r["opt"][i] for r in per_rank) for i in range(args.steps)])
             step = median([max(r["step"][i] for r in per_rank) for i in range(args.steps)])
-            recs[kind] = dict(opt_s=opt, step_s=step, state_bytes=max(r["state_bytes"] for r in per_rank),
-                              bytes_sent=max(r["bytes_sent"] for r in per_rank),
-                              config_lines=config_lines(KINDS[kind][1]), per_rank=per_rank)
+            recs[kind] = dict(
+                opt_s=opt,
+                step_s=step,
+                state_bytes=max(r["state_bytes"] for r in per_rank),
+                bytes_sent=max(r["bytes_sent"] for r in per_rank),
+                config_lines=config_lines(KINDS[kind][1]),
+                per_rank=per_rank,
+            )
             if kind == "adamw":
                 adamw_opt, adamw_step = opt, step
-        headers = (["optimizer", "opt step ms", "train step ms", "opt / AdamW", "train / AdamW", "plan floor ms",
-                    "opt / plan floor", "perfect-split floor ms", "opt / perfect-split floor"]
-                   + (["opt / own-kernel floor"] if floor_dm else [])
-                   + ["state bytes/rank", "sent bytes/rank/step", "config lines"])
+        headers = (
+            [
+                "optimizer",
+                "opt step ms",
+                "train step ms",
+                "opt / AdamW",
+                "train / AdamW",
+                "plan floor ms",
+                "opt / plan floor",
+                "perfect-split floor ms",
+                "opt / perfect-split floor",
+            ]
+            + (["opt / own-kernel floor"] if floor_dm else [])
+            + ["state bytes/rank", "sent bytes/rank/step", "config lines"]
+        )
         for kind in args.kinds:
             r = recs[kind]
             label = KINDS[kind][0]
@@ -429,32 +502,54 @@ def summarize(out, args, world):
             r["opt_over_plan_floor"] = r["opt_s"] / r["plan_floor_s"] if own else None
             r["opt_over_split_floor"] = r["opt_s"] / r["perfect_split_floor_s"] if kind != "adamw" else None
             r["opt_over_own_kernel_floor"] = r["opt_s"] / floor_dm if kind.startswith("distmuon") and floor_dm else None
-            rows.append([label, r["opt_s"] * 1e3, r["step_s"] * 1e3, r["opt_over_adamw"], r["step_over_adamw"],
-                         r["plan_floor_s"] * 1e3 if own else None, r["opt_over_plan_floor"],
-                         r["perfect_split_floor_s"] * 1e3 if kind != "adamw" else None, r["opt_over_split_floor"]]
-                        + ([r["opt_over_own_kernel_floor"]] if floor_dm else [])
-                        + [human_bytes(r["state_bytes"]), human_bytes(r["bytes_sent"]), r["config_lines"]])
-        head = (f"### {config} model ({MODEL_CONFIGS[config]}), {world} ranks, {args.threads} thread(s)/rank, "
-                f"NS in {args.ns_dtype}, method {args.ns_method} (DistMuon: always bf16, its own kernel)"
-                "\n\n"
-                f"{len(shapes)} matrices, {ns_flops / 1e9:.1f} GFLOP of Newton-Schulz per step; busiest owner "
-                f"{o['max_rank_ns_gflop']:.2f} GFLOP. Floors are timed with the owners' own Newton-Schulz call "
-                f"on the owner plan: plan floor = the slowest rank orthogonalizing the matrices it owns (all ranks "
-                f"at once); perfect-split floor = all matrices in one process / W. Each MARS-M row's floors are "
-                f"measured on its own optimizer's plan right after its steps; before the first optimizer, on a "
-                f"fresh plan: plan floor {plan_floor * 1e3:.1f} ms, single-process NS "
-                f"{o['ns_single_process_s'] * 1e3:.1f} ms -> perfect-split floor {split * 1e3:.1f} ms (used for the "
-                "naive Muon row)"
-                + (f"; DistMuon's own NS kernel (one bf16 addmm-based call per matrix) single-process "
-                   f"{o['ns_single_process_distmuon_s'] * 1e3:.1f} ms -> its floor {floor_dm * 1e3:.1f} ms" if floor_dm
-                   else "") + f". Median of {args.steps} steps after {args.warmup} warm-up; each step = slowest rank; "
-                f"floors: median of {args.ns_reps} repetitions after one warm-up.\n\n")
+            rows.append(
+                [
+                    label,
+                    r["opt_s"] * 1e3,
+                    r["step_s"] * 1e3,
+                    r["opt_over_adamw"],
+                    r["step_over_adamw"],
+                    r["plan_floor_s"] * 1e3 if own else None,
+                    r["opt_over_plan_floor"],
+                    r["perfect_split_floor_s"] * 1e3 if kind != "adamw" else None,
+                    r["opt_over_split_floor"],
+                ]
+                + ([r["opt_over_own_kernel_floor"]] if floor_dm else [])
+                + [human_bytes(r["state_bytes"]), human_bytes(r["bytes_sent"]), r["config_lines"]]
+            )
+        head = (
+            f"### {config} model ({MODEL_CONFIGS[config]}), {world} ranks, {args.threads} thread(s)/rank, "
+            f"NS in {args.ns_dtype}, method {args.ns_method} (DistMuon: always bf16, its own kernel)"
+            "\n\n"
+            f"{len(shapes)} matrices, {ns_flops / 1e9:.1f} GFLOP of Newton-Schulz per step; busiest owner "
+            f"{o['max_rank_ns_gflop']:.2f} GFLOP. Floors are timed with the owners' own Newton-Schulz call "
+            f"on the owner plan: plan floor = the slowest rank orthogonalizing the matrices it owns (all ranks "
+            f"at once); perfect-split floor = all matrices in one process / W. Each MARS-M row's floors are "
+            f"measured on its own optimizer's plan right after its steps; before the first optimizer, on a "
+            f"fresh plan: plan floor {plan_floor * 1e3:.1f} ms, single-process NS "
+            f"{o['ns_single_process_s'] * 1e3:.1f} ms -> perfect-split floor {split * 1e3:.1f} ms (used for the "
+            "naive Muon row)"
+            + (
+                f"; DistMuon's own NS kernel (one bf16 addmm-based call per matrix) single-process "
+                f"{o['ns_single_process_distmuon_s'] * 1e3:.1f} ms -> its floor {floor_dm * 1e3:.1f} ms"
+                if floor_dm
+                else ""
+            )
+            + f". Median of {args.steps} steps after {args.warmup} warm-up; each step = slowest rank; "
+            f"floors: median of {args.ns_reps} repetitions after one warm-up.\n\n"
+        )
         tables.append(head + markdown_table(headers, rows))
-        data["models"][config] = {"shapes": shapes, "ns_gflop": ns_flops / 1e9,
-                                  "ns_single_process_s": o["ns_single_process_s"], "perfect_split_floor_s": split,
-                                  "plan_floor_s": plan_floor, "plan_floor_per_rank_s": o["plan_floor_per_rank_s"],
-                                  "max_rank_ns_gflop": o["max_rank_ns_gflop"], "distmuon_kernel_floor_s": floor_dm,
-                                  "results": recs}
+        data["models"][config] = {
+            "shapes": shapes,
+            "ns_gflop": ns_flops / 1e9,
+            "ns_single_process_s": o["ns_single_process_s"],
+            "perfect_split_floor_s": split,
+            "plan_floor_s": plan_floor,
+            "plan_floor_per_rank_s": o["plan_floor_per_rank_s"],
+            "max_rank_ns_gflop": o["max_rank_ns_gflop"],
+            "distmuon_kernel_floor_s": floor_dm,
+            "results": recs,
+        }
     return data, "\n\n".join(tables)
 
 
@@ -464,10 +559,19 @@ def main():
     ap.add_argument("--models", default="debug", help="comma list of " + ",".join(MODEL_CONFIGS))
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma list of " + ",".join(KINDS))
     from dist_marsm.newton_schulz import NS_METHODS
-    ap.add_argument("--ns-method", default="standard", choices=NS_METHODS,
-                    help="Newton-Schulz method for MARS-M, naive and the floors (DistMuon: its own kernel)")
-    ap.add_argument("--ns-dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                    help="Newton-Schulz dtype for MARS-M, naive and the floors (DistMuon hard-codes bf16)")
+
+    ap.add_argument(
+        "--ns-method",
+        default="standard",
+        choices=NS_METHODS,
+        help="Newton-Schulz method for MARS-M, naive and the floors (DistMuon: its own kernel)",
+    )
+    ap.add_argument(
+        "--ns-dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="Newton-Schulz dtype for MARS-M, naive and the floors (DistMuon hard-codes bf16)",
+    )
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=2)
@@ -484,6 +588,7 @@ def main():
         world = min(world, torch.cuda.device_count())
     import torch.multiprocessing as mp
     from torch.distributed.elastic.utils.distributed import get_free_port as free_port
+
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -491,6 +596,7 @@ def main():
     for p in procs:
         p.start()
     import queue as queue_mod
+
     try:
         out = queue.get(timeout=args.pg_timeout)
     except queue_mod.Empty:
@@ -499,8 +605,10 @@ def main():
         p.join(timeout=60)
     data, md = summarize(out, args, world)
     print("\n" + md)
-    name = args.name or (f"bench_distributed_{world}r{'_' + args.ns_dtype if args.ns_dtype != 'bfloat16' else ''}"
-                         f"{'_' + args.ns_method if args.ns_method != 'standard' else ''}")
+    name = args.name or (
+        f"bench_distributed_{world}r{'_' + args.ns_dtype if args.ns_dtype != 'bfloat16' else ''}"
+        f"{'_' + args.ns_method if args.ns_method != 'standard' else ''}"
+    )
     save(name, data, md)
 
 

@@ -53,8 +53,9 @@ def rank_main(rank, world, port, args, queue):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         lm_loss(model, 0, batch=2, seq=32).backward()
-        opts[method] = MARSM(build_param_groups(model), lr=3e-3, ns_dtype=args.ns_dtype, ns_method=method,
-                             wire_dtype="bfloat16")
+        opts[method] = MARSM(
+            build_param_groups(model), lr=3e-3, ns_dtype=args.ns_dtype, ns_method=method, wire_dtype="bfloat16"
+        )
     times = {m: [] for m in METHODS}
     for step in range(1 + args.steps):
         order = METHODS if step % 2 == 0 else METHODS[::-1]
@@ -68,8 +69,18 @@ def rank_main(rank, world, port, args, queue):
                 times[method].append(elapsed.item())
     flops = {}
     for method, opt in opts.items():
-        total = torch.tensor([float(sum(e.flops for fg in opt.step_plan.flat_groups for e in fg.owner_plan.entries
-                                        if e.owner == fg.owner_plan.my_rank))])
+        total = torch.tensor(
+            [
+                float(
+                    sum(
+                        e.flops
+                        for fg in opt.step_plan.flat_groups
+                        for e in fg.owner_plan.entries
+                        if e.owner == fg.owner_plan.my_rank
+                    )
+                )
+            ]
+        )
         busiest = total.clone()
         dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
         dist.all_reduce(total)
@@ -93,7 +104,6 @@ def main():
     args = ap.parse_args()
     CONFIG.update(dim=args.dim, ffn=args.ffn, n_layers=args.layers)
     import torch.multiprocessing as mp
-
     from torch.distributed.elastic.utils.distributed import get_free_port as free_port
 
     ctx = mp.get_context("spawn")
@@ -109,13 +119,34 @@ def main():
     for m in METHODS:
         t = median(out["times"][m])
         f = out["flops"][m]
-        rows.append([m, t * 1e3, median(out["times"]["standard"]) / t, f["total_gflop"], f["busiest_rank_gflop"],
-                     f["busiest_rank_gflop"] / t, ", ".join(f"{x * 1e3:.0f}" for x in out["times"][m])])
-    md = (f"MARSM optimizer step, FSDP2 LlamaLike {CONFIG} ({out['n_matrices']} matrices), {args.ranks} gloo ranks, "
-          f"one thread each, Newton-Schulz in {args.ns_dtype}, bf16 wire; median of {args.steps} steps after a "
-          "warm-up, methods alternating. Machine shared with other jobs.\n\n"
-          + markdown_table(["ns_method", "optimizer step ms", "speed-up vs standard", "NS GFLOP / step (all ranks)",
-                            "busiest rank NS GFLOP", "busiest rank GFLOP/s", "each step ms"], rows))
+        rows.append(
+            [
+                m,
+                t * 1e3,
+                median(out["times"]["standard"]) / t,
+                f["total_gflop"],
+                f["busiest_rank_gflop"],
+                f["busiest_rank_gflop"] / t,
+                ", ".join(f"{x * 1e3:.0f}" for x in out["times"][m]),
+            ]
+        )
+    md = (
+        f"MARSM optimizer step, FSDP2 LlamaLike {CONFIG} ({out['n_matrices']} matrices), {args.ranks} gloo ranks, "
+        f"one thread each, Newton-Schulz in {args.ns_dtype}, bf16 wire; median of {args.steps} steps after a "
+        "warm-up, methods alternating. Machine shared with other jobs.\n\n"
+        + markdown_table(
+            [
+                "ns_method",
+                "optimizer step ms",
+                "speed-up vs standard",
+                "NS GFLOP / step (all ranks)",
+                "busiest rank NS GFLOP",
+                "busiest rank GFLOP/s",
+                "each step ms",
+            ],
+            rows,
+        )
+    )
     print(md)
     save(f"bench_gram_step_{args.ranks}r_{args.ns_dtype}", {"config": CONFIG, "args": vars(args), **out}, md)
 

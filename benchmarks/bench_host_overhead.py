@@ -166,13 +166,35 @@ def main():
     rows = []
     for world in map(int, args.ranks.split(",")):
         rows += run(kinds, world, args.steps)
-    headers = ["model", "ranks", "matrices", "MARSM step", "AdamW foreach step", "MARSM / AdamW",
-               "MARSM ops/step", "of which stage", "AdamW ops/step", "agreement check", "all-reduce"]
-    table = [[("%s x 16x16" % r["kind"]) if r["kind"] != "debug" else "debug model", r["ranks"], r["matrices"],
-              f"{r['MARSM ms']:.1f} ms", f"{r['AdamW foreach ms']:.1f} ms",
-              f"{r['MARSM ms'] / r['AdamW foreach ms']:.2f}x", r["MARSM ops/step"], r["MARSM stage ops"],
-              r["AdamW foreach ops/step"], f"{r['agreement digest us/step']:.0f} us",
-              f"{r['allreduce bytes/step']} B"] for r in rows]
+    headers = [
+        "model",
+        "ranks",
+        "matrices",
+        "MARSM step",
+        "AdamW foreach step",
+        "MARSM / AdamW",
+        "MARSM ops/step",
+        "of which stage",
+        "AdamW ops/step",
+        "agreement check",
+        "all-reduce",
+    ]
+    table = [
+        [
+            f"{r['kind']} x 16x16" if r["kind"] != "debug" else "debug model",
+            r["ranks"],
+            r["matrices"],
+            f"{r['MARSM ms']:.1f} ms",
+            f"{r['AdamW foreach ms']:.1f} ms",
+            f"{r['MARSM ms'] / r['AdamW foreach ms']:.2f}x",
+            r["MARSM ops/step"],
+            r["MARSM stage ops"],
+            r["AdamW foreach ops/step"],
+            f"{r['agreement digest us/step']:.0f} us",
+            f"{r['allreduce bytes/step']} B",
+        ]
+        for r in rows
+    ]
     md = markdown_table(headers, table)
     print(md)
     save("bench_host_overhead", {"rows": rows}, md)

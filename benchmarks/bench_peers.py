@@ -89,8 +89,14 @@ from _common import (
 # hidden 3.5 x dim; 2 layers so it runs on a small CPU. Embeddings and the output head go to AdamW in every
 # optimizer, so a small vocabulary changes only the AdamW share.
 _L3 = LLAMA3["8B"]
-LLAMA3_8B_SHAPE = {"dim": _L3["dim"] // 8, "n_layers": 2, "ffn": _L3["ffn"] // 8, "vocab": 2048,
-                   "n_heads": _L3["n_heads"] // 8, "n_kv_heads": _L3["n_kv_heads"] // 8}
+LLAMA3_8B_SHAPE = {
+    "dim": _L3["dim"] // 8,
+    "n_layers": 2,
+    "ffn": _L3["ffn"] // 8,
+    "vocab": 2048,
+    "n_heads": _L3["n_heads"] // 8,
+    "n_kv_heads": _L3["n_kv_heads"] // 8,
+}
 MODELS = {**{k: dict(v) for k, v in MODEL_CONFIGS.items()}, "llama3_8b_shape": LLAMA3_8B_SHAPE}
 
 
@@ -130,6 +136,7 @@ def build_model(name: str, device) -> LlamaLike:
 
 def fsdp_model(name: str, mesh, device):
     from torch.distributed.fsdp import fully_shard
+
     model = build_model(name, device)
     for block in model.layers:
         fully_shard(block, mesh=mesh)
@@ -160,6 +167,7 @@ class PhaseClock:
                 self.seconds[label] += elapsed - inner
                 if self._children:
                     self._children[-1] += elapsed
+
         return timed
 
     @contextlib.contextmanager
@@ -187,22 +195,36 @@ def marsm_phase_targets(opt):
     """Our step's internal functions, for when the optimizer does not report ``phase_s`` itself."""
     from dist_marsm import collectives, mars_math
     from dist_marsm.collectives import OwnerCompute
-    return [(opt, "_stage", "stage"), (opt, "_all_reduce", "all_reduce"),
-            (mars_math, "momentum_updates", "momentum"), (mars_math, "efficient_momentum_updates", "momentum"),
-            (OwnerCompute, "_start_gather", "gather"), (OwnerCompute, "_finish_gather", "gather"),
-            (collectives, "_orthogonalize_batched", "newton_schulz"),
-            (OwnerCompute, "_start_scatter", "scatter"), (OwnerCompute, "_finish_scatter", "scatter"),
-            (opt, "_apply", "apply"), (opt, "_update_adamw", "adamw")]
+
+    return [
+        (opt, "_stage", "stage"),
+        (opt, "_all_reduce", "all_reduce"),
+        (mars_math, "momentum_updates", "momentum"),
+        (mars_math, "efficient_momentum_updates", "momentum"),
+        (OwnerCompute, "_start_gather", "gather"),
+        (OwnerCompute, "_finish_gather", "gather"),
+        (collectives, "_orthogonalize_batched", "newton_schulz"),
+        (OwnerCompute, "_start_scatter", "scatter"),
+        (OwnerCompute, "_finish_scatter", "scatter"),
+        (opt, "_apply", "apply"),
+        (opt, "_update_adamw", "adamw"),
+    ]
 
 
 def distmuon_phase_targets(dm):
     from torchtitan.distributed.flex_shard import _optimizer_reshard_runtime as rt
+
     runtime = rt._BucketedRedistributionRuntime
-    return [(dm, "_prepare_local", "momentum"), (rt, "_prepare_redistributed", "pack"),
-            (runtime, "_enqueue_storage_to_compute", "gather (all_to_all)"),
-            (rt, "_compute_redistributed", "unpack+pack"), (dm, "_compute_update", "newton_schulz"),
-            (runtime, "_enqueue_compute_to_storage", "scatter (all_to_all)"),
-            (rt, "_finalize_redistributed", "unpack"), (dm, "_apply_update", "apply")]
+    return [
+        (dm, "_prepare_local", "momentum"),
+        (rt, "_prepare_redistributed", "pack"),
+        (runtime, "_enqueue_storage_to_compute", "gather (all_to_all)"),
+        (rt, "_compute_redistributed", "unpack+pack"),
+        (dm, "_compute_update", "newton_schulz"),
+        (runtime, "_enqueue_compute_to_storage", "scatter (all_to_all)"),
+        (rt, "_finalize_redistributed", "unpack"),
+        (dm, "_apply_update", "apply"),
+    ]
 
 
 # ============================================================ entries: what one interleaved slot runs
@@ -238,7 +260,7 @@ class OptimizerEntry:
         """One step with per-phase seconds; returns (phases, source)."""
         if self.kind.startswith("marsm"):
             self.opt.record_phases = True
-            clock = PhaseClock()   # used only where the optimizer does not report its phases itself
+            clock = PhaseClock()  # used only where the optimizer does not report its phases itself
             with clock.patched([] if self.reports_phases else marsm_phase_targets(self.opt)):
                 self.opt.step()
             reported = (self.opt.last_step_stats or {}).get("phase_s")
@@ -279,8 +301,17 @@ class OurPlanFloor:
     def __init__(self, marsm, device):
         plans = [fg.owner_plan for fg in marsm.step_plan.flat_groups]
         gen = torch.Generator(device=device).manual_seed(1)
-        self.work = [(plan, {pos: torch.randn(e.shape, generator=gen, device=device)
-                             for pos, e in enumerate(plan.entries) if e.owner == plan.my_rank}) for plan in plans]
+        self.work = [
+            (
+                plan,
+                {
+                    pos: torch.randn(e.shape, generator=gen, device=device)
+                    for pos, e in enumerate(plan.entries)
+                    if e.owner == plan.my_rank
+                },
+            )
+            for plan in plans
+        ]
 
     def step(self):
         for plan, fulls in self.work:
@@ -295,20 +326,21 @@ class DistMuonPlanFloor:
 
     def __init__(self, seen: list[tuple[torch.Size, torch.dtype, dict]], device):
         gen = torch.Generator(device=device).manual_seed(2)
-        self.work = [(torch.randn(shape, generator=gen, device=device).to(dtype), group)
-                     for shape, dtype, group in seen]
+        self.work = [
+            (torch.randn(shape, generator=gen, device=device).to(dtype), group) for shape, dtype, group in seen
+        ]
 
     def step(self):
         from torchtitan.distributed.flex_shard.dist_muon import _zeropower_via_newtonschulz
+
         for x, g in self.work:
-            _zeropower_via_newtonschulz(x, ns_coefficients=g["ns_coefficients"], ns_steps=g["ns_steps"],
-                                        eps=g["eps"])
+            _zeropower_via_newtonschulz(x, ns_coefficients=g["ns_coefficients"], ns_steps=g["ns_steps"], eps=g["eps"])
 
 
 def record_distmuon_compute(entry: OptimizerEntry) -> list:
     """Shapes and settings of what DistMuon's _compute_update receives on this rank in one step."""
     dm = entry.opt.optimizers[0]
-    dm = getattr(dm, "optimizer", dm)   # the CPU adapter wraps it; on CUDA it is DistMuon itself
+    dm = getattr(dm, "optimizer", dm)  # the CPU adapter wraps it; on CUDA it is DistMuon itself
     seen, original = [], dm._compute_update
 
     def recording(compute_layout, compute):
@@ -378,8 +410,10 @@ def measure_model(model_name, mesh, device, args, rank, world) -> dict:
             times[s.kind].append(time.perf_counter() - t)
             cpu[s.kind].append(time.process_time() - c)
         if rank == 0 and (i + 1) % 10 == 0:
-            print(f"  [{model_name}, {world} ranks] round {i + 1}/{n_rounds} ({time.perf_counter() - t_start:.0f}s)",
-                  flush=True)
+            print(
+                f"  [{model_name}, {world} ranks] round {i + 1}/{n_rounds} ({time.perf_counter() - t_start:.0f}s)",
+                flush=True,
+            )
     phases = {e.kind: [] for e in entries}
     sources = {}
     for i in range(args.phase_rounds):
@@ -410,16 +444,18 @@ def rank_main(rank, world, port, args, queue):
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=args.pg_timeout))
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=args.pg_timeout)
+    )
     from torch.distributed.device_mesh import init_device_mesh
+
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
     out = {}
     for repeat in range(args.repeat):
         for model_name in args.models:
             t = time.perf_counter()
             res = measure_model(model_name, mesh, device, args, rank, world)
-            gc.collect()   # the models and optimizers of this measurement are garbage now
+            gc.collect()  # the models and optimizers of this measurement are garbage now
             if rank == 0:
                 out[(repeat, model_name)] = res
                 print(f"[run {repeat + 1}] {model_name}, {world} ranks: {time.perf_counter() - t:.0f}s", flush=True)
@@ -434,6 +470,7 @@ def spawn(world: int, args) -> dict:
 
     import torch.multiprocessing as mp
     from torch.distributed.elastic.utils.distributed import get_free_port
+
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = get_free_port()
@@ -457,13 +494,17 @@ def measure_tiny(args) -> dict:
     from bench_host_overhead import TinyMatrices
 
     from dist_marsm import MARSM
+
     torch.set_num_threads(1)
     torch.manual_seed(0)
     models = {"marsm": TinyMatrices(args.tiny), "adamw": TinyMatrices(args.tiny)}
     models["adamw"].load_state_dict(models["marsm"].state_dict())
-    opts = {"marsm": MARSM([{"params": list(models["marsm"].parameters()), "use_mars": True}], lr=1e-3,
-                           ns_dtype=args.tiny_ns_dtype),
-            "adamw": torch.optim.AdamW(models["adamw"].parameters(), lr=1e-3, foreach=True)}
+    opts = {
+        "marsm": MARSM(
+            [{"params": list(models["marsm"].parameters()), "use_mars": True}], lr=1e-3, ns_dtype=args.tiny_ns_dtype
+        ),
+        "adamw": torch.optim.AdamW(models["adamw"].parameters(), lr=1e-3, foreach=True),
+    }
     params = {k: list(m.parameters()) for k, m in models.items()}
     times = {k: [] for k in opts}
     order = list(opts)
@@ -473,16 +514,23 @@ def measure_tiny(args) -> dict:
         for k in order:
             for p, g in zip(params[k], grads):
                 p.grad = g.clone()
-        for k in order[i % 2:] + order[: i % 2]:
+        for k in order[i % 2 :] + order[: i % 2]:
             t = time.perf_counter()
             opts[k].step()
             times[k].append(time.perf_counter() - t)
     w = args.tiny_warmup
     ratios = [a / b for a, b in zip(times["marsm"][w:], times["adamw"][w:])]
     gm, lo, hi = geo_mean_interval(ratios)
-    return {"matrices": args.tiny, "rounds": args.tiny_rounds, "ns_dtype": args.tiny_ns_dtype,
-            "marsm_median_ms": median(times["marsm"][w:]) * 1e3, "adamw_median_ms": median(times["adamw"][w:]) * 1e3,
-            "ratio": gm, "ci95": [lo, hi], "times": times}
+    return {
+        "matrices": args.tiny,
+        "rounds": args.tiny_rounds,
+        "ns_dtype": args.tiny_ns_dtype,
+        "marsm_median_ms": median(times["marsm"][w:]) * 1e3,
+        "adamw_median_ms": median(times["adamw"][w:]) * 1e3,
+        "ratio": gm,
+        "ci95": [lo, hi],
+        "times": times,
+    }
 
 
 # ============================================================ Newton-Schulz kernels, one matrix, one thread
@@ -492,36 +540,63 @@ def measure_kernels(args) -> list[dict]:
     from torchtitan.distributed.flex_shard.dist_muon import _zeropower_via_newtonschulz
 
     from dist_marsm.newton_schulz import MUON_COEFFICIENTS, newton_schulz
+
     torch.set_num_threads(1)
     rows = []
     for spec in args.kernels.split(","):
         shape = tuple(int(x) for x in spec.split("x"))
         m = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-        calls = {"ours": lambda m=m: newton_schulz(m, 5, torch.bfloat16),
-                 "distmuon": lambda m=m: _zeropower_via_newtonschulz(m, ns_coefficients=MUON_COEFFICIENTS, ns_steps=5,
-                                                                 eps=1e-7)}
+        calls = {
+            "ours": lambda m=m: newton_schulz(m, 5, torch.bfloat16),
+            "distmuon": lambda m=m: _zeropower_via_newtonschulz(
+                m, ns_coefficients=MUON_COEFFICIENTS, ns_steps=5, eps=1e-7
+            ),
+        }
         times = {k: [] for k in calls}
         for i in range(args.kernel_reps + 1):
-            for k in (list(calls) if i % 2 else list(calls)[::-1]):
+            for k in list(calls) if i % 2 else list(calls)[::-1]:
                 start = time.thread_time()
                 calls[k]()
                 times[k].append(time.thread_time() - start)
         ratios = [a / b for a, b in zip(times["ours"][1:], times["distmuon"][1:])]
         gm, lo, hi = geo_mean_interval(ratios)
-        rows.append({"shape": spec, "ours_ms": median(times["ours"][1:]) * 1e3,
-                     "distmuon_ms": median(times["distmuon"][1:]) * 1e3, "ratio": gm, "ci95": [lo, hi]})
+        rows.append(
+            {
+                "shape": spec,
+                "ours_ms": median(times["ours"][1:]) * 1e3,
+                "distmuon_ms": median(times["distmuon"][1:]) * 1e3,
+                "ratio": gm,
+                "ci95": [lo, hi],
+            }
+        )
     return rows
 
 
 # ============================================================ report
-LABELS = {**{k: v[0] for k, v in bench_distributed.KINDS.items()},
-          "our_plan_floor": "our plan floor (NS of owned matrices only)",
-          "distmuon_plan_floor": "DistMuon plan floor (its NS kernel, its assignment)"}
+LABELS = {
+    **{k: v[0] for k, v in bench_distributed.KINDS.items()},
+    "our_plan_floor": "our plan floor (NS of owned matrices only)",
+    "distmuon_plan_floor": "DistMuon plan floor (its NS kernel, its assignment)",
+}
 
 
 FLOORS = ("our_plan_floor", "distmuon_plan_floor")
-PHASE_ORDER = ("stage", "all_reduce", "momentum", "pack", "gather", "gather (all_to_all)", "unpack+pack",
-               "newton_schulz", "scatter", "scatter (all_to_all)", "unpack", "apply", "adamw", "unaccounted")
+PHASE_ORDER = (
+    "stage",
+    "all_reduce",
+    "momentum",
+    "pack",
+    "gather",
+    "gather (all_to_all)",
+    "unpack+pack",
+    "newton_schulz",
+    "scatter",
+    "scatter (all_to_all)",
+    "unpack",
+    "apply",
+    "adamw",
+    "unaccounted",
+)
 
 
 def pairs_for(kinds: list[str]) -> list[tuple[str, str]]:
@@ -537,9 +612,9 @@ def pairs_for(kinds: list[str]) -> list[tuple[str, str]]:
 def summarize_model(per_rank: list[dict], args) -> dict:
     kinds = list(per_rank[0]["times"])
     n = args.warmup_rounds + args.rounds
-    step = {k: [max(r["times"][k][i] for r in per_rank) for i in range(n)][args.warmup_rounds:] for k in kinds}
+    step = {k: [max(r["times"][k][i] for r in per_rank) for i in range(n)][args.warmup_rounds :] for k in kinds}
     medians = {k: median(v) for k, v in step.items()}
-    cpu = {k: [sum(r["cpu"][k][i] for r in per_rank) for i in range(n)][args.warmup_rounds:] for k in kinds}
+    cpu = {k: [sum(r["cpu"][k][i] for r in per_rank) for i in range(n)][args.warmup_rounds :] for k in kinds}
     ratios = {}
     for a, b in pairs_for(kinds):
         gm, lo, hi = geo_mean_interval([x / y for x, y in zip(step[a], step[b])])
@@ -547,7 +622,7 @@ def summarize_model(per_rank: list[dict], args) -> dict:
         ratios[f"{a} / {b}"] = {"ratio": gm, "ci95": [lo, hi], "cpu_ratio": cgm, "cpu_ci95": [clo, chi]}
     phases = {}
     for k, rounds in per_rank[0]["phases"].items():
-        if not rounds or all(len(ph) == 1 for ph in rounds):   # nothing but the step: no phases to show
+        if not rounds or all(len(ph) == 1 for ph in rounds):  # nothing but the step: no phases to show
             continue
         by_rank = []
         for r in per_rank:
@@ -557,12 +632,22 @@ def summarize_model(per_rank: list[dict], args) -> dict:
                     acc[name] += sec / len(rounds)
             acc["unaccounted"] = acc["step"] - sum(v for name, v in acc.items() if name != "step")
             by_rank.append(dict(acc))
-        names = sorted({n for acc in by_rank for n in acc},
-                       key=lambda n: (PHASE_ORDER + ("step",)).index(n) if n in PHASE_ORDER + ("step",) else -1)
-        phases[k] = {"source": per_rank[0]["phase_sources"].get(k),
-                     "per_rank_mean_s": [{n: acc.get(n, 0.0) for n in names} for acc in by_rank]}
-    return {"median_s": medians, "ratios": ratios, "phases": phases, "step_s": step, "cpu_s": cpu,
-            "raw_per_rank": [{"times": r["times"], "cpu": r["cpu"], "phases": r["phases"]} for r in per_rank]}
+        names = sorted(
+            {n for acc in by_rank for n in acc},
+            key=lambda n: (PHASE_ORDER + ("step",)).index(n) if n in PHASE_ORDER + ("step",) else -1,
+        )
+        phases[k] = {
+            "source": per_rank[0]["phase_sources"].get(k),
+            "per_rank_mean_s": [{n: acc.get(n, 0.0) for n in names} for acc in by_rank],
+        }
+    return {
+        "median_s": medians,
+        "ratios": ratios,
+        "phases": phases,
+        "step_s": step,
+        "cpu_s": cpu,
+        "raw_per_rank": [{"times": r["times"], "cpu": r["cpu"], "phases": r["phases"]} for r in per_rank],
+    }
 
 
 def overlap(a, b) -> bool:
@@ -571,10 +656,12 @@ def overlap(a, b) -> bool:
 
 def report(results: dict, tiny: dict | None, args, kernels: list | None = None) -> tuple[dict, str]:
     parts, data = [], {"args": dict(vars(args)), "runs": {}, "tiny": tiny, "kernels": kernels}
-    stats_line = (f"Ratios: geometric mean over {args.rounds} interleaved rounds (after {args.warmup_rounds} "
-                  f"discarded) of t_ours / t_peer within a round, each step timed as its slowest rank; [95% bootstrap "
-                  f"percentile interval, 10,000 resamples, seed 0]. {args.threads} torch thread(s) per rank, "
-                  f"batch {args.batch} x seq {args.seq}, NS {args.ns_dtype} / {args.ns_method} for MARS-M.")
+    stats_line = (
+        f"Ratios: geometric mean over {args.rounds} interleaved rounds (after {args.warmup_rounds} "
+        f"discarded) of t_ours / t_peer within a round, each step timed as its slowest rank; [95% bootstrap "
+        f"percentile interval, 10,000 resamples, seed 0]. {args.threads} torch thread(s) per rank, "
+        f"batch {args.batch} x seq {args.seq}, NS {args.ns_dtype} / {args.ns_method} for MARS-M."
+    )
     if results:
         parts.append(stats_line)
     for (world, repeat, model), per_rank in sorted(results.items(), key=lambda x: (x[0][0], x[0][2], x[0][1])):
@@ -590,46 +677,98 @@ def report(results: dict, tiny: dict | None, args, kernels: list | None = None) 
             head = f"### {model} ({cfg}), {world} ranks"
             rows = []
             for pair in runs[0]["ratios"]:
-                cells = [f"{r['ratios'][pair]['ratio']:.3f} [{r['ratios'][pair]['ci95'][0]:.3f}, "
-                         f"{r['ratios'][pair]['ci95'][1]:.3f}]" for r in runs]
-                cpu_cells = [f"{r['ratios'][pair]['cpu_ratio']:.3f} [{r['ratios'][pair]['cpu_ci95'][0]:.3f}, "
-                             f"{r['ratios'][pair]['cpu_ci95'][1]:.3f}]" for r in runs]
-                stable = (all(overlap(runs[0]["ratios"][pair]["ci95"], r["ratios"][pair]["ci95"]) for r in runs[1:])
-                          if len(runs) > 1 else None)
+                cells = [
+                    f"{r['ratios'][pair]['ratio']:.3f} [{r['ratios'][pair]['ci95'][0]:.3f}, "
+                    f"{r['ratios'][pair]['ci95'][1]:.3f}]"
+                    for r in runs
+                ]
+                cpu_cells = [
+                    f"{r['ratios'][pair]['cpu_ratio']:.3f} [{r['ratios'][pair]['cpu_ci95'][0]:.3f}, "
+                    f"{r['ratios'][pair]['cpu_ci95'][1]:.3f}]"
+                    for r in runs
+                ]
+                stable = (
+                    all(overlap(runs[0]["ratios"][pair]["ci95"], r["ratios"][pair]["ci95"]) for r in runs[1:])
+                    if len(runs) > 1
+                    else None
+                )
                 a, b = pair.split(" / ")
-                row = [f"{LABELS.get(a, a)} / {LABELS.get(b, b)}", *cells] + (
-                    ["yes" if stable else "NO"] if stable is not None else []) + cpu_cells
+                row = (
+                    [f"{LABELS.get(a, a)} / {LABELS.get(b, b)}", *cells]
+                    + (["yes" if stable else "NO"] if stable is not None else [])
+                    + cpu_cells
+                )
                 rows.append(row)
-                summary_rows.append([model, world, pair, *cells] + (["yes" if stable else "NO"] if stable is not None
-                                                                     else []))
-            headers = (["ratio (wall time)"] + [f"run {i + 1}" for i in range(len(runs))]
-                       + (["intervals overlap"] if len(runs) > 1 else [])
-                       + [f"CPU-time ratio, run {i + 1}" for i in range(len(runs))])
+                summary_rows.append(
+                    [model, world, pair, *cells] + (["yes" if stable else "NO"] if stable is not None else [])
+                )
+            headers = (
+                ["ratio (wall time)"]
+                + [f"run {i + 1}" for i in range(len(runs))]
+                + (["intervals overlap"] if len(runs) > 1 else [])
+                + [f"CPU-time ratio, run {i + 1}" for i in range(len(runs))]
+            )
             med_rows = [[LABELS.get(k, k)] + [r["median_s"][k] * 1e3 for r in runs] for k in runs[0]["median_s"]]
             med = markdown_table(["entry"] + [f"median ms, run {i + 1}" for i in range(len(runs))], med_rows)
             last = runs[-1]["phases"]
-            columns = [n for n in PHASE_ORDER + ("step",) if any(n in acc for p in last.values()
-                                                                    for acc in p["per_rank_mean_s"])]
+            columns = [
+                n
+                for n in PHASE_ORDER + ("step",)
+                if any(n in acc for p in last.values() for acc in p["per_rank_mean_s"])
+            ]
             columns += sorted({n for p in last.values() for acc in p["per_rank_mean_s"] for n in acc} - set(columns))
-            ph_rows = [[LABELS.get(k, k), rank] + [acc[n] * 1e3 if n in acc else None for n in columns]
-                       for k, p in last.items() for rank, acc in enumerate(p["per_rank_mean_s"])]
+            ph_rows = [
+                [LABELS.get(k, k), rank] + [acc[n] * 1e3 if n in acc else None for n in columns]
+                for k, p in last.items()
+                for rank, acc in enumerate(p["per_rank_mean_s"])
+            ]
             sources = "; ".join(f"{LABELS.get(k, k)}: {p['source']}" for k, p in last.items())
-            parts.append(head + "\n\n" + markdown_table(headers, rows) + "\n\n" + med
-                         + (f"\n\nPer phase, ms (mean of {args.phase_rounds} extra interleaved rounds per rank, "
-                            f"last run; a phase that waits on another rank includes the wait; sources: {sources}):"
-                            "\n\n" + markdown_table(["optimizer", "rank", *columns], ph_rows) if ph_rows else ""))
+            parts.append(
+                head
+                + "\n\n"
+                + markdown_table(headers, rows)
+                + "\n\n"
+                + med
+                + (
+                    f"\n\nPer phase, ms (mean of {args.phase_rounds} extra interleaved rounds per rank, "
+                    f"last run; a phase that waits on another rank includes the wait; sources: {sources}):"
+                    "\n\n" + markdown_table(["optimizer", "rank", *columns], ph_rows)
+                    if ph_rows
+                    else ""
+                )
+            )
     if tiny:
-        parts.append(f"### {tiny['matrices']} tiny 16 x 16 matrices, 1 rank (MARSM ns_dtype={tiny['ns_dtype']})\n\n"
-                     + markdown_table(["MARSM median ms", "AdamW foreach median ms", "MARSM / AdamW [95% interval]"],
-                                      [[tiny["marsm_median_ms"], tiny["adamw_median_ms"],
-                                        f"{tiny['ratio']:.3f} [{tiny['ci95'][0]:.3f}, {tiny['ci95'][1]:.3f}]"]])
-                     + f"\n\nInterleaved, {tiny['rounds']} rounds after {args.tiny_warmup} discarded; ratio as above.")
+        parts.append(
+            f"### {tiny['matrices']} tiny 16 x 16 matrices, 1 rank (MARSM ns_dtype={tiny['ns_dtype']})\n\n"
+            + markdown_table(
+                ["MARSM median ms", "AdamW foreach median ms", "MARSM / AdamW [95% interval]"],
+                [
+                    [
+                        tiny["marsm_median_ms"],
+                        tiny["adamw_median_ms"],
+                        f"{tiny['ratio']:.3f} [{tiny['ci95'][0]:.3f}, {tiny['ci95'][1]:.3f}]",
+                    ]
+                ],
+            )
+            + f"\n\nInterleaved, {tiny['rounds']} rounds after {args.tiny_warmup} discarded; ratio as above."
+        )
     if kernels:
-        parts.append(f"### Newton-Schulz kernel, one matrix, 1 thread, bf16, 5 steps ({args.kernel_reps} alternating "
-                     "calls each, thread CPU time)\n\n" + markdown_table(
-                         ["shape", "ours ms", "DistMuon ms", "ours / DistMuon [95% interval]"],
-                         [[k["shape"], k["ours_ms"], k["distmuon_ms"],
-                           f"{k['ratio']:.3f} [{k['ci95'][0]:.3f}, {k['ci95'][1]:.3f}]"] for k in kernels]))
+        parts.append(
+            f"### Newton-Schulz kernel, one matrix, 1 thread, bf16, 5 steps ({args.kernel_reps} alternating "
+            "calls each, thread CPU time)\n\n"
+            + markdown_table(
+                ["shape", "ours ms", "DistMuon ms", "ours / DistMuon [95% interval]"],
+                [
+                    [
+                        k["shape"],
+                        k["ours_ms"],
+                        k["distmuon_ms"],
+                        f"{k['ratio']:.3f} [{k['ci95'][0]:.3f}, {k['ci95'][1]:.3f}]",
+                    ]
+                    for k in kernels
+                ],
+            )
+        )
     data["summary"] = summary_rows
     return data, "\n\n".join(parts)
 
@@ -638,16 +777,25 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ranks", default="2", help="comma list of rank counts, e.g. 2,4")
     ap.add_argument("--models", default="debug,wide,llama3_8b_shape", help="comma list of " + ",".join(MODELS))
-    ap.add_argument("--kinds", default="marsm_gamma0,marsm_approx_bf16,distmuon_default,adamw",
-                    help="comma list of " + ",".join(bench_distributed.KINDS))
+    ap.add_argument(
+        "--kinds",
+        default="marsm_gamma0,marsm_approx_bf16,distmuon_default,adamw",
+        help="comma list of " + ",".join(bench_distributed.KINDS),
+    )
     ap.add_argument("--no-floors", dest="floors", action="store_false", help="leave the plan floors out")
     ap.add_argument("--rounds", type=int, default=24)
     ap.add_argument("--warmup-rounds", type=int, default=3)
     ap.add_argument("--phase-rounds", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=2, help="back-to-back repetitions of the whole measurement")
-    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                    help="cProfile STEPS steps of each optimizer on rank 0 after the rounds (printed and saved)")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="cProfile STEPS steps of each optimizer on rank 0 after the rounds (printed and saved)",
+    )
     from dist_marsm.newton_schulz import NS_METHODS
+
     ap.add_argument("--ns-method", default="standard", choices=NS_METHODS)
     ap.add_argument("--ns-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--batch", type=int, default=2)
@@ -658,8 +806,12 @@ def main():
     ap.add_argument("--tiny-warmup", type=int, default=5)
     ap.add_argument("--tiny-ns-dtype", default="float32", choices=("bfloat16", "float32"))
     ap.add_argument("--only-tiny", action="store_true", help="run only the tiny-matrices comparison")
-    ap.add_argument("--kernels", default="", help="comma list of AxB shapes: time each Newton-Schulz kernel alone "
-                                                  "(e.g. 1792x512,512x1792,512x512); with --only-tiny --tiny 0, only this")
+    ap.add_argument(
+        "--kernels",
+        default="",
+        help="comma list of AxB shapes: time each Newton-Schulz kernel alone "
+        "(e.g. 1792x512,512x1792,512x512); with --only-tiny --tiny 0, only this",
+    )
     ap.add_argument("--kernel-reps", type=int, default=12)
     ap.add_argument("--pg-timeout", type=float, default=1800)
     ap.add_argument("--name", default="bench_peers", help="results file stem")
@@ -681,13 +833,15 @@ def main():
     kernels = measure_kernels(args) if args.kernels else None
     data, md = report(results, tiny, args, kernels)
     print("\n" + md)
-    for (world, repeat, model), per_rank in results.items():
+    for (world, _repeat, model), per_rank in results.items():
         for kind, text in per_rank[0]["profiles"].items():
             path = Path(__file__).resolve().parent / "results" / f"{args.name}_profile_{model}_{world}r_{kind}.txt"
             info = machine_info()
-            path.write_text(f"cProfile of {args.profile} steps of {kind} on rank 0 of {world} ({model}), "
-                            f"{info['date_utc']}, {info['cpu']}, torch {info['torch']}, commit {info['commit']}\n"
-                            f"Command: {info['command']}\n\n{text}")
+            path.write_text(
+                f"cProfile of {args.profile} steps of {kind} on rank 0 of {world} ({model}), "
+                f"{info['date_utc']}, {info['cpu']}, torch {info['torch']}, commit {info['commit']}\n"
+                f"Command: {info['command']}\n\n{text}"
+            )
             print(f"profile of {kind} ({model}, {world} ranks, rank 0): {path}")
     save(args.name, data, md)
 

@@ -111,7 +111,7 @@ def main():
     for shape in args.shapes.split(","):
         b, length = (int(v) for v in shape.split("x"))
         tokens = torch.randint(0, 2048, (b, length + 1), generator=torch.Generator().manual_seed(0))
-        hooks = install_qk_clip(model, 1e-3)   # tau tiny: every head clips, the apply's worst case
+        hooks = install_qk_clip(model, 1e-3)  # tau tiny: every head clips, the apply's worst case
         hooks.remove()
         plain, hooked = [], []
         train_step(model, tokens)
@@ -137,25 +137,61 @@ def main():
             for p, s in zip(model.parameters(), snapshot):
                 p.copy_(s)
         flops = 2 * b * n_heads * length * length * hd * n_layers
-        r = dict(shape=shape, step_plain_ms=median(plain) * 1e3, step_hooked_ms=median(hooked) * 1e3,
-                 capture_ms=median(capture) * 1e3, apply_ms=median(apply_t) * 1e3, capture_gflop=flops / 1e9)
+        r = dict(
+            shape=shape,
+            step_plain_ms=median(plain) * 1e3,
+            step_hooked_ms=median(hooked) * 1e3,
+            capture_ms=median(capture) * 1e3,
+            apply_ms=median(apply_t) * 1e3,
+            capture_gflop=flops / 1e9,
+        )
         r["overhead_pct"] = 100 * (r["step_hooked_ms"] / r["step_plain_ms"] - 1)
         r["capture_pct_of_step"] = 100 * r["capture_ms"] / r["step_plain_ms"]
         data["shapes"].append(dict(r, plain_s=plain, hooked_s=hooked))
-        rows.append([shape, r["step_plain_ms"], r["step_hooked_ms"], f"{r['overhead_pct']:+.1f}%", r["capture_ms"],
-                     f"{r['capture_pct_of_step']:.1f}%", r["capture_gflop"], r["apply_ms"]])
+        rows.append(
+            [
+                shape,
+                r["step_plain_ms"],
+                r["step_hooked_ms"],
+                f"{r['overhead_pct']:+.1f}%",
+                r["capture_ms"],
+                f"{r['capture_pct_of_step']:.1f}%",
+                r["capture_gflop"],
+                r["apply_ms"],
+            ]
+        )
         print(rows[-1], flush=True)
     n_slots = n_layers * n_heads
     ar = allreduce_time(n_slots)
-    data.update(allreduce_elements=n_slots, allreduce_bytes=4 * n_slots, allreduce_2ranks_ms=ar * 1e3,
-                bytes_llama3={k: 4 * c["n_layers"] * c["n_heads"] for k, c in LLAMA3.items()})
-    md = ("llama3 debugmodel (6 layers x 16 heads, head_dim 16), float32, 1 thread, median of "
-          f"{args.repeats}, taken under load (shared 2-core machine; Xeon with AMX-bf16, unused here: fp32).\n\n")
-    md += markdown_table(["batch x seq", "train step ms", "with capture ms", "overhead", "capture alone ms",
-                          "capture / step", "q.k^T GFLOP (full L x L)", "apply (all heads clip) ms"], rows)
-    md += (f"\n\nOne MAX all-reduce per step: {n_slots} float32 = {4 * n_slots} bytes, {ar * 1e3:.3f} ms at 2 gloo "
-           f"ranks (median of 100). Llama 3 shapes: " +
-           ", ".join(f"{k} {v} bytes" for k, v in data["bytes_llama3"].items()) + ".\n")
+    data.update(
+        allreduce_elements=n_slots,
+        allreduce_bytes=4 * n_slots,
+        allreduce_2ranks_ms=ar * 1e3,
+        bytes_llama3={k: 4 * c["n_layers"] * c["n_heads"] for k, c in LLAMA3.items()},
+    )
+    md = (
+        "llama3 debugmodel (6 layers x 16 heads, head_dim 16), float32, 1 thread, median of "
+        f"{args.repeats}, taken under load (shared 2-core machine; Xeon with AMX-bf16, unused here: fp32).\n\n"
+    )
+    md += markdown_table(
+        [
+            "batch x seq",
+            "train step ms",
+            "with capture ms",
+            "overhead",
+            "capture alone ms",
+            "capture / step",
+            "q.k^T GFLOP (full L x L)",
+            "apply (all heads clip) ms",
+        ],
+        rows,
+    )
+    md += (
+        f"\n\nOne MAX all-reduce per step: {n_slots} float32 = {4 * n_slots} bytes, {ar * 1e3:.3f} ms at 2 gloo "
+        f"ranks (median of 100). Llama 3 shapes: "
+        + ", ".join(f"{k} {v} bytes" for k, v in data["bytes_llama3"].items())
+        + ".\n"
+    )
     print(md)
     save("bench_qk_clip", data, md)
 

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import Combined, MODEL_CONFIGS, make_model, markdown_table, median, save  # noqa: E402
+from _common import MODEL_CONFIGS, Combined, make_model, markdown_table, median, save  # noqa: E402
 
 from dist_marsm import MARSM, build_param_groups  # noqa: E402
 from dist_marsm.newton_schulz import newton_schulz, newton_schulz_flops  # noqa: E402
@@ -55,16 +55,19 @@ def optimizers(model):
     return {
         "torch.optim.AdamW (foreach), all params": lambda: adamw(model.parameters()),
         "torch.optim.Muon (nesterov=False, match_rms_adamw) + AdamW": lambda: Combined(
-            torch.optim.Muon(mats, lr=LR, weight_decay=WD, nesterov=False, adjust_lr_fn="match_rms_adamw"),
-            adamw(rest)),
+            torch.optim.Muon(mats, lr=LR, weight_decay=WD, nesterov=False, adjust_lr_fn="match_rms_adamw"), adamw(rest)
+        ),
         "torch.optim.Muon default (Nesterov) + AdamW": lambda: Combined(
-            torch.optim.Muon(mats, lr=LR, weight_decay=WD), adamw(rest)),
+            torch.optim.Muon(mats, lr=LR, weight_decay=WD), adamw(rest)
+        ),
         "MARSM approx (default)": lambda: MARSM(build_param_groups(model), lr=LR, weight_decay=WD),
         "MARSM efficient": lambda: MARSM(build_param_groups(model), lr=LR, weight_decay=WD, variant="efficient"),
-        "MARSM gamma=0, clip off (Muon)": lambda: MARSM(build_param_groups(model), lr=LR, weight_decay=WD,
-                                                        gamma=0.0, clip=False),
-        "MARSM approx, ns_dtype=float32": lambda: MARSM(build_param_groups(model), lr=LR, weight_decay=WD,
-                                                        ns_dtype="float32"),
+        "MARSM gamma=0, clip off (Muon)": lambda: MARSM(
+            build_param_groups(model), lr=LR, weight_decay=WD, gamma=0.0, clip=False
+        ),
+        "MARSM approx, ns_dtype=float32": lambda: MARSM(
+            build_param_groups(model), lr=LR, weight_decay=WD, ns_dtype="float32"
+        ),
     }
 
 
@@ -107,22 +110,47 @@ def main():
         stacked = {s: torch.stack(ms) for s, ms in by_shape.items()}
         gflop = sum(newton_schulz_flops(s) for s in set_shapes) / 1e9
         for dtype in (torch.bfloat16, torch.float32):
-            each = timed(lambda: [newton_schulz(m, 5, dtype) for ms in by_shape.values() for m in ms],
-                         args.warmup, args.steps)
-            batched = timed(lambda: [newton_schulz(torch.stack(ms), 5, dtype) for ms in by_shape.values()],
-                            args.warmup, args.steps)
+            each = timed(
+                lambda: [newton_schulz(m, 5, dtype) for ms in by_shape.values() for m in ms], args.warmup, args.steps
+            )
+            batched = timed(
+                lambda: [newton_schulz(torch.stack(ms), 5, dtype) for ms in by_shape.values()], args.warmup, args.steps
+            )
             name = str(dtype).removeprefix("torch.")
             data["ns"][f"{set_name} {name}"] = {"per_matrix_s": each, "stacked_s": batched}
-            rows2.append([set_name, name, len(set_shapes), len(stacked), each * 1e3, batched * 1e3,
-                          f"{each / batched:.2f}", gflop / batched])
+            rows2.append(
+                [
+                    set_name,
+                    name,
+                    len(set_shapes),
+                    len(stacked),
+                    each * 1e3,
+                    batched * 1e3,
+                    f"{each / batched:.2f}",
+                    gflop / batched,
+                ]
+            )
             print(f"NS {set_name} {name}: per matrix {each * 1e3:.1f} ms, stacked {batched * 1e3:.1f} ms", flush=True)
-    table2 = markdown_table(["matrices", "NS dtype", "count", "stacked calls", "one call per matrix ms",
-                             "stacked ms (incl. torch.stack)", "speed-up from stacking", "GFLOP/s stacked"], rows2)
+    table2 = markdown_table(
+        [
+            "matrices",
+            "NS dtype",
+            "count",
+            "stacked calls",
+            "one call per matrix ms",
+            "stacked ms (incl. torch.stack)",
+            "speed-up from stacking",
+            "GFLOP/s stacked",
+        ],
+        rows2,
+    )
     if args.ns_only:
         table1 = "(optimizer table skipped: --ns-only)"
-    md = (f"Model shapes: {args.model} {MODEL_CONFIGS[args.model]}: {len(shapes)} matrices, {ns_gflop:.1f} GFLOP "
-          f"of Newton-Schulz per step; {args.threads} thread(s); median of {args.steps} steps after "
-          f"{args.warmup} warm-up.\n\n" + table1 + "\n\nNewton-Schulz alone (5 iterations):\n\n" + table2)
+    md = (
+        f"Model shapes: {args.model} {MODEL_CONFIGS[args.model]}: {len(shapes)} matrices, {ns_gflop:.1f} GFLOP "
+        f"of Newton-Schulz per step; {args.threads} thread(s); median of {args.steps} steps after "
+        f"{args.warmup} warm-up.\n\n" + table1 + "\n\nNewton-Schulz alone (5 iterations):\n\n" + table2
+    )
     print("\n" + md)
     save(f"bench_single_process_{args.model}{'_ns' if args.ns_only else ''}", data, md)
 

@@ -67,7 +67,9 @@ CPU_STREAM_HANDLE = types.SimpleNamespace(
 
 
 def _get_device_module(device=None):
-    is_cpu = (device is not None and torch.device(device).type == "cpu") or (device is None and not torch.cuda.is_available())
+    is_cpu = (device is not None and torch.device(device).type == "cpu") or (
+        device is None and not torch.cuda.is_available()
+    )
     return CPU_STREAM_HANDLE if is_cpu else _ORIGINAL_GET_DEVICE_MODULE(device)
 
 

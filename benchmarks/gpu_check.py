@@ -75,8 +75,16 @@ LR, WD, BETA, GAMMA = 0.02, 0.1, 0.95, 0.025
 # - bf16 parameters (run at lr 0.2 so that a step moves W by >= ~10 bf16 ulps even on the smoke's tiny shapes):
 #   the library rounds up to three times per step (update, decay, sum), the reference once; each rounding is
 #   <= 0.5 ulp, a few percent of a step, and they partly cancel over the steps: 5e-2.
-TOL = {"fp32": 1e-4, "bf16": 6e-2, "fsdp_fp32": 1e-5, "bf16_params": 5e-2, "fp32_state": 1e-5,
-       "bucket_fp32": 1e-5, "ranks_fp32_wire": 1e-5, "ranks_bf16_wire": 6e-2}
+TOL = {
+    "fp32": 1e-4,
+    "bf16": 6e-2,
+    "fsdp_fp32": 1e-5,
+    "bf16_params": 5e-2,
+    "fp32_state": 1e-5,
+    "bucket_fp32": 1e-5,
+    "ranks_fp32_wire": 1e-5,
+    "ranks_bf16_wire": 6e-2,
+}
 
 
 # ============================================================================ configuration
@@ -106,29 +114,48 @@ class Config:
 def make_config(args) -> Config:
     if args.cpu_smoke:
         return Config(
-            smoke=True, device=torch.device("cpu"), backend="gloo", compile_backend="eager",
+            smoke=True,
+            device=torch.device("cpu"),
+            backend="gloo",
+            compile_backend="eager",
             # Ceilings, not targets (the smoke takes ~45 s): wide enough that a loaded CI machine skips nothing.
-            budgets=dict(environment=30, correctness=60, newton_schulz=60, optimizer_step=60, training=40,
-                         owner_engine=120),
+            budgets=dict(
+                environment=30, correctness=60, newton_schulz=60, optimizer_step=60, training=40, owner_engine=120
+            ),
             total_s=args.total_s or 400,
             corr_shapes={"wide": (6, 10), "tall": (10, 6), "square": (8, 8), "experts": (3, 4, 6)},
             corr_steps=3,
             fsdp_model=dict(dim=32, n_layers=2, ffn=64, vocab=128, n_heads=4),
             gemm_n=256,
-            ns_shapes=[("Llama-like square", (64, 64)), ("Llama-like wide", (32, 96)),
-                       ("Llama-like tall", (96, 32)), ("expert stack", (4, 16, 48))],
+            ns_shapes=[
+                ("Llama-like square", (64, 64)),
+                ("Llama-like wide", (32, 96)),
+                ("Llama-like tall", (96, 32)),
+                ("expert stack", (4, 16, 48)),
+            ],
             opt_model=dict(n_layers=2, dim=64, kv=16, ffn=160),
             opt_steps=2,
             train_model=dict(dim=32, n_layers=2, ffn=64, vocab=128, n_heads=4),
-            train_batch=4, train_seq=32, train_steps=30,
-            engine_shapes=[("a", (9, 6), 0), ("b", (6, 10), 0), ("c", (7, 7), 0), ("experts", (3, 5, 4), 0),
-                           ("rowwise", (8, 11), 1)],
+            train_batch=4,
+            train_seq=32,
+            train_steps=30,
+            engine_shapes=[
+                ("a", (9, 6), 0),
+                ("b", (6, 10), 0),
+                ("c", (7, 7), 0),
+                ("experts", (3, 5, 4), 0),
+                ("rowwise", (8, 11), 1),
+            ],
             engine_steps=2,
         )
     return Config(
-        smoke=False, device=torch.device("cuda", 0), backend="nccl", compile_backend=args.compile_backend,
-        budgets=dict(environment=25, correctness=50, newton_schulz=140, optimizer_step=70, training=60,
-                     owner_engine=50),
+        smoke=False,
+        device=torch.device("cuda", 0),
+        backend="nccl",
+        compile_backend=args.compile_backend,
+        budgets=dict(
+            environment=25, correctness=50, newton_schulz=140, optimizer_step=70, training=60, owner_engine=50
+        ),
         total_s=args.total_s or 420,
         corr_shapes={"wide": (256, 512), "tall": (512, 256), "square": (384, 384), "experts": (4, 128, 320)},
         corr_steps=5,
@@ -136,15 +163,29 @@ def make_config(args) -> Config:
         gemm_n=8192,
         # Llama 3 8B: wq/wo 4096x4096, wk/wv 1024x4096, w1/w3 14336x4096, w2 4096x14336; 70B: 8192x8192 (wq/wo),
         # 8192x28672 (w2); MoE: Qwen3-30B-A3B's 128 experts [768, 2048] and 32 of DeepSeek-V3's [2048, 7168].
-        ns_shapes=[("8B wq/wo", (4096, 4096)), ("8B w2", (4096, 14336)), ("8B w1/w3", (14336, 4096)),
-                   ("8B wk/wv", (1024, 4096)), ("70B wq/wo", (8192, 8192)), ("70B w2", (8192, 28672)),
-                   ("Qwen3-30B-A3B experts", (128, 768, 2048)), ("DeepSeek-V3 experts (32)", (32, 2048, 7168))],
+        ns_shapes=[
+            ("8B wq/wo", (4096, 4096)),
+            ("8B w2", (4096, 14336)),
+            ("8B w1/w3", (14336, 4096)),
+            ("8B wk/wv", (1024, 4096)),
+            ("70B wq/wo", (8192, 8192)),
+            ("70B w2", (8192, 28672)),
+            ("Qwen3-30B-A3B experts", (128, 768, 2048)),
+            ("DeepSeek-V3 experts (32)", (32, 2048, 7168)),
+        ],
         opt_model=dict(n_layers=4, dim=4096, kv=1024, ffn=14336),
         opt_steps=3,
         train_model=dict(dim=1024, n_layers=8, ffn=2816, vocab=8192, n_heads=16),
-        train_batch=16, train_seq=512, train_steps=300,
-        engine_shapes=[("a", (1023, 512), 0), ("b", (512, 1536), 0), ("c", (777, 777), 0),
-                       ("experts", (6, 257, 384), 0), ("rowwise", (640, 1001), 1)],
+        train_batch=16,
+        train_seq=512,
+        train_steps=300,
+        engine_shapes=[
+            ("a", (1023, 512), 0),
+            ("b", (512, 1536), 0),
+            ("c", (777, 777), 0),
+            ("experts", (6, 257, 384), 0),
+            ("rowwise", (640, 1001), 1),
+        ],
         engine_steps=3,
     )
 
@@ -177,12 +218,18 @@ class Part:
 
     def check(self, name: str, value, max_value=None, min_value=None, why: str = "") -> bool:
         value = float(value)
-        ok = math.isfinite(value) and (max_value is None or value <= max_value) and \
-            (min_value is None or value >= min_value)
+        ok = (
+            math.isfinite(value)
+            and (max_value is None or value <= max_value)
+            and (min_value is None or value >= min_value)
+        )
         self.checks.append({"name": name, "value": value, "max": max_value, "min": min_value, "ok": ok, "why": why})
-        print(f"  [{'ok' if ok else 'MISMATCH'}] {name}: {value:.3g}"
-              + (f" (max {max_value:g})" if max_value is not None else "")
-              + (f" (min {min_value:g})" if min_value is not None else ""), flush=True)
+        print(
+            f"  [{'ok' if ok else 'MISMATCH'}] {name}: {value:.3g}"
+            + (f" (max {max_value:g})" if max_value is not None else "")
+            + (f" (min {min_value:g})" if min_value is not None else ""),
+            flush=True,
+        )
         return ok
 
     def skip(self, what: str) -> None:
@@ -225,8 +272,10 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def update_rel_err(got, want, init) -> float:
     """Relative Frobenius error of the total change of a list of parameters: ||dGot - dWant|| / ||dWant||."""
-    return rel_err(torch.cat([(g.detach().cpu().double() - i.double().cpu()).flatten() for g, i in zip(got, init)]),
-                   torch.cat([(w.detach().cpu().double() - i.double().cpu()).flatten() for w, i in zip(want, init)]))
+    return rel_err(
+        torch.cat([(g.detach().cpu().double() - i.double().cpu()).flatten() for g, i in zip(got, init)]),
+        torch.cat([(w.detach().cpu().double() - i.double().cpu()).flatten() for w, i in zip(want, init)]),
+    )
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -268,8 +317,12 @@ TORCH_APIS = [
     ("Shard", "torch.distributed.tensor", "Shard", None),
     ("Replicate", "torch.distributed.tensor", "Replicate", None),
     ("_StridedShard", "torch.distributed.tensor.placement_types", "_StridedShard", None),
-    ("Shard._split_tensor(with_padding=)", "torch.distributed.tensor.placement_types", "Shard._split_tensor",
-     "with_padding"),
+    (
+        "Shard._split_tensor(with_padding=)",
+        "torch.distributed.tensor.placement_types",
+        "Shard._split_tensor",
+        "with_padding",
+    ),
     ("DTensor.from_local(shape=, stride=)", "torch.distributed.tensor", "DTensor.from_local", "stride"),
     ("new_group(use_local_synchronization=)", "torch.distributed", "new_group", "use_local_synchronization"),
     ("all_to_all_single", "torch.distributed", "all_to_all_single", None),
@@ -283,6 +336,7 @@ TORCH_APIS = [
 
 def probe_api(module: str, attr: str, kwarg) -> str:
     import importlib
+
     try:
         obj = importlib.import_module(module)
         for a in attr.split("."):
@@ -312,23 +366,37 @@ def ensure_process_group(cfg: Config) -> dict:
         if cfg.device.type == "cuda":
             torch.cuda.set_device(cfg.device)
         t = time.perf_counter()
-        dist.init_process_group(cfg.backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                                timeout=datetime.timedelta(seconds=120))
+        dist.init_process_group(
+            cfg.backend,
+            init_method=f"tcp://127.0.0.1:{free_port()}",
+            rank=0,
+            world_size=1,
+            timeout=datetime.timedelta(seconds=120),
+        )
         one = torch.ones(1, device=cfg.device)
-        dist.all_reduce(one)   # NCCL builds its communicator lazily: make a failure show here, first
+        dist.all_reduce(one)  # NCCL builds its communicator lazily: make a failure show here, first
         sync(cfg.device)
         if float(one) != 1.0:
             raise RuntimeError(f"all_reduce over one rank changed 1.0 to {float(one)}")
         ensure_process_group.init_s = round(time.perf_counter() - t, 2)
-    return {"backend": dist.get_backend(), "world_size": dist.get_world_size(),
-            "init_s": getattr(ensure_process_group, "init_s", None)}
+    return {
+        "backend": dist.get_backend(),
+        "world_size": dist.get_world_size(),
+        "init_s": getattr(ensure_process_group, "init_s", None),
+    }
 
 
 def part_environment(cfg: Config, part: Part, ctx: dict) -> None:
     d = part.data
-    d.update(python=platform.python_version(), torch=torch.__version__, torch_cuda=torch.version.cuda,
-             cuda_available=torch.cuda.is_available(), cpu_count=os.cpu_count(), smoke=cfg.smoke,
-             float32_matmul_precision=torch.get_float32_matmul_precision())
+    d.update(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        cuda_available=torch.cuda.is_available(),
+        cpu_count=os.cpu_count(),
+        smoke=cfg.smoke,
+        float32_matmul_precision=torch.get_float32_matmul_precision(),
+    )
     for mod in ("numpy", "triton"):
         try:
             d[mod] = __import__(mod).__version__
@@ -336,25 +404,42 @@ def part_environment(cfg: Config, part: Part, ctx: dict) -> None:
             d[mod] = f"not importable: {type(e).__name__}"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        d.update(gpu=props.name, gpu_capability=f"{props.major}.{props.minor}", gpu_sms=props.multi_processor_count,
-                 gpu_memory_gib=round(props.total_memory / 2**30, 1), cudnn=torch.backends.cudnn.version(),
-                 nccl=_nccl_version())
+        d.update(
+            gpu=props.name,
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_sms=props.multi_processor_count,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cudnn=torch.backends.cudnn.version(),
+            nccl=_nccl_version(),
+        )
         try:
-            d["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                         capture_output=True, text=True, timeout=20).stdout.strip()
+            d["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError) as e:
             d["driver"] = f"nvidia-smi failed: {e}"
     elif not cfg.smoke:
         raise RuntimeError("CUDA is not available to torch; the GPU parts cannot run (use --cpu-smoke on CPU)")
     d["torch_apis_used_by_dist_marsm"] = {name: probe_api(m, a, k) for name, m, a, k in TORCH_APIS}
     missing = [n for n, s in d["torch_apis_used_by_dist_marsm"].items() if s != "ok" and n != "torch.optim.Muon"]
-    part.check("core torch APIs missing on this torch", len(missing), max_value=0,
-               why="every torch API dist_marsm's core calls must exist here: " + (", ".join(missing) or "all present"))
+    part.check(
+        "core torch APIs missing on this torch",
+        len(missing),
+        max_value=0,
+        why="every torch API dist_marsm's core calls must exist here: " + (", ".join(missing) or "all present"),
+    )
     try:
         import dist_marsm
         from dist_marsm import MARSM, build_param_groups, newton_schulz  # noqa: F401
-        d["dist_marsm"] = {"version": getattr(dist_marsm, "__version__", "?"), "file": dist_marsm.__file__,
-                           "from_this_tree": str(Path(dist_marsm.__file__).resolve()).startswith(str(REPO))}
+
+        d["dist_marsm"] = {
+            "version": getattr(dist_marsm, "__version__", "?"),
+            "file": dist_marsm.__file__,
+            "from_this_tree": str(Path(dist_marsm.__file__).resolve()).startswith(str(REPO)),
+        }
         d["newton_schulz_signature"] = str(inspect.signature(newton_schulz))
         d["gram_method_available"] = "method" in inspect.signature(newton_schulz).parameters
     except Exception:  # noqa: BLE001
@@ -362,22 +447,37 @@ def part_environment(cfg: Config, part: Part, ctx: dict) -> None:
         raise
     try:
         import torchtitan
+
         d["torchtitan"] = getattr(torchtitan, "__version__", "importable (no __version__)")
         ctx["torchtitan"] = True
     except Exception as e:  # noqa: BLE001 - torchtitan is optional here
         d["torchtitan"] = f"not importable: {type(e).__name__}: {e}"
         ctx["torchtitan"] = False
     d["process_group"] = ensure_process_group(cfg)
-    part.tables.append(markdown_table(["item", "value"], [
-        ["torch", d["torch"]], ["CUDA (torch build)", d["torch_cuda"]],
-        ["GPU", f"{d['gpu']}, sm {d['gpu_capability']}, {d['gpu_sms']} SMs, {d['gpu_memory_gib']} GiB" if "gpu" in d
-         else "none (CPU smoke)"],
-        ["driver", d.get("driver", "-")], ["NCCL", d.get("nccl", "-")], ["triton", d["triton"]],
-        ["dist_marsm imports", "yes" if "file" in d["dist_marsm"] else "NO"],
-        ["core torch APIs", "all present" if not missing else "missing: " + ", ".join(missing)],
-        ["torch.optim.Muon", d["torch_apis_used_by_dist_marsm"]["torch.optim.Muon"]],
-        ["Gram Newton-Schulz (method=)", "yes" if d["gram_method_available"] else "not in this tree"],
-        ["torchtitan", d["torchtitan"]], ["process group", f"{d['process_group']['backend']}, 1 rank"]]))
+    part.tables.append(
+        markdown_table(
+            ["item", "value"],
+            [
+                ["torch", d["torch"]],
+                ["CUDA (torch build)", d["torch_cuda"]],
+                [
+                    "GPU",
+                    f"{d['gpu']}, sm {d['gpu_capability']}, {d['gpu_sms']} SMs, {d['gpu_memory_gib']} GiB"
+                    if "gpu" in d
+                    else "none (CPU smoke)",
+                ],
+                ["driver", d.get("driver", "-")],
+                ["NCCL", d.get("nccl", "-")],
+                ["triton", d["triton"]],
+                ["dist_marsm imports", "yes" if "file" in d["dist_marsm"] else "NO"],
+                ["core torch APIs", "all present" if not missing else "missing: " + ", ".join(missing)],
+                ["torch.optim.Muon", d["torch_apis_used_by_dist_marsm"]["torch.optim.Muon"]],
+                ["Gram Newton-Schulz (method=)", "yes" if d["gram_method_available"] else "not in this tree"],
+                ["torchtitan", d["torchtitan"]],
+                ["process group", f"{d['process_group']['backend']}, 1 rank"],
+            ],
+        )
+    )
 
 
 # ============================================================================ part 2: correctness
@@ -386,7 +486,7 @@ def part_correctness(cfg: Config, part: Part, ctx: dict) -> None:
 
     dev = cfg.device
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False   # fp32 means fp32 here; TF32 would be a 1e-3 error
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here; TF32 would be a 1e-3 error
     shapes = list(cfg.corr_shapes.values())
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen) / math.sqrt(s[-1]) for s in shapes]
@@ -418,9 +518,14 @@ def part_correctness(cfg: Config, part: Part, ctx: dict) -> None:
             ok = part.check(f"{label}, NS {ns_dtype}: rel. error of the update vs float64", err, max_value=TOL[key])
             rows.append([label, ns_dtype, f"{err:.2e}", TOL[key], "ok" if ok else "MISMATCH"])
     part.data["marsm_vs_float64"] = rows
-    part.tables.append("MARSM on the device vs the CPU float64 reference (" + str(cfg.corr_steps) + " steps, shapes "
-                       + ", ".join(str(s) for s in shapes) + ")\n\n"
-                       + markdown_table(["variant", "NS dtype", "rel. error", "tolerance", ""], rows))
+    part.tables.append(
+        "MARSM on the device vs the CPU float64 reference ("
+        + str(cfg.corr_steps)
+        + " steps, shapes "
+        + ", ".join(str(s) for s in shapes)
+        + ")\n\n"
+        + markdown_table(["variant", "NS dtype", "rel. error", "tolerance", ""], rows)
+    )
 
     if not part.out_of_time("bf16 parameters with fp32 state"):
         _check_bf16_params(cfg, part, init, grads)
@@ -441,22 +546,36 @@ def _check_bf16_params(cfg, part, init, grads):
         for p, g in zip(params, step_grads):
             p.grad = g.to(dev)
         opt.step()
-    dtypes = sorted({str(v.dtype) for s in opt.state.values() for k, v in s.items()
-                     if torch.is_tensor(v) and v.is_floating_point() and k != "step"})
+    dtypes = sorted(
+        {
+            str(v.dtype)
+            for s in opt.state.values()
+            for k, v in s.items()
+            if torch.is_tensor(v) and v.is_floating_point() and k != "step"
+        }
+    )
     part.data["bf16_params_state_dtypes"] = dtypes
-    part.check("bf16 params: optimizer-state tensors not in float32", sum(d != "torch.float32" for d in dtypes),
-               max_value=0, why=f"state dtypes {dtypes}")
-    want, want_m = marsm_steps(init16, grads16, lr=lr, wd=WD, beta=BETA, gamma=GAMMA,
-                               round_params=lambda w: w.bfloat16().double())
+    part.check(
+        "bf16 params: optimizer-state tensors not in float32",
+        sum(d != "torch.float32" for d in dtypes),
+        max_value=0,
+        why=f"state dtypes {dtypes}",
+    )
+    want, want_m = marsm_steps(
+        init16, grads16, lr=lr, wd=WD, beta=BETA, gamma=GAMMA, round_params=lambda w: w.bfloat16().double()
+    )
     got_m = [opt.state[p].get("momentum") for p in params]
     if any(m is None for m in got_m):
         raise KeyError("MARSM state has no 'momentum' entry; the check of its precision needs it")
     m_err = rel_err(torch.cat([m.flatten() for m in got_m]), torch.cat([m.flatten() for m in want_m]))
-    part.check("bf16 params: momentum rel. error vs float64 (fp32 state)", m_err, max_value=TOL["fp32_state"],
-               why="bf16-stored momentum would be ~4e-3 off")
+    part.check(
+        "bf16 params: momentum rel. error vs float64 (fp32 state)",
+        m_err,
+        max_value=TOL["fp32_state"],
+        why="bf16-stored momentum would be ~4e-3 off",
+    )
     err = update_rel_err(params, want, init16)
-    part.check("bf16 params: update rel. error vs float64 rounded to bf16 each step", err,
-               max_value=TOL["bf16_params"])
+    part.check("bf16 params: update rel. error vs float64 rounded to bf16 each step", err, max_value=TOL["bf16_params"])
     part.data["bf16_params"] = {"momentum_rel_err": m_err, "update_rel_err": err}
 
 
@@ -494,7 +613,7 @@ def _check_fsdp_one_rank(cfg, part, ctx):
     fully_shard(sharded, mesh=mesh)
     kw = dict(lr=LR, weight_decay=WD, ns_dtype="float32", wire_dtype="float32")
     opt_plain = MARSM(build_param_groups(plain), **kw)
-    opt_fsdp = MARSM(build_param_groups(sharded), bucket_mb=0.01, **kw)   # 10 KiB: about one matrix per bucket
+    opt_fsdp = MARSM(build_param_groups(sharded), bucket_mb=0.01, **kw)  # 10 KiB: about one matrix per bucket
     init = [p.detach().clone() for p in plain.parameters()]
     losses_plain = _train_steps(plain, opt_plain, cfg, 3)
     losses_fsdp = _train_steps(sharded, opt_fsdp, cfg, 3)
@@ -502,12 +621,21 @@ def _check_fsdp_one_rank(cfg, part, ctx):
     first = plain.layers[0].attention.wq.weight
     err = update_rel_err([full(p) for p in sharded.parameters()], list(plain.parameters()), init)
     part.check("FSDP2 (1 rank) vs one process: rel. difference of the update", err, max_value=TOL["fsdp_fp32"])
-    part.check("FSDP2 (1 rank) vs one process: max loss difference",
-               max(abs(a - b) for a, b in zip(losses_plain, losses_fsdp)), max_value=1e-4)
+    part.check(
+        "FSDP2 (1 rank) vs one process: max loss difference",
+        max(abs(a - b) for a, b in zip(losses_plain, losses_fsdp)),
+        max_value=1e-4,
+    )
     placements = str(getattr(next(sharded.parameters()), "placements", "plain tensor"))
-    part.data["fsdp_one_rank"] = {"params": len(names), "rel_err": err, "losses_plain": losses_plain,
-                                  "losses_fsdp": losses_fsdp, "placements": placements,
-                                  "last_step_stats": opt_fsdp.last_step_stats, "first_shape": list(first.shape)}
+    part.data["fsdp_one_rank"] = {
+        "params": len(names),
+        "rel_err": err,
+        "losses_plain": losses_plain,
+        "losses_fsdp": losses_fsdp,
+        "placements": placements,
+        "last_step_stats": opt_fsdp.last_step_stats,
+        "first_shape": list(first.shape),
+    }
 
 
 # ============================================================================ part 3: Newton-Schulz
@@ -516,18 +644,25 @@ def part_newton_schulz(cfg: Config, part: Part, ctx: dict) -> None:
 
     dev = cfg.device
     n = cfg.gemm_n
-    for size in (n, n // 2):   # the reference rate is the largest; the half size shows how much smaller GEMMs lose
+    for size in (n, n // 2):  # the reference rate is the largest; the half size shows how much smaller GEMMs lose
         a = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
         b = torch.randn(size, size, device=dev, dtype=torch.bfloat16)
-        t = time_calls(lambda: a @ b, dev, reps=10, warmup=3)
-        part.data["gemm_bf16" if size == n else "gemm_bf16_half"] = {"n": size, "s": t, "tflops": 2 * size ** 3 / t / 1e12}
-        print(f"  bf16 GEMM {size}^3: {t * 1e3:.3f} ms, {2 * size ** 3 / t / 1e12:.1f} TFLOP/s", flush=True)
+        t = time_calls(lambda a=a, b=b: a @ b, dev, reps=10, warmup=3)
+        part.data["gemm_bf16" if size == n else "gemm_bf16_half"] = {
+            "n": size,
+            "s": t,
+            "tflops": 2 * size**3 / t / 1e12,
+        }
+        print(f"  bf16 GEMM {size}^3: {t * 1e3:.3f} ms, {2 * size**3 / t / 1e12:.1f} TFLOP/s", flush=True)
         del a, b
     gemm = part.data["gemm_bf16"]["tflops"]
     ctx["gemm_tflops"] = gemm
     has_gram = "method" in inspect.signature(newton_schulz).parameters
-    part.data["gram_method"] = "available" if has_gram else \
-        "absent: newton_schulz has no method= argument in this tree " + str(inspect.signature(newton_schulz))
+    part.data["gram_method"] = (
+        "available"
+        if has_gram
+        else "absent: newton_schulz has no method= argument in this tree " + str(inspect.signature(newton_schulz))
+    )
     methods = {"standard": {}}
     if has_gram:
         methods["gram"] = {"method": "gram"}
@@ -555,10 +690,19 @@ def part_newton_schulz(cfg: Config, part: Part, ctx: dict) -> None:
         reps = max(3, min(20, int(0.25 / max(first, 1e-4))))
         t = time_calls(lambda: fn(x), dev, reps=reps, warmup=1)
         tflops = newton_schulz_flops(shape) / t / 1e12
-        results[label][key] = {"s": t, "tflops": tflops, "frac_gemm": tflops / gemm, "first_call_s": first,
-                               "reps": reps, "finite": bool(torch.isfinite(out).all())}
-        print(f"  NS {label} {shape} {key}: {t * 1e3:.3f} ms, {tflops:.1f} TFLOP/s, {tflops / gemm:.0%} of GEMM"
-              f" (first call {first:.2f} s)", flush=True)
+        results[label][key] = {
+            "s": t,
+            "tflops": tflops,
+            "frac_gemm": tflops / gemm,
+            "first_call_s": first,
+            "reps": reps,
+            "finite": bool(torch.isfinite(out).all()),
+        }
+        print(
+            f"  NS {label} {shape} {key}: {t * 1e3:.3f} ms, {tflops:.1f} TFLOP/s, {tflops / gemm:.0%} of GEMM"
+            f" (first call {first:.2f} s)",
+            flush=True,
+        )
         return out
 
     # Pass 1: eager for every shape (cheap); pass 2: torch.compile, as far as the budget goes.
@@ -566,7 +710,7 @@ def part_newton_schulz(cfg: Config, part: Part, ctx: dict) -> None:
         if part.out_of_time(f"NS {label} {shape} (all variants)"):
             continue
         gen = torch.Generator(device=dev).manual_seed(0)
-        inputs[label] = torch.randn(shape, device=dev, generator=gen)   # fp32, as the optimizer's momentum is
+        inputs[label] = torch.randn(shape, device=dev, generator=gen)  # fp32, as the optimizer's momentum is
         ref = measure(label, shape, "eager standard", eager("standard"))
         if has_gram:
             try:
@@ -598,8 +742,11 @@ def part_newton_schulz(cfg: Config, part: Part, ctx: dict) -> None:
     part.data["compile_backend"] = cfg.compile_backend
     measured = [r["eager standard"] for r in results.values() if "eager standard" in r]
     part.check("NS shapes measured (eager standard)", len(measured), min_value=1)
-    part.check("NS outputs not finite", sum(not v["finite"] for r in results.values() for v in r.values()
-                                            if isinstance(v, dict) and "finite" in v), max_value=0)
+    part.check(
+        "NS outputs not finite",
+        sum(not v["finite"] for r in results.values() for v in r.values() if isinstance(v, dict) and "finite" in v),
+        max_value=0,
+    )
     keys = ["eager standard", "compiled standard"] + (["eager gram", "compiled gram"] if has_gram else [])
 
     def cell(r, k):
@@ -610,14 +757,22 @@ def part_newton_schulz(cfg: Config, part: Part, ctx: dict) -> None:
             return "error"
         return f"{v['s'] * 1e3:.2f} ms / {v['frac_gemm']:.0%}"
 
-    rows = [[label, "x".join(map(str, shape)), f"{newton_schulz_flops(shape) / 1e9:.1f}", *[cell(results[label], k) for k in keys]]
-            for label, shape in cfg.ns_shapes]
+    rows = [
+        [
+            label,
+            "x".join(map(str, shape)),
+            f"{newton_schulz_flops(shape) / 1e9:.1f}",
+            *[cell(results[label], k) for k in keys],
+        ]
+        for label, shape in cfg.ns_shapes
+    ]
     part.tables.append(
         f"bf16 GEMM {n}x{n}x{n}: {gemm:.1f} TFLOP/s (median of 10; {n // 2}^3: "
         f"{part.data['gemm_bf16_half']['tflops']:.1f}). Newton-Schulz, 5 quintic steps in bf16 from an "
         f"fp32 input; each cell: median time per call / achieved TFLOP/s (standard-iteration FLOPs / time) as a "
         f"fraction of that GEMM rate; goal >= 70%. torch.compile backend: {cfg.compile_backend}.\n\n"
-        + markdown_table(["shape", "size", "GFLOP", *keys], rows))
+        + markdown_table(["shape", "size", "GFLOP", *keys], rows)
+    )
 
 
 # ============================================================================ part 4: optimizer step
@@ -625,11 +780,22 @@ class _Layer(nn.Module):
     def __init__(self, dim, kv, ffn):
         super().__init__()
         self.attention_norm = nn.Parameter(torch.ones(dim))
-        self.attention = nn.ModuleDict({"wq": nn.Linear(dim, dim, bias=False), "wk": nn.Linear(dim, kv, bias=False),
-                                        "wv": nn.Linear(dim, kv, bias=False), "wo": nn.Linear(dim, dim, bias=False)})
+        self.attention = nn.ModuleDict(
+            {
+                "wq": nn.Linear(dim, dim, bias=False),
+                "wk": nn.Linear(dim, kv, bias=False),
+                "wv": nn.Linear(dim, kv, bias=False),
+                "wo": nn.Linear(dim, dim, bias=False),
+            }
+        )
         self.ffn_norm = nn.Parameter(torch.ones(dim))
-        self.feed_forward = nn.ModuleDict({"w1": nn.Linear(dim, ffn, bias=False), "w2": nn.Linear(ffn, dim, bias=False),
-                                           "w3": nn.Linear(dim, ffn, bias=False)})
+        self.feed_forward = nn.ModuleDict(
+            {
+                "w1": nn.Linear(dim, ffn, bias=False),
+                "w2": nn.Linear(ffn, dim, bias=False),
+                "w3": nn.Linear(dim, ffn, bias=False),
+            }
+        )
 
 
 class LlamaLayers(nn.Module):
@@ -659,16 +825,19 @@ def part_optimizer_step(cfg: Config, part: Part, ctx: dict) -> None:
     fused = dev.type == "cuda"
 
     def adamw(params):
-        return torch.optim.AdamW(params, lr=3e-3, betas=(0.9, 0.95), weight_decay=WD,
-                                 **({"fused": True} if fused else {"foreach": True}))
+        return torch.optim.AdamW(
+            params, lr=3e-3, betas=(0.9, 0.95), weight_decay=WD, **({"fused": True} if fused else {"foreach": True})
+        )
 
     builders = {
         "MARSM approx (bf16 NS)": lambda: MARSM(build_param_groups(model), lr=3e-3, weight_decay=WD),
-        "MARSM efficient (bf16 NS)": lambda: MARSM(build_param_groups(model), lr=3e-3, weight_decay=WD,
-                                                   variant="efficient"),
+        "MARSM efficient (bf16 NS)": lambda: MARSM(
+            build_param_groups(model), lr=3e-3, weight_decay=WD, variant="efficient"
+        ),
         "torch.optim.Muon (nesterov=False, match_rms_adamw) + AdamW": lambda: Combined(
             torch.optim.Muon(mats, lr=3e-3, weight_decay=WD, nesterov=False, adjust_lr_fn="match_rms_adamw"),
-            adamw(rest)),
+            adamw(rest),
+        ),
         f"torch.optim.AdamW ({'fused' if fused else 'foreach'})": lambda: adamw(model.parameters()),
     }
     rows, results = [], {}
@@ -685,6 +854,7 @@ def part_optimizer_step(cfg: Config, part: Part, ctx: dict) -> None:
     if titan is None:
         try:
             import torchtitan  # noqa: F401
+
             titan = True
         except Exception:  # noqa: BLE001
             titan = False
@@ -704,11 +874,19 @@ def part_optimizer_step(cfg: Config, part: Part, ctx: dict) -> None:
             continue
         orthogonalizes = "Muon" in name or "MARSM" in name
         frac = ns_total / r["step_s"] / 1e12 / gemm if gemm and orthogonalizes else None
-        rows.append([name, r["step_s"] * 1e3, r["state_bytes"] / 2**20,
-                     r["peak_extra_bytes"] / 2**20 if r["peak_extra_bytes"] is not None else None,
-                     f"{frac:.0%}" if frac else "-", r.get("ns_matrices", "-")])
-    part.data.update(model=cfg.opt_model, n_params=n_params, matrices=len(mats), ns_tflop_per_step=ns_total / 1e12,
-                     results=results)
+        rows.append(
+            [
+                name,
+                r["step_s"] * 1e3,
+                r["state_bytes"] / 2**20,
+                r["peak_extra_bytes"] / 2**20 if r["peak_extra_bytes"] is not None else None,
+                f"{frac:.0%}" if frac else "-",
+                r.get("ns_matrices", "-"),
+            ]
+        )
+    part.data.update(
+        model=cfg.opt_model, n_params=n_params, matrices=len(mats), ns_tflop_per_step=ns_total / 1e12, results=results
+    )
     part.check("optimizers that ran", sum("error" not in r for r in results.values()), min_value=1)
     errors = [n for n, r in results.items() if "error" in r and "DistMuon" not in n]
     part.check("dist_marsm / torch optimizers that raised", len(errors), max_value=0, why=", ".join(errors))
@@ -717,8 +895,18 @@ def part_optimizer_step(cfg: Config, part: Part, ctx: dict) -> None:
         f"{len(mats)} matrices, {ns_total / 1e12:.1f} TFLOP of Newton-Schulz per step), one process, random "
         f"gradients; median of {cfg.opt_steps} steps after one warm-up step. 'NS share of GEMM rate' = "
         f"Newton-Schulz FLOPs / step time / the bf16 GEMM rate of part 3.\n\n"
-        + markdown_table(["optimizer", "step ms", "state MiB (counted)", "peak MiB above params+grads",
-                          "NS share of GEMM rate", "NS matrices"], rows))
+        + markdown_table(
+            [
+                "optimizer",
+                "step ms",
+                "state MiB (counted)",
+                "peak MiB above params+grads",
+                "NS share of GEMM rate",
+                "NS matrices",
+            ],
+            rows,
+        )
+    )
 
 
 def _time_optimizer(build, cfg, part, label):
@@ -728,8 +916,11 @@ def _time_optimizer(build, cfg, part, label):
         base = torch.cuda.memory_allocated(dev)
     opt = build()
     t = time_calls(opt.step, dev, reps=cfg.opt_steps, warmup=1)
-    out = {"step_s": t, "state_bytes": state_bytes(opt),
-           "peak_extra_bytes": torch.cuda.max_memory_allocated(dev) - base if dev.type == "cuda" else None}
+    out = {
+        "step_s": t,
+        "state_bytes": state_bytes(opt),
+        "peak_extra_bytes": torch.cuda.max_memory_allocated(dev) - base if dev.type == "cuda" else None,
+    }
     stats = getattr(opt, "last_step_stats", None)
     if stats:
         out["last_step_stats"] = stats
@@ -740,13 +931,12 @@ def _time_optimizer(build, cfg, part, label):
 
 
 def _time_distmuon(cfg, part, model, adamw):
+    from _common import Combined
+    from distmuon_cpu import build_dist_muon_cpu
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     from torchtitan.distributed.flex_shard import BucketConfig, ComputeLayout, Owned
-
-    from _common import Combined
-    from distmuon_cpu import build_dist_muon_cpu
 
     dev = cfg.device
     sharded = copy.deepcopy(model)
@@ -756,16 +946,23 @@ def _time_distmuon(cfg, part, model, adamw):
     fully_shard(sharded, mesh=mesh)
     gen = torch.Generator(device=dev).manual_seed(0)
     for p in sharded.parameters():
-        p.grad = DTensor.from_local(torch.randn(local(p).shape, device=dev, generator=gen) * 1e-3, p.device_mesh,
-                                    p.placements, run_check=False)
+        p.grad = DTensor.from_local(
+            torch.randn(local(p).shape, device=dev, generator=gen) * 1e-3, p.device_mesh, p.placements, run_check=False
+        )
     named = [(n, p) for n, p in sharded.named_parameters() if p.ndim == 2]
     rest = [p for p in sharded.parameters() if p.ndim < 2]
     layouts = {n: ComputeLayout(shardings_by_mesh_axis={"fsdp": Owned()}) for n, _ in named}
 
     def build():
-        muon = build_dist_muon_cpu([{"params": [p for _, p in named], "param_names": [n for n, _ in named]}],
-                                   compute_sharding_by_fqn=layouts, bucket_configs=[BucketConfig(patterns=("*",))],
-                                   lr=3e-3, weight_decay=WD, nesterov=False, adjust_lr_fn="match_rms_adamw")
+        muon = build_dist_muon_cpu(
+            [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}],
+            compute_sharding_by_fqn=layouts,
+            bucket_configs=[BucketConfig(patterns=("*",))],
+            lr=3e-3,
+            weight_decay=WD,
+            nesterov=False,
+            adjust_lr_fn="match_rms_adamw",
+        )
         return Combined(muon, adamw(rest))
 
     try:
@@ -798,7 +995,12 @@ def part_training(cfg: Config, part: Part, ctx: dict) -> None:
     builders = {
         "MARS-M approx (lr 0.012)": lambda m: MARSM(build_param_groups(m), lr=0.012, weight_decay=WD),
         f"AdamW {'fused' if fused else 'foreach'} (lr 3e-3)": lambda m: torch.optim.AdamW(
-            m.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=WD, **({"fused": True} if fused else {"foreach": True})),
+            m.parameters(),
+            lr=3e-3,
+            betas=(0.9, 0.95),
+            weight_decay=WD,
+            **({"fused": True} if fused else {"foreach": True}),
+        ),
     }
     rows, results = [], {}
     per_opt_s = part.budget.left() / len(builders)
@@ -812,10 +1014,24 @@ def part_training(cfg: Config, part: Part, ctx: dict) -> None:
         results[name] = r
         if r["steps"] < cfg.train_steps:
             part.skip(f"{name}: stopped after {r['steps']} of {cfg.train_steps} steps (its share of the part budget)")
-        rows.append([name, r["steps"], r["loss_first"], r["loss_last"], r["tokens_per_s"], r["step_ms"],
-                     r["optimizer_ms"], f"{r['optimizer_share']:.0%}"])
-        part.check(f"{name}: last / first loss", r["loss_last"] / r["loss_first"], max_value=0.9,
-                   why="the chain is learnable; a loss that does not fall means a broken step")
+        rows.append(
+            [
+                name,
+                r["steps"],
+                r["loss_first"],
+                r["loss_last"],
+                r["tokens_per_s"],
+                r["step_ms"],
+                r["optimizer_ms"],
+                f"{r['optimizer_share']:.0%}",
+            ]
+        )
+        part.check(
+            f"{name}: last / first loss",
+            r["loss_last"] / r["loss_first"],
+            max_value=0.9,
+            why="the chain is learnable; a loss that does not fall means a broken step",
+        )
         del model, opt
         free_memory(dev)
     part.data.update(model=c, batch=cfg.train_batch, seq=cfg.train_seq, results=results)
@@ -823,8 +1039,20 @@ def part_training(cfg: Config, part: Part, ctx: dict) -> None:
         f"Llama-like {c}, batch {cfg.train_batch} x {cfg.train_seq} tokens, "
         f"{'bf16 autocast, ' if dev.type == 'cuda' else ''}plain loop, synthetic Markov-chain tokens; "
         "times are medians over the steps after the first 10; the optimizer's share includes zero_grad.\n\n"
-        + markdown_table(["optimizer", "steps", "loss first 10", "loss last 10", "tokens/s", "step ms",
-                          "optimizer ms", "optimizer share"], rows))
+        + markdown_table(
+            [
+                "optimizer",
+                "steps",
+                "loss first 10",
+                "loss last 10",
+                "tokens/s",
+                "step ms",
+                "optimizer ms",
+                "optimizer share",
+            ],
+            rows,
+        )
+    )
 
 
 def _train(model, opt, batches, cfg, deadline):
@@ -868,16 +1096,24 @@ def _train(model, opt, batches, cfg, deadline):
     k = min(10, len(losses) // 2)
     step_med = steps_s[len(steps_s) // 2]
     tokens = batches.size(1) * (batches.size(2) - 1)
-    return {"steps": len(losses), "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
-            "losses_every_10": losses[::10], "step_ms": step_med * 1e3, "optimizer_ms": opt_s[len(opt_s) // 2] * 1e3,
-            "optimizer_share": sum(o for _, o in spans) / sum(s for s, _ in spans), "tokens_per_s": tokens / step_med}
+    return {
+        "steps": len(losses),
+        "loss_first": sum(losses[:k]) / k,
+        "loss_last": sum(losses[-k:]) / k,
+        "losses_every_10": losses[::10],
+        "step_ms": step_med * 1e3,
+        "optimizer_ms": opt_s[len(opt_s) // 2] * 1e3,
+        "optimizer_share": sum(o for _, o in spans) / sum(s for s, _ in spans),
+        "tokens_per_s": tokens / step_med,
+    }
 
 
 # ============================================================================ part 6: owner engine
 def engine_params(cfg: Config):
     gen = torch.Generator().manual_seed(5)
-    return [(name, torch.randn(shape, generator=gen) / math.sqrt(shape[-1]), dim)
-            for name, shape, dim in cfg.engine_shapes]
+    return [
+        (name, torch.randn(shape, generator=gen) / math.sqrt(shape[-1]), dim) for name, shape, dim in cfg.engine_shapes
+    ]
 
 
 def engine_run(cfg: Config, params, steps, wire_dtype, bucket_mb, device, shard=None):
@@ -891,17 +1127,25 @@ def engine_run(cfg: Config, params, steps, wire_dtype, bucket_mb, device, shard=
     grads = make_grads([tuple(t.shape) for _, t, _ in params], steps, seed=6)
 
     def place(t, dim):
-        t = t.to(device, copy=True)   # never a view of the caller's tensor: the optimizer updates in place
+        t = t.to(device, copy=True)  # never a view of the caller's tensor: the optimizer updates in place
         if shard is None:
             return t
         from torch.distributed.tensor import DTensor, Shard
+
         rank, world, mesh = shard
-        return DTensor.from_local(t.chunk(world, dim=dim)[rank].clone(), mesh, [Shard(dim)], run_check=False,
-                                  shape=t.shape, stride=t.stride())
+        return DTensor.from_local(
+            t.chunk(world, dim=dim)[rank].clone(), mesh, [Shard(dim)], run_check=False, shape=t.shape, stride=t.stride()
+        )
 
     ps = [place(t, d).requires_grad_() for _, t, d in params]
-    opt = MARSM([{"params": ps, "param_names": [n for n, _, _ in params]}], lr=LR, weight_decay=WD,
-                ns_dtype="float32", wire_dtype=wire_dtype, bucket_mb=bucket_mb)
+    opt = MARSM(
+        [{"params": ps, "param_names": [n for n, _, _ in params]}],
+        lr=LR,
+        weight_decay=WD,
+        ns_dtype="float32",
+        wire_dtype=wire_dtype,
+        bucket_mb=bucket_mb,
+    )
     calls = {"n": 0}
     original = dist.all_to_all_single
 
@@ -931,17 +1175,27 @@ def part_owner_engine(cfg: Config, part: Part, ctx: dict) -> None:
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, [1000], [1000])
         sync(dev)
-        part.check(f"{dist.get_backend()} all_to_all_single, 1 rank, {dtype}: max |recv - send|",
-                   float((recv.float() - send.float()).abs().max()), max_value=0)
+        part.check(
+            f"{dist.get_backend()} all_to_all_single, 1 rank, {dtype}: max |recv - send|",
+            float((recv.float() - send.float()).abs().max()),
+            max_value=0,
+        )
     # (b) bucketing on device buffers: one matrix per bucket vs everything in one bucket.
     tiny, _, _, _ = engine_run(cfg, params, cfg.engine_steps, "float32", 1e-6, dev)
     big, stats, report, _ = engine_run(cfg, params, cfg.engine_steps, "float32", 1024.0, dev)
     err = update_rel_err(tiny, big, [t for _, t, _ in params])
-    part.check("1 rank: one matrix per bucket vs one bucket, rel. difference", err, max_value=TOL["bucket_fp32"],
-               why="bucketing regroups same-shape matrices into other batched calls; the math is the same")
-    part.check("1 rank: matrices orthogonalized per step", stats.get("ns_matrices", -1),
-               min_value=sum(math.prod(t.shape[:-2]) for _, t, _ in params),
-               max_value=sum(math.prod(t.shape[:-2]) for _, t, _ in params))
+    part.check(
+        "1 rank: one matrix per bucket vs one bucket, rel. difference",
+        err,
+        max_value=TOL["bucket_fp32"],
+        why="bucketing regroups same-shape matrices into other batched calls; the math is the same",
+    )
+    part.check(
+        "1 rank: matrices orthogonalized per step",
+        stats.get("ns_matrices", -1),
+        min_value=sum(math.prod(t.shape[:-2]) for _, t, _ in params),
+        max_value=sum(math.prod(t.shape[:-2]) for _, t, _ in params),
+    )
     part.data["one_rank"] = {"last_step_stats": stats, "plan_report": report, "rel_err_buckets": err}
     # (c) two gloo ranks sharing this device: the all_to_all path, several buckets, uneven shards, vs one process.
     if part.out_of_time("2 gloo ranks on one device"):
@@ -953,25 +1207,37 @@ def part_owner_engine(cfg: Config, part: Part, ctx: dict) -> None:
     for wire in ("float32", "bfloat16"):
         per_rank = [r[wire] for r in rank_results]
         failed = [f"rank {r}: {x['error']}" for r, x in enumerate(per_rank) if "error" in x]
-        if failed:   # the other wire dtype's results still count
+        if failed:  # the other wire dtype's results still count
             part.check(f"2 ranks, {wire} wire: ranks that raised", len(failed), max_value=0, why=" | ".join(failed))
             rows.append([wire, "error", "-", "-", "-", "-", "-", "-", "-"])
             continue
-        got = [torch.cat([per_rank[r]["params"][i] for r in range(world)], dim=d)
-               for i, (_, _, d) in enumerate(params)]
+        got = [torch.cat([per_rank[r]["params"][i] for r in range(world)], dim=d) for i, (_, _, d) in enumerate(params)]
         err = update_rel_err(got, want, [t for _, t, _ in params])
         part.data[f"two_ranks_{wire}_rel_err_per_param"] = {
-            n: update_rel_err([g], [w], [t]) for (n, t, _), g, w in zip(params, got, want)}
+            n: update_rel_err([g], [w], [t]) for (n, t, _), g, w in zip(params, got, want)
+        }
         key = "ranks_fp32_wire" if wire == "float32" else "ranks_bf16_wire"
         part.check(f"2 ranks, {wire} wire vs one process: rel. difference of the update", err, max_value=TOL[key])
         for r in range(world):
-            part.check(f"2 ranks, {wire} wire: rank {r} bytes sent per step", per_rank[r]["stats"]["bytes_sent"],
-                       min_value=1)
-            part.check(f"2 ranks, {wire} wire: rank {r} all_to_all_single calls per step", per_rank[r]["a2a_calls"],
-                       min_value=4, why="2 per bucket (gather + scatter); >= 2 buckets")
-        rows.append([wire, f"{err:.2e}", TOL[key], *[per_rank[r]["stats"]["bytes_sent"] for r in range(world)],
-                     *[per_rank[r]["a2a_calls"] // 2 for r in range(world)],
-                     *[per_rank[r]["stats"].get("ns_matrices") for r in range(world)]])
+            part.check(
+                f"2 ranks, {wire} wire: rank {r} bytes sent per step", per_rank[r]["stats"]["bytes_sent"], min_value=1
+            )
+            part.check(
+                f"2 ranks, {wire} wire: rank {r} all_to_all_single calls per step",
+                per_rank[r]["a2a_calls"],
+                min_value=4,
+                why="2 per bucket (gather + scatter); >= 2 buckets",
+            )
+        rows.append(
+            [
+                wire,
+                f"{err:.2e}",
+                TOL[key],
+                *[per_rank[r]["stats"]["bytes_sent"] for r in range(world)],
+                *[per_rank[r]["a2a_calls"] // 2 for r in range(world)],
+                *[per_rank[r]["stats"].get("ns_matrices") for r in range(world)],
+            ]
+        )
     part.data["two_ranks"] = [{w: {k: v for k, v in r[w].items() if k != "params"} for w in r} for r in rank_results]
     part.check("2 ranks: wire dtypes that ran", len(rows) - sum(row[1] == "error" for row in rows), min_value=2)
     part.tables.append(
@@ -980,11 +1246,24 @@ def part_owner_engine(cfg: Config, part: Part, ctx: dict) -> None:
         f"{'GPU (CUDA buffers, gloo stages them through the host)' if dev.type == 'cuda' else 'CPU'}, parameters "
         f"{[tuple(t.shape) for _, t, _ in params]} sharded unevenly (last one on dim 1), one matrix per bucket, "
         f"{cfg.engine_steps} steps, vs one process:\n\n"
-        + markdown_table(["wire", "rel. difference", "tolerance", "bytes sent r0", "bytes sent r1", "buckets r0",
-                          "buckets r1", "NS matrices r0", "NS matrices r1"], rows))
+        + markdown_table(
+            [
+                "wire",
+                "rel. difference",
+                "tolerance",
+                "bytes sent r0",
+                "bytes sent r1",
+                "buckets r0",
+                "buckets r1",
+                "NS matrices r0",
+                "NS matrices r1",
+            ],
+            rows,
+        )
+    )
 
 
-ENGINE_ENV = "GPU_CHECK_ENGINE"   # JSON {"dir", "smoke"} for the ranks that part 6 spawns
+ENGINE_ENV = "GPU_CHECK_ENGINE"  # JSON {"dir", "smoke"} for the ranks that part 6 spawns
 
 
 def _spawn_engine_ranks(cfg: Config, world: int, timeout_s: float) -> list[dict]:
@@ -1013,13 +1292,15 @@ def engine_rank(rank: int, world: int) -> None:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     from torch.distributed.device_mesh import DeviceMesh
+
     mesh = DeviceMesh(dev.type, list(range(world)))
     params = engine_params(cfg)
     out = {}
     for wire in ("float32", "bfloat16"):
         try:
-            tensors, stats, report, calls = engine_run(cfg, params, cfg.engine_steps, wire, 1e-6, dev,
-                                                       shard=(rank, world, mesh))
+            tensors, stats, report, calls = engine_run(
+                cfg, params, cfg.engine_steps, wire, 1e-6, dev, shard=(rank, world, mesh)
+            )
             out[wire] = {"params": tensors, "stats": stats, "a2a_calls": calls, "plan_report": report}
         except Exception:  # noqa: BLE001 - reported to the parent, which records it
             out[wire] = {"error": tail(traceback.format_exc(), 6)}
@@ -1027,9 +1308,14 @@ def engine_rank(rank: int, world: int) -> None:
 
 
 # ============================================================================ driver
-PARTS = [("environment", part_environment), ("correctness", part_correctness),
-         ("newton_schulz", part_newton_schulz), ("optimizer_step", part_optimizer_step),
-         ("training", part_training), ("owner_engine", part_owner_engine)]
+PARTS = [
+    ("environment", part_environment),
+    ("correctness", part_correctness),
+    ("newton_schulz", part_newton_schulz),
+    ("optimizer_step", part_optimizer_step),
+    ("training", part_training),
+    ("owner_engine", part_owner_engine),
+]
 
 
 def jsonable(x):
@@ -1049,21 +1335,32 @@ def jsonable(x):
 
 def write(out_dir: Path, report: dict) -> str:
     parts = report["parts"]
-    rows = [[name, p["status"], f"{p['wall_s']:.1f}", p["budget_s"],
-             f"{sum(c['ok'] for c in p['checks'])}/{len(p['checks'])}", len(p["skipped"]),
-             (p.get("error") or "").strip().splitlines()[-1][:80] if p.get("error") else ""]
-            for name, p in parts.items()]
+    rows = [
+        [
+            name,
+            p["status"],
+            f"{p['wall_s']:.1f}",
+            p["budget_s"],
+            f"{sum(c['ok'] for c in p['checks'])}/{len(p['checks'])}",
+            len(p["skipped"]),
+            (p.get("error") or "").strip().splitlines()[-1][:80] if p.get("error") else "",
+        ]
+        for name, p in parts.items()
+    ]
     env = parts.get("environment", {}).get("data", {})
-    head = (f"# GPU check ({'CPU smoke' if report['smoke'] else 'GPU'})\n\n"
-            f"{report['date_utc']}; {env.get('gpu', 'no GPU')}; torch {torch.__version__}; "
-            f"command `{report['command']}`; total {report['total_wall_s']:.0f} s.\n\n")
+    head = (
+        f"# GPU check ({'CPU smoke' if report['smoke'] else 'GPU'})\n\n"
+        f"{report['date_utc']}; {env.get('gpu', 'no GPU')}; torch {torch.__version__}; "
+        f"command `{report['command']}`; total {report['total_wall_s']:.0f} s.\n\n"
+    )
     md = head + markdown_table(["part", "status", "wall s", "budget s", "checks ok", "skipped", "error"], rows)
     for name, p in parts.items():
         md += f"\n\n## {name}\n\n" + "\n\n".join(p["tables"])
         bad = [c for c in p["checks"] if not c["ok"]]
         if bad:
             md += "\n\nChecks outside their bounds:\n" + "\n".join(
-                f"- {c['name']}: {c['value']:.3g} (max {c['max']}, min {c['min']}) {c['why']}" for c in bad)
+                f"- {c['name']}: {c['value']:.3g} (max {c['max']}, min {c['min']}) {c['why']}" for c in bad
+            )
         if p["skipped"]:
             md += "\n\nSkipped:\n" + "\n".join(f"- {s}" for s in p["skipped"])
         if p.get("error"):
@@ -1076,8 +1373,12 @@ def write(out_dir: Path, report: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=None, help="folder for gpu_check.json/.md (default benchmarks/results/gpu_check; "
-                    "with --cpu-smoke outputs/gpu_check_smoke, which git ignores: smoke numbers are no results)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="folder for gpu_check.json/.md (default benchmarks/results/gpu_check; "
+        "with --cpu-smoke outputs/gpu_check_smoke, which git ignores: smoke numbers are no results)",
+    )
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, CPU, gloo: the CI check of the code paths")
     ap.add_argument("--parts", default=",".join(n for n, _ in PARTS), help="comma-separated subset of the parts")
     ap.add_argument("--total-s", type=float, default=None, help="overall budget; later parts are skipped past it")
@@ -1093,12 +1394,21 @@ def main(argv=None) -> int:
     unknown = [w for w in wanted if w not in dict(PARTS)]
     if unknown:
         ap.error(f"unknown part(s) {unknown}; the parts are {[n for n, _ in PARTS]}")
-    out_dir = Path(args.out) if args.out else (REPO / "outputs" / "gpu_check_smoke" if cfg.smoke
-                                               else HERE / "results" / "gpu_check")
+    out_dir = (
+        Path(args.out)
+        if args.out
+        else (REPO / "outputs" / "gpu_check_smoke" if cfg.smoke else HERE / "results" / "gpu_check")
+    )
     start = time.perf_counter()
-    report = {"smoke": cfg.smoke, "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "tolerances": TOL,
-              "device": str(cfg.device), "total_budget_s": cfg.total_s, "parts": {}}
+    report = {
+        "smoke": cfg.smoke,
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "tolerances": TOL,
+        "device": str(cfg.device),
+        "total_budget_s": cfg.total_s,
+        "parts": {},
+    }
     ctx: dict = {}
     for name, fn in PARTS:
         if name not in wanted:
@@ -1120,9 +1430,16 @@ def main(argv=None) -> int:
                 status = "error"
                 print(error, flush=True)
         free_memory(cfg.device)
-        report["parts"][name] = {"status": status, "wall_s": budget.used(), "budget_s": budget.seconds,
-                                 "data": part.data, "checks": part.checks, "skipped": part.skipped,
-                                 "tables": part.tables, "error": error}
+        report["parts"][name] = {
+            "status": status,
+            "wall_s": budget.used(),
+            "budget_s": budget.seconds,
+            "data": part.data,
+            "checks": part.checks,
+            "skipped": part.skipped,
+            "tables": part.tables,
+            "error": error,
+        }
         report["total_wall_s"] = time.perf_counter() - start
         write(out_dir, report)
         print(f"== {name}: {status} in {budget.used():.1f} s", flush=True)

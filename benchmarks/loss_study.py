@@ -48,7 +48,7 @@ class ModelCfg:
     n_layers: int = 4
     n_heads: int = 4
     ffn_multiple_of: int = 64
-    vocab: int = 256          # bytes
+    vocab: int = 256  # bytes
     rope_theta: float = 10000.0
 
 
@@ -62,7 +62,7 @@ class TrainCfg:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 20
-    eval_seqs: int = 96       # fixed validation subset for the curves
+    eval_seqs: int = 96  # fixed validation subset for the curves
     val_frac: float = 0.1
 
 
@@ -106,16 +106,26 @@ MUON_LRS = (6e-3, 1.2e-2, 2.4e-2)
 # by far for Muon and MARS-M approx). Edges are extended as usual. The gamma/schedule investigation
 # (investigate=True) did not run.
 SWEPT = ("adamw", "muon", "marsm_approx")
-FULL = dict(model=ModelCfg(), train=TrainCfg(),
-            lrs={o: (ADAMW_LRS if o == "adamw" else MUON_LRS if o in SWEPT else MUON_LRS[1:]) for o in OPTIMIZERS},
-            seeds=(0, 1, 2),
-            gammas=(0.01, 0.05, 0.1),
-            optimizers=("adamw", "muon", "marsm_approx", "marsm_efficient", "marsm_exact", "normuon"),
-            extend_edges=True, investigate=False)
-QUICK = dict(model=ModelCfg(dim=64, n_layers=2, n_heads=2),
-             train=TrainCfg(steps=30, batch=8, seq=64, warmup=5, eval_every=10, eval_seqs=16),
-             lrs={o: (6e-3,) for o in OPTIMIZERS}, seeds=(0,), gammas=(), optimizers=tuple(OPTIMIZERS), extend_edges=False,
-             investigate=False)
+FULL = dict(
+    model=ModelCfg(),
+    train=TrainCfg(),
+    lrs={o: (ADAMW_LRS if o == "adamw" else MUON_LRS if o in SWEPT else MUON_LRS[1:]) for o in OPTIMIZERS},
+    seeds=(0, 1, 2),
+    gammas=(0.01, 0.05, 0.1),
+    optimizers=("adamw", "muon", "marsm_approx", "marsm_efficient", "marsm_exact", "normuon"),
+    extend_edges=True,
+    investigate=False,
+)
+QUICK = dict(
+    model=ModelCfg(dim=64, n_layers=2, n_heads=2),
+    train=TrainCfg(steps=30, batch=8, seq=64, warmup=5, eval_every=10, eval_seqs=16),
+    lrs={o: (6e-3,) for o in OPTIMIZERS},
+    seeds=(0,),
+    gammas=(),
+    optimizers=tuple(OPTIMIZERS),
+    extend_edges=False,
+    investigate=False,
+)
 
 
 def lr_key(lr: float) -> str:
@@ -137,11 +147,17 @@ def run_name(opt: str, lr: float, seed: int, gamma: float | None = None, schedul
     return name
 
 
-def run_spec(study: dict, opt: str, lr: float, seed: int, gamma: float | None = None,
-             schedule: str = "cosine") -> dict:
-    return {"name": run_name(opt, lr, seed, gamma, schedule), "optimizer": opt, "lr": lr, "seed": seed,
-            "gamma": gamma, "schedule": schedule, "model": dataclasses.asdict(study["model"]),
-            "train": dataclasses.asdict(study["train"])}
+def run_spec(study: dict, opt: str, lr: float, seed: int, gamma: float | None = None, schedule: str = "cosine") -> dict:
+    return {
+        "name": run_name(opt, lr, seed, gamma, schedule),
+        "optimizer": opt,
+        "lr": lr,
+        "seed": seed,
+        "gamma": gamma,
+        "schedule": schedule,
+        "model": dataclasses.asdict(study["model"]),
+        "train": dataclasses.asdict(study["train"]),
+    }
 
 
 # ----------------------------------------------------------------------------- data
@@ -166,30 +182,47 @@ def build_model(cfg: ModelCfg):
     from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm, compute_ffn_hidden_dim
     from torchtitan.models.common.attention import ScaledDotProductAttention
     from torchtitan.models.common.config_utils import make_ffn_config, make_gqa_config
-    from torchtitan.models.llama3 import (_EMBEDDING_INIT, _LINEAR_INIT, _NORM_INIT, Llama3Model,
-                                          Llama3TransformerBlock, _depth_init, _output_linear_init)
+    from torchtitan.models.llama3 import (
+        _EMBEDDING_INIT,
+        _LINEAR_INIT,
+        _NORM_INIT,
+        Llama3Model,
+        Llama3TransformerBlock,
+        _depth_init,
+        _output_linear_init,
+    )
 
     dim, heads = cfg.dim, cfg.n_heads
     hidden = compute_ffn_hidden_dim(dim, multiple_of=cfg.ffn_multiple_of)
     rope = ComplexRoPE.Config(dim=dim // heads, max_seq_len=4096, theta=cfg.rope_theta, scaling="none")
     layers = []
     for i in range(cfg.n_layers):
-        layers.append(Llama3TransformerBlock.Config(
-            attention_norm=RMSNorm.Config(normalized_shape=dim, param_init=_NORM_INIT),
-            ffn_norm=RMSNorm.Config(normalized_shape=dim, param_init=_NORM_INIT),
-            attention=make_gqa_config(dim=dim, n_heads=heads, wqkv_param_init=_LINEAR_INIT,
-                                      wo_param_init=_depth_init(i),
-                                      inner_attention=ScaledDotProductAttention.Config(),
-                                      fuse_qkv=False, rope=rope),
-            feed_forward=make_ffn_config(dim=dim, hidden_dim=hidden, w1_param_init=_LINEAR_INIT,
-                                         w2w3_param_init=_depth_init(i)),
-        ))
+        layers.append(
+            Llama3TransformerBlock.Config(
+                attention_norm=RMSNorm.Config(normalized_shape=dim, param_init=_NORM_INIT),
+                ffn_norm=RMSNorm.Config(normalized_shape=dim, param_init=_NORM_INIT),
+                attention=make_gqa_config(
+                    dim=dim,
+                    n_heads=heads,
+                    wqkv_param_init=_LINEAR_INIT,
+                    wo_param_init=_depth_init(i),
+                    inner_attention=ScaledDotProductAttention.Config(),
+                    fuse_qkv=False,
+                    rope=rope,
+                ),
+                feed_forward=make_ffn_config(
+                    dim=dim, hidden_dim=hidden, w1_param_init=_LINEAR_INIT, w2w3_param_init=_depth_init(i)
+                ),
+            )
+        )
     config = Llama3Model.Config(
-        dim=dim, vocab_size=cfg.vocab,
+        dim=dim,
+        vocab_size=cfg.vocab,
         tok_embeddings=Embedding.Config(num_embeddings=cfg.vocab, embedding_dim=dim, param_init=_EMBEDDING_INIT),
         norm=RMSNorm.Config(normalized_shape=dim, param_init=_NORM_INIT),
         lm_head=Linear.Config(in_features=dim, out_features=cfg.vocab, param_init=_output_linear_init(dim)),
-        layers=layers)
+        layers=layers,
+    )
     model = config.build()
     model.init_states()
     return model
@@ -215,16 +248,26 @@ def make_optimizer(model, spec: dict, weight_decay: float):
 
     kind, kwargs = OPTIMIZERS[spec["optimizer"]]
     if kind == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.95), eps=1e-8,
-                                 weight_decay=weight_decay, foreach=True)
+        return torch.optim.AdamW(
+            model.parameters(), lr=spec["lr"], betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay, foreach=True
+        )
     from dist_marsm import MARSM, build_param_groups
 
     kwargs = dict(kwargs)
     if spec["gamma"] is not None:
         kwargs["gamma"] = spec["gamma"]
-    return MARSM(build_param_groups(model), lr=spec["lr"], momentum=0.95, weight_decay=weight_decay,
-                 adamw_betas=(0.9, 0.95), adamw_eps=1e-8, lr_adjust="moonlight", ns_steps=5,
-                 ns_dtype="bfloat16", **kwargs)
+    return MARSM(
+        build_param_groups(model),
+        lr=spec["lr"],
+        momentum=0.95,
+        weight_decay=weight_decay,
+        adamw_betas=(0.9, 0.95),
+        adamw_eps=1e-8,
+        lr_adjust="moonlight",
+        ns_steps=5,
+        ns_dtype="bfloat16",
+        **kwargs,
+    )
 
 
 def train_one(spec: dict) -> dict:
@@ -240,7 +283,7 @@ def train_one(spec: dict) -> dict:
     opt = make_optimizer(model, spec, t.weight_decay)
     exact = OPTIMIZERS[spec["optimizer"]][1].get("variant") == "exact"
 
-    gen = torch.Generator().manual_seed(1000 + spec["seed"])   # data order: same for every optimizer
+    gen = torch.Generator().manual_seed(1000 + spec["seed"])  # data order: same for every optimizer
     n_windows = len(val) // (t.seq + 1)
     val_windows = val[: n_windows * (t.seq + 1)].view(n_windows, t.seq + 1)
     val_curve_windows = val_windows[torch.linspace(0, n_windows - 1, min(t.eval_seqs, n_windows)).long()]
@@ -253,7 +296,7 @@ def train_one(spec: dict) -> dict:
     def evaluate(windows):
         total, count = 0.0, 0
         for i in range(0, len(windows), 32):
-            b = windows[i: i + 32]
+            b = windows[i : i + 32]
             total += float(loss_of(b)) * len(b)
             count += len(b)
         return total / count
@@ -266,7 +309,7 @@ def train_one(spec: dict) -> dict:
         for g in opt.param_groups:
             g["lr"] = spec["lr"] * mult
         starts = torch.randint(0, len(train) - t.seq - 1, (t.batch,), generator=gen)
-        batch = torch.stack([train[s: s + t.seq + 1] for s in starts.tolist()])
+        batch = torch.stack([train[s : s + t.seq + 1] for s in starts.tolist()])
 
         def closure():
             nonlocal grad_evals
@@ -292,11 +335,22 @@ def train_one(spec: dict) -> dict:
             curve_val.append(evaluate(val_curve_windows))
     train_time = time.perf_counter() - start
     final_full = evaluate(val_windows) if math.isfinite(train_losses[-1]) else float("nan")
-    return {**spec, "n_params": n_params, "curve_steps": curve_steps, "curve_val": curve_val,
-            "train_losses": train_losses, "final_val_subset": curve_val[-1], "final_val": final_full,
-            "val_tokens": int(n_windows * t.seq), "grad_evals": grad_evals, "train_time_s": train_time,
-            "threads": THREADS, "torch": torch.__version__, "host": platform.node(),
-            "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        **spec,
+        "n_params": n_params,
+        "curve_steps": curve_steps,
+        "curve_val": curve_val,
+        "train_losses": train_losses,
+        "final_val_subset": curve_val[-1],
+        "final_val": final_full,
+        "val_tokens": int(n_windows * t.seq),
+        "grad_evals": grad_evals,
+        "train_time_s": train_time,
+        "threads": THREADS,
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "finished_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -321,8 +375,16 @@ def ensure(out: Path, spec: dict, allow_run: bool) -> dict | None:
     if cached is not None or not allow_run:
         return cached
     print(f"[{time.strftime('%H:%M:%S')}] run {spec['name']} (waiting for {LOCK})", flush=True)
-    cmd = ["flock", LOCK, sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec),
-           "--out", str(out)]
+    cmd = [
+        "flock",
+        LOCK,
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        json.dumps(spec),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT)
     if proc.returncode != 0:
         print(f"  run {spec['name']} failed with exit code {proc.returncode}", flush=True)
@@ -393,8 +455,10 @@ def study_runs(study: dict, out: Path, allow_run: bool) -> dict:
         for opt in ("muon", "marsm_approx"):
             if opt in best:
                 investigation["schedule"][opt] = {
-                    "lr": best[opt], "cosine": sweep[opt].get(best[opt]),
-                    "wsd": get(opt, best[opt], seed0, schedule="wsd")}
+                    "lr": best[opt],
+                    "cosine": sweep[opt].get(best[opt]),
+                    "wsd": get(opt, best[opt], seed0, schedule="wsd"),
+                }
     return {"results": results, "sweep": sweep, "best": best, "investigation": investigation}
 
 
@@ -431,42 +495,64 @@ def aggregate(study: dict, state: dict, out: Path, doc_md: Path, doc_png: Path, 
         steps = runs[0]["curve_steps"]
         curves = [r["curve_val"] for r in runs if len(r["curve_val"]) == len(steps)]
         mean_curve = [sum(c[i] for c in curves) / len(curves) for i in range(len(steps))] if curves else []
-        rows[opt] = {"lr": best[opt], "final_val_mean": m, "final_val_std": sd, "n_seeds": n,
-                     "final_val_per_seed": {r["seed"]: r["final_val"] for r in runs},
-                     "final_val_min": min(finals) if finals else None, "final_val_max": max(finals) if finals else None,
-                     "curve_steps": steps, "mean_curve": mean_curve,
-                     "train_time_s_mean": mean_std([r["train_time_s"] for r in runs])[0],
-                     "grad_evals_per_step": runs[0]["grad_evals"] / max(1, len(runs[0]["train_losses"]))}
+        rows[opt] = {
+            "lr": best[opt],
+            "final_val_mean": m,
+            "final_val_std": sd,
+            "n_seeds": n,
+            "final_val_per_seed": {r["seed"]: r["final_val"] for r in runs},
+            "final_val_min": min(finals) if finals else None,
+            "final_val_max": max(finals) if finals else None,
+            "curve_steps": steps,
+            "mean_curve": mean_curve,
+            "train_time_s_mean": mean_std([r["train_time_s"] for r in runs])[0],
+            "grad_evals_per_step": runs[0]["grad_evals"] / max(1, len(runs[0]["train_losses"])),
+        }
     # steps to reach AdamW's final validation loss (on the curve subset, seed-mean curves)
     target = rows["adamw"]["mean_curve"][-1] if "adamw" in rows and rows["adamw"]["mean_curve"] else None
-    for opt, row in rows.items():
-        row["steps_to_adamw"] = (first_step_below(row["curve_steps"], row["mean_curve"], target)
-                                 if target is not None and row["mean_curve"] else None)
+    for row in rows.values():
+        row["steps_to_adamw"] = (
+            first_step_below(row["curve_steps"], row["mean_curve"], target)
+            if target is not None and row["mean_curve"]
+            else None
+        )
     # paired differences (same seeds = same init and data) against Muon and AdamW
     for ref in ("muon", "adamw"):
         if ref not in rows:
             continue
-        for opt, row in rows.items():
-            diffs = [row["final_val_per_seed"][s] - rows[ref]["final_val_per_seed"][s]
-                     for s in row["final_val_per_seed"] if s in rows[ref]["final_val_per_seed"]]
+        for row in rows.values():
+            diffs = [
+                row["final_val_per_seed"][s] - rows[ref]["final_val_per_seed"][s]
+                for s in row["final_val_per_seed"]
+                if s in rows[ref]["final_val_per_seed"]
+            ]
             m, sd, n = mean_std(diffs)
             row[f"paired_diff_vs_{ref}"] = {"mean": m, "std": sd, "n": n}
     any_run = next(iter(results.values()), None)
     summary = {
-        "study": {"model": dataclasses.asdict(study["model"]), "train": dataclasses.asdict(study["train"]),
-                  "lrs": {o: list(v) for o, v in study["lrs"].items()}, "seeds": list(seeds), "optimizers": list(study["optimizers"]),
-                  "optimizer_settings": {k: v[1] for k, v in OPTIMIZERS.items()}},
+        "study": {
+            "model": dataclasses.asdict(study["model"]),
+            "train": dataclasses.asdict(study["train"]),
+            "lrs": {o: list(v) for o, v in study["lrs"].items()},
+            "seeds": list(seeds),
+            "optimizers": list(study["optimizers"]),
+            "optimizer_settings": {k: v[1] for k, v in OPTIMIZERS.items()},
+        },
         "machine": machine_info(results),
         "n_params": any_run["n_params"] if any_run else None,
         "val_tokens": any_run["val_tokens"] if any_run else None,
         "adamw_target_subset": target,
         "rows": rows,
-        "sweep": {opt: {lr_name(lr): (None if r is None else r["final_val"] if math.isfinite(r["final_val"])
-                                      else "diverged") for lr, r in sorted(s.items())}
-                  for opt, s in sweep.items()},
+        "sweep": {
+            opt: {
+                lr_name(lr): (None if r is None else r["final_val"] if math.isfinite(r["final_val"]) else "diverged")
+                for lr, r in sorted(s.items())
+            }
+            for opt, s in sweep.items()
+        },
         "investigation": _investigation_summary(state["investigation"]),
         "command": command,
-        "generated_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "generated_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
@@ -478,10 +564,14 @@ def aggregate(study: dict, state: dict, out: Path, doc_md: Path, doc_png: Path, 
 def _investigation_summary(inv: dict) -> dict:
     if not inv:
         return {}
-    return {"lr": inv["lr"],
-            "gamma": {f"{g:g}": (r["final_val"] if r else None) for g, r in sorted(inv["gamma"].items())},
-            "schedule": {opt: {"lr": d["lr"], **{k: (d[k]["final_val"] if d[k] else None) for k in ("cosine", "wsd")}}
-                         for opt, d in inv["schedule"].items()}}
+    return {
+        "lr": inv["lr"],
+        "gamma": {f"{g:g}": (r["final_val"] if r else None) for g, r in sorted(inv["gamma"].items())},
+        "schedule": {
+            opt: {"lr": d["lr"], **{k: (d[k]["final_val"] if d[k] else None) for k in ("cosine", "wsd")}}
+            for opt, d in inv["schedule"].items()
+        },
+    }
 
 
 def machine_info(results: dict) -> dict:
@@ -496,8 +586,14 @@ def machine_info(results: dict) -> dict:
     import torch
 
     dates = sorted(r["finished_utc"] for r in results.values())
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads_per_run": THREADS, "torch": torch.__version__,
-            "python": platform.python_version(), "runs_finished_between": [dates[0], dates[-1]] if dates else None}
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "threads_per_run": THREADS,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "runs_finished_between": [dates[0], dates[-1]] if dates else None,
+    }
 
 
 def plot(study, rows, results, state, path: Path) -> None:
@@ -511,8 +607,11 @@ def plot(study, rows, results, state, path: Path) -> None:
     for opt, row in rows.items():
         if not row["mean_curve"]:
             continue
-        line, = ax.plot(row["curve_steps"], row["mean_curve"],
-                        label=f"{LABELS[opt]} lr={lr_name(row['lr'])} ({row['n_seeds']} seeds)")
+        (line,) = ax.plot(
+            row["curve_steps"],
+            row["mean_curve"],
+            label=f"{LABELS[opt]} lr={lr_name(row['lr'])} ({row['n_seeds']} seeds)",
+        )
         for s in study["seeds"]:
             r = results.get(run_name(opt, row["lr"], s))
             if r and len(r["curve_val"]) == len(row["curve_steps"]):
@@ -550,42 +649,52 @@ def write_markdown(summary: dict, path: Path, png: Path) -> None:
     """The generated part: tables. The verdict section is kept from the existing file if present."""
     rows, st = summary["rows"], summary["study"]
     t, m = st["train"], st["model"]
-    lines = ["<!-- GENERATED by benchmarks/loss_study.py: tables between the markers are rewritten on every run -->",
-             "<!-- BEGIN GENERATED -->",
-             f"Command: `{summary['command']}`  ",
-             f"Generated: {summary['generated_utc']}; machine: {summary['machine']['cpu']}, "
-             f"{summary['machine']['logical_cpus']} logical CPUs (shared), {summary['machine']['threads_per_run']} "
-             f"threads per run, torch {summary['machine']['torch']}, Python {summary['machine']['python']}; runs "
-             f"finished between {summary['machine']['runs_finished_between']}.",
-             "",
-             f"Model: torchtitan 0.3.0 `Llama3Model`, dim {m['dim']}, {m['n_layers']} layers, {m['n_heads']} heads, "
-             f"SwiGLU (hidden multiple of {m['ffn_multiple_of']}), RoPE theta {m['rope_theta']:g}, byte vocabulary "
-             f"{m['vocab']}, causal SDPA, separate wq/wk/wv; {summary['n_params']:,} parameters. "
-             f"Data: `pydoc_data.topics` bytes, last {t['val_frac']:.0%} held out ({summary['val_tokens']:,} "
-             f"validation tokens). Training: {t['steps']} steps x {t['batch']} x {t['seq']} tokens, warm-up "
-             f"{t['warmup']} steps then cosine to {t['min_lr_frac']:.0%} of the peak, weight decay "
-             f"{t['weight_decay']}, global grad-norm clip {t['grad_clip']}.",
-             "",
-             "| optimizer | lr (best of the sweep points run so far) | final val loss, mean ± std | seeds (min..max) | Δ vs Muon (paired) | Δ vs AdamW (paired) | steps to AdamW's final loss | grad evals/step | s/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "<!-- GENERATED by benchmarks/loss_study.py: tables between the markers are rewritten on every run -->",
+        "<!-- BEGIN GENERATED -->",
+        f"Command: `{summary['command']}`  ",
+        f"Generated: {summary['generated_utc']}; machine: {summary['machine']['cpu']}, "
+        f"{summary['machine']['logical_cpus']} logical CPUs (shared), {summary['machine']['threads_per_run']} "
+        f"threads per run, torch {summary['machine']['torch']}, Python {summary['machine']['python']}; runs "
+        f"finished between {summary['machine']['runs_finished_between']}.",
+        "",
+        f"Model: torchtitan 0.3.0 `Llama3Model`, dim {m['dim']}, {m['n_layers']} layers, {m['n_heads']} heads, "
+        f"SwiGLU (hidden multiple of {m['ffn_multiple_of']}), RoPE theta {m['rope_theta']:g}, byte vocabulary "
+        f"{m['vocab']}, causal SDPA, separate wq/wk/wv; {summary['n_params']:,} parameters. "
+        f"Data: `pydoc_data.topics` bytes, last {t['val_frac']:.0%} held out ({summary['val_tokens']:,} "
+        f"validation tokens). Training: {t['steps']} steps x {t['batch']} x {t['seq']} tokens, warm-up "
+        f"{t['warmup']} steps then cosine to {t['min_lr_frac']:.0%} of the peak, weight decay "
+        f"{t['weight_decay']}, global grad-norm clip {t['grad_clip']}.",
+        "",
+        "| optimizer | lr (best of the sweep points run so far) | final val loss, mean ± std | seeds (min..max) | Δ vs Muon (paired) | Δ vs AdamW (paired) | steps to AdamW's final loss | grad evals/step | s/run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     order = sorted(rows, key=lambda o: rows[o]["final_val_mean"])
     for opt in order:
         r = rows[opt]
         dm, da = r.get("paired_diff_vs_muon"), r.get("paired_diff_vs_adamw")
-        pd = lambda d: ("—" if not d or d["n"] == 0 else f"{d['mean']:+.4f}" +
-                       (f" ± {d['std']:.4f}" if d["n"] > 1 else " (1 seed)"))
+        pd = lambda d: (
+            "—" if not d or d["n"] == 0 else f"{d['mean']:+.4f}" + (f" ± {d['std']:.4f}" if d["n"] > 1 else " (1 seed)")
+        )
         stp = r["steps_to_adamw"]
         stp_txt = "not reached" if stp is None else f"{stp:.0f} / {t['steps']}"
-        lines.append(f"| {LABELS[opt]} | {lr_name(r['lr'])} | {fmt(r['final_val_mean'])} ± {fmt(r['final_val_std']) if r['n_seeds'] > 1 else 'n/a (1 seed)'} "
-                     f"| {r['n_seeds']} ({fmt(r['final_val_min'])}..{fmt(r['final_val_max'])}) | {pd(dm)} | {pd(da)} "
-                     f"| {stp_txt} "
-                     f"| {r['grad_evals_per_step']:.0f} | {r['train_time_s_mean']:.0f} |")
-    lines += ["", f"Final validation loss is on the whole held-out split; the curves and the steps-to-AdamW column "
-              f"use a fixed subset of {t['eval_seqs']} validation sequences evaluated every {t['eval_every']} steps "
-              f"(AdamW's seed-mean final value there: {fmt(summary['adamw_target_subset'])}), on seed-mean curves, "
-              "linearly interpolated between evaluations. Paired Δ: per-seed difference (same seed = same init and "
-              "data order), mean ± std over seeds; negative is better.", "",
-              "Learning-rate sweep (seed 0, final validation loss; best in bold):", ""]
+        lines.append(
+            f"| {LABELS[opt]} | {lr_name(r['lr'])} | {fmt(r['final_val_mean'])} ± {fmt(r['final_val_std']) if r['n_seeds'] > 1 else 'n/a (1 seed)'} "
+            f"| {r['n_seeds']} ({fmt(r['final_val_min'])}..{fmt(r['final_val_max'])}) | {pd(dm)} | {pd(da)} "
+            f"| {stp_txt} "
+            f"| {r['grad_evals_per_step']:.0f} | {r['train_time_s_mean']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Final validation loss is on the whole held-out split; the curves and the steps-to-AdamW column "
+        f"use a fixed subset of {t['eval_seqs']} validation sequences evaluated every {t['eval_every']} steps "
+        f"(AdamW's seed-mean final value there: {fmt(summary['adamw_target_subset'])}), on seed-mean curves, "
+        "linearly interpolated between evaluations. Paired Δ: per-seed difference (same seed = same init and "
+        "data order), mean ± std over seeds; negative is better.",
+        "",
+        "Learning-rate sweep (seed 0, final validation loss; best in bold):",
+        "",
+    ]
     sweep = summary["sweep"]
     all_lrs = sorted({lr for s in sweep.values() for lr in s}, key=float)
     lines.append("| optimizer | " + " | ".join(all_lrs) + " |")
@@ -595,24 +704,44 @@ def write_markdown(summary: dict, path: Path, png: Path) -> None:
         cells = []
         for lr in all_lrs:
             v = s.get(lr)
-            cells.append("" if lr not in s else "not run yet" if v is None else "diverged" if v == "diverged"
-                         else (f"**{v:.4f}**" if v == bestv else f"{v:.4f}"))
+            cells.append(
+                ""
+                if lr not in s
+                else "not run yet"
+                if v is None
+                else "diverged"
+                if v == "diverged"
+                else (f"**{v:.4f}**" if v == bestv else f"{v:.4f}")
+            )
         lines.append(f"| {LABELS[opt]} | " + " | ".join(cells) + " |")
     inv = summary["investigation"]
     if inv:
-        lines += ["", f"MARS-M approx, gamma sweep at lr {lr_name(inv['lr'])}, seed 0 (gamma 0 = Muon at this lr):", "",
-                  "| gamma | " + " | ".join(inv["gamma"]) + " |", "|---|" + "---|" * len(inv["gamma"]),
-                  "| final val loss | " + " | ".join(fmt(v) for v in inv["gamma"].values()) + " |"]
+        lines += [
+            "",
+            f"MARS-M approx, gamma sweep at lr {lr_name(inv['lr'])}, seed 0 (gamma 0 = Muon at this lr):",
+            "",
+            "| gamma | " + " | ".join(inv["gamma"]) + " |",
+            "|---|" + "---|" * len(inv["gamma"]),
+            "| final val loss | " + " | ".join(fmt(v) for v in inv["gamma"].values()) + " |",
+        ]
         if inv["schedule"]:
-            lines += ["", "Schedule, seed 0 at each optimizer's best lr (WSD: warm-up, flat, linear decay over the last "
-                      "20 % to 1 %):", "", "| optimizer | lr | cosine | WSD |", "|---|---|---|---|"]
+            lines += [
+                "",
+                "Schedule, seed 0 at each optimizer's best lr (WSD: warm-up, flat, linear decay over the last "
+                "20 % to 1 %):",
+                "",
+                "| optimizer | lr | cosine | WSD |",
+                "|---|---|---|---|",
+            ]
             for opt, d in inv["schedule"].items():
                 lines.append(f"| {LABELS[opt]} | {lr_name(d['lr'])} | {fmt(d['cosine'])} | {fmt(d['wsd'])} |")
     lines += ["", f"![loss curves]({png.name})", "<!-- END GENERATED -->"]
     generated = "\n".join(lines)
-    header = ("# Loss study: MARS-M vs Muon vs AdamW at small scale\n\n"
-              "Regenerate: `python benchmarks/loss_study.py` (runs only missing runs; `--no-run` aggregates only, "
-              "`--quick` is a smoke version).\n\n")
+    header = (
+        "# Loss study: MARS-M vs Muon vs AdamW at small scale\n\n"
+        "Regenerate: `python benchmarks/loss_study.py` (runs only missing runs; `--no-run` aggregates only, "
+        "`--quick` is a smoke version).\n\n"
+    )
     footer = "\n\n## Verdict\n\n(not written yet)\n"
     if path.exists():
         old = path.read_text()
@@ -639,27 +768,38 @@ def ns_study(n_seeds: int, allow_run: bool = True) -> int:
                 finals[opt][seed] = r["final_val"]
                 times[opt].append(r["train_time_s"])
     base = finals["marsm_standard"]
-    lines = [f"MARS-M approx, lr {lr_name(lr)}, {FULL['train'].steps} steps, seeds "
-             f"{list(range(n_seeds))}; final validation loss (nats/byte), paired difference against the standard "
-             "row (same seed = same init and data). Command: `python benchmarks/loss_study.py --ns-study "
-             f"--seeds {n_seeds}`\n", "| run | final val (mean +- std) | per seed | paired vs standard | train s / run |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"MARS-M approx, lr {lr_name(lr)}, {FULL['train'].steps} steps, seeds "
+        f"{list(range(n_seeds))}; final validation loss (nats/byte), paired difference against the standard "
+        "row (same seed = same init and data). Command: `python benchmarks/loss_study.py --ns-study "
+        f"--seeds {n_seeds}`\n",
+        "| run | final val (mean +- std) | per seed | paired vs standard | train s / run |",
+        "|---|---|---|---|---|",
+    ]
     rows = {}
     for opt in NS_STUDY:
         m, sd, n = mean_std(list(finals[opt].values()))
         d = mean_std([finals[opt][s] - base[s] for s in finals[opt] if s in base])
-        rows[opt] = {"final_val_mean": m, "final_val_std": sd, "n_seeds": n, "per_seed": finals[opt],
-                     "paired_vs_standard": {"mean": d[0], "std": d[1], "n": d[2]},
-                     "train_time_s_mean": mean_std(times[opt])[0]}
-        lines.append(f"| {LABELS[opt]} | {fmt(m)} +- {fmt(sd)} | "
-                     + ", ".join(fmt(finals[opt][s]) for s in sorted(finals[opt]))
-                     + f" | {d[0]:+.4f} +- {d[1]:.4f} | {mean_std(times[opt])[0]:.0f} |")
+        rows[opt] = {
+            "final_val_mean": m,
+            "final_val_std": sd,
+            "n_seeds": n,
+            "per_seed": finals[opt],
+            "paired_vs_standard": {"mean": d[0], "std": d[1], "n": d[2]},
+            "train_time_s_mean": mean_std(times[opt])[0],
+        }
+        lines.append(
+            f"| {LABELS[opt]} | {fmt(m)} +- {fmt(sd)} | "
+            + ", ".join(fmt(finals[opt][s]) for s in sorted(finals[opt]))
+            + f" | {d[0]:+.4f} +- {d[1]:.4f} | {mean_std(times[opt])[0]:.0f} |"
+        )
     missing = [f"{opt} seed {s}" for s in range(n_seeds) for opt in NS_STUDY if s not in finals[opt]]
     if missing:
         lines.append(f"\nNot run (CPU time): {', '.join(missing)}.")
     md = "\n".join(lines) + "\n"
-    (RESULTS / "ns_study.json").write_text(json.dumps({"lr": lr, "rows": rows, "machine": machine_info(runs)},
-                                                      indent=1, default=str) + "\n")
+    (RESULTS / "ns_study.json").write_text(
+        json.dumps({"lr": lr, "rows": rows, "machine": machine_info(runs)}, indent=1, default=str) + "\n"
+    )
     (RESULTS / "ns_study.md").write_text(md)
     print(md)
     return 0
@@ -669,9 +809,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke version (separate cache and outputs)")
     ap.add_argument("--no-run", action="store_true", help="aggregate cached runs only")
-    ap.add_argument("--ns-study", action="store_true",
-                    help="only the Newton-Schulz rows (standard / gram / polar_express at MARS-M approx's best lr, "
-                         "--seeds seeds) -> benchmarks/results/loss_study/ns_study.{json,md}")
+    ap.add_argument(
+        "--ns-study",
+        action="store_true",
+        help="only the Newton-Schulz rows (standard / gram / polar_express at MARS-M approx's best lr, "
+        "--seeds seeds) -> benchmarks/results/loss_study/ns_study.{json,md}",
+    )
     ap.add_argument("--seeds", type=int, default=3, help="seeds of --ns-study")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -699,8 +842,10 @@ def main(argv=None) -> int:
     summary = aggregate(study, state, out, doc_md, doc_png, command)
     for opt in sorted(summary["rows"], key=lambda o: summary["rows"][o]["final_val_mean"]):
         r = summary["rows"][opt]
-        print(f"{LABELS[opt]:45s} lr {lr_name(r['lr']):6s} val {fmt(r['final_val_mean'])} ± {fmt(r['final_val_std']) if r['n_seeds'] > 1 else 'n/a (1 seed)'} "
-              f"(n={r['n_seeds']}) steps->AdamW {r['steps_to_adamw']}")
+        print(
+            f"{LABELS[opt]:45s} lr {lr_name(r['lr']):6s} val {fmt(r['final_val_mean'])} ± {fmt(r['final_val_std']) if r['n_seeds'] > 1 else 'n/a (1 seed)'} "
+            f"(n={r['n_seeds']}) steps->AdamW {r['steps_to_adamw']}"
+        )
     print(f"wrote {out / 'summary.json'}, {doc_md}, {doc_png}")
     return 0
 

@@ -48,7 +48,7 @@ def token_stream(split: str) -> torch.Tensor:
 def batches(stream, step, batch, seq, seed):
     g = torch.Generator().manual_seed(seed * 100003 + step)
     starts = torch.randint(0, stream.numel() - seq - 1, (batch,), generator=g)
-    return torch.stack([stream[s:s + seq + 1] for s in starts.tolist()])
+    return torch.stack([stream[s : s + seq + 1] for s in starts.tolist()])
 
 
 def build_model(seed):
@@ -76,8 +76,16 @@ def run(tau, args, train, val, head_dim=None):
     from dist_marsm.titan.qk_clip_hooks import install_qk_clip
 
     model = build_model(args.seed)
-    opt = MARSM(build_param_groups(model, head_dim=head_dim), lr=6e-3, weight_decay=0.01, momentum=0.95, gamma=0.025,
-                variant="approx", ns_dtype="float32", wire_dtype="float32")
+    opt = MARSM(
+        build_param_groups(model, head_dim=head_dim),
+        lr=6e-3,
+        weight_decay=0.01,
+        momentum=0.95,
+        gamma=0.025,
+        variant="approx",
+        ns_dtype="float32",
+        wire_dtype="float32",
+    )
     warm, floor = 8, 0.1
 
     def factor(step):
@@ -98,11 +106,15 @@ def run(tau, args, train, val, head_dim=None):
         opt.zero_grad()
         sched.step()
         stats = hooks.apply()
-        log.append(dict(step=step + 1, loss=loss.item(), max_logit=stats["max_logit"],
-                        heads_clipped=stats["heads_clipped"]))
+        log.append(
+            dict(step=step + 1, loss=loss.item(), max_logit=stats["max_logit"], heads_clipped=stats["heads_clipped"])
+        )
         if step % 10 == 0 or step == args.steps - 1:
-            print(f"tau={tau} step {step + 1} loss {loss.item():.4f} max_logit {stats['max_logit']:.2f} "
-                  f"clipped {stats['heads_clipped']} ({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"tau={tau} step {step + 1} loss {loss.item():.4f} max_logit {stats['max_logit']:.2f} "
+                f"clipped {stats['heads_clipped']} ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
     model.eval()
     with torch.no_grad():
         val_loss = sum(lm_loss(model, batches(val, 10_000 + i, 4, 256, args.seed)).item() for i in range(8)) / 8
@@ -151,19 +163,42 @@ def main():
     train, val = token_stream("train"), token_stream("validation")
     taus = [float(t) for t in args.taus.split(",") if t]
     head_dims = [int(h) for h in args.head_dims.split(",") if h]
-    results = ([run(None, args, train, val)] + [run(t, args, train, val) for t in taus]
-               + [run(None, args, train, val, head_dim=h) for h in head_dims])
+    results = (
+        [run(None, args, train, val)]
+        + [run(t, args, train, val) for t in taus]
+        + [run(None, args, train, val, head_dim=h) for h in head_dims]
+    )
     rows = []
     for r in results:
         log = r["log"]
-        rows.append([_label(r), max(e["max_logit"] for e in log),
-                     log[-1]["max_logit"], sum(e["heads_clipped"] for e in log),
-                     sum(e["loss"] for e in log[-10:]) / 10, r["val_loss"], r["seconds"]])
-    md = (f"llama3 debugmodel, MARS-M (CPU recipe hyperparameters), {args.steps} steps, batch 4 x 256, seed "
-          f"{args.seed} (one seed: differences below the seed-to-seed spread are not evidence), 1 process, "
-          "1 thread, under load.\n\n")
-    md += markdown_table(["run", "max logit (run)", "max logit (last step)", "head-clips (sum over steps)",
-                          "train loss (last 10)", "val loss (8 batches)", "seconds"], rows)
+        rows.append(
+            [
+                _label(r),
+                max(e["max_logit"] for e in log),
+                log[-1]["max_logit"],
+                sum(e["heads_clipped"] for e in log),
+                sum(e["loss"] for e in log[-10:]) / 10,
+                r["val_loss"],
+                r["seconds"],
+            ]
+        )
+    md = (
+        f"llama3 debugmodel, MARS-M (CPU recipe hyperparameters), {args.steps} steps, batch 4 x 256, seed "
+        f"{args.seed} (one seed: differences below the seed-to-seed spread are not evidence), 1 process, "
+        "1 thread, under load.\n\n"
+    )
+    md += markdown_table(
+        [
+            "run",
+            "max logit (run)",
+            "max logit (last step)",
+            "head-clips (sum over steps)",
+            "train loss (last 10)",
+            "val loss (8 batches)",
+            "seconds",
+        ],
+        rows,
+    )
     print(md)
     plot(results, taus, ROOT / "docs" / ("qk_clip.png" if args.name == "qk_clip_study" else f"{args.name}.png"))
     save(args.name, {"args": vars(args), "results": results}, md)

@@ -32,8 +32,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import (GPUS, LLAMA3, MFU, TOKENS_PER_STEP, llama3_matrix_shapes, llama3_params,  # noqa: E402
-                     markdown_table, save, train_step_seconds)
+from _common import (  # noqa: E402
+    GPUS,
+    LLAMA3,
+    MFU,
+    TOKENS_PER_STEP,
+    llama3_matrix_shapes,
+    llama3_params,
+    markdown_table,
+    save,
+    train_step_seconds,
+)
 
 from dist_marsm.newton_schulz import NS_METHODS, newton_schulz_flops  # noqa: E402
 from dist_marsm.owner_plan import assign_owners  # noqa: E402
@@ -44,8 +53,12 @@ WORLDS = (8, 64, 128, 256, 512, 1024)
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", choices=sorted(GPUS), default="H100", help="GEMM rate, peak and HBM preset")
-    ap.add_argument("--ns-method", choices=NS_METHODS, default="standard",
-                    help="Newton-Schulz method the FLOPs are counted for (bf16, 5 steps, muon coefficients)")
+    ap.add_argument(
+        "--ns-method",
+        choices=NS_METHODS,
+        default="standard",
+        help="Newton-Schulz method the FLOPs are counted for (bf16, 5 steps, muon coefficients)",
+    )
     ap.add_argument("--tflops", type=float, default=None, help="override the preset's bf16 GEMM TFLOP/s per GPU")
     ap.add_argument("--nvlink-gbs", type=float, default=450.0, help="GB/s per GPU per direction inside a node")
     ap.add_argument("--ib-gbs", type=float, default=50.0, help="GB/s per GPU per direction across nodes")
@@ -78,29 +91,70 @@ def main():
             t_adamw = llama3_params(model) * 28 / world / (args.hbm_tbs * 1e12)
             t_train = train_step_seconds(model, world, args.gpu, args.tokens, args.mfu)
             bound_over_even = max(total / world, max(costs)) / (total / world)
-            row = dict(model=model, world=world, ns_tflop=total / 1e12, split_ms=t_split * 1e3, plan_ms=t_plan * 1e3,
-                       largest_matrix_ms=max(costs) / rate * 1e3, bytes_sent_per_rank=sent, link_gbs=bw / 1e9,
-                       comm_ms=t_comm * 1e3, floor_overlap_ms=max(t_plan, t_comm) * 1e3,
-                       floor_serial_ms=(t_plan + t_comm) * 1e3, adamw_ms=t_adamw * 1e3,
-                       bound_over_even_split=bound_over_even, train_step_ms=t_train * 1e3,
-                       floor_overlap_share_of_step=max(t_plan, t_comm) / t_train,
-                       plan_over_split_share_of_step=(t_plan - t_split) / t_train)
+            row = dict(
+                model=model,
+                world=world,
+                ns_tflop=total / 1e12,
+                split_ms=t_split * 1e3,
+                plan_ms=t_plan * 1e3,
+                largest_matrix_ms=max(costs) / rate * 1e3,
+                bytes_sent_per_rank=sent,
+                link_gbs=bw / 1e9,
+                comm_ms=t_comm * 1e3,
+                floor_overlap_ms=max(t_plan, t_comm) * 1e3,
+                floor_serial_ms=(t_plan + t_comm) * 1e3,
+                adamw_ms=t_adamw * 1e3,
+                bound_over_even_split=bound_over_even,
+                train_step_ms=t_train * 1e3,
+                floor_overlap_share_of_step=max(t_plan, t_comm) / t_train,
+                plan_over_split_share_of_step=(t_plan - t_split) / t_train,
+            )
             data["rows"].append(row)
-            rows.append([f"Llama 3 {model}", world, total / 1e12, row["split_ms"], f"{bound_over_even:.2f}",
-                         row["plan_ms"], f"{sent / 2**20:,.0f} MiB @ {bw / 1e9:.0f} GB/s", row["comm_ms"],
-                         row["floor_overlap_ms"], row["floor_serial_ms"], row["adamw_ms"], row["train_step_ms"],
-                         f"{100 * row['floor_overlap_share_of_step']:.2f}%",
-                         f"{100 * row['plan_over_split_share_of_step']:.2f}%"])
-    table = markdown_table(["model", "ranks W", "NS TFLOP/step", "compute total/W ms", "bound / even split",
-                            "compute busiest rank ms", "sent per rank", "comm ms", "floor (overlap) ms",
-                            "floor (no overlap) ms", "AdamW step ms (HBM-bound)", "train step ms",
-                            "floor (overlap) share of step", "busiest over even split, share of step"], rows)
-    md = (f"Assumptions: Newton-Schulz method {args.ns_method!r} (5 iterations, bf16); {args.gpu}, "
-          f"{args.tflops:g} TFLOP/s bf16 GEMM per GPU ({source}); NVLink "
-          f"{args.nvlink_gbs:g} GB/s per GPU per direction (W = 8, one node); InfiniBand {args.ib_gbs:g} GB/s per "
-          f"GPU (W > 8); wire {args.wire_bytes} bytes/element; AdamW at {args.hbm_tbs:g} TB/s HBM, 28 B/param; "
-          f"training step 6 x parameters x {args.tokens:,} tokens / (W x {args.mfu:.0%} MFU x "
-          f"{gpu['peak_tflops']:g} TFLOP/s datasheet peak), attention FLOPs left out.\n\n" + table)
+            rows.append(
+                [
+                    f"Llama 3 {model}",
+                    world,
+                    total / 1e12,
+                    row["split_ms"],
+                    f"{bound_over_even:.2f}",
+                    row["plan_ms"],
+                    f"{sent / 2**20:,.0f} MiB @ {bw / 1e9:.0f} GB/s",
+                    row["comm_ms"],
+                    row["floor_overlap_ms"],
+                    row["floor_serial_ms"],
+                    row["adamw_ms"],
+                    row["train_step_ms"],
+                    f"{100 * row['floor_overlap_share_of_step']:.2f}%",
+                    f"{100 * row['plan_over_split_share_of_step']:.2f}%",
+                ]
+            )
+    table = markdown_table(
+        [
+            "model",
+            "ranks W",
+            "NS TFLOP/step",
+            "compute total/W ms",
+            "bound / even split",
+            "compute busiest rank ms",
+            "sent per rank",
+            "comm ms",
+            "floor (overlap) ms",
+            "floor (no overlap) ms",
+            "AdamW step ms (HBM-bound)",
+            "train step ms",
+            "floor (overlap) share of step",
+            "busiest over even split, share of step",
+        ],
+        rows,
+    )
+    md = (
+        f"Assumptions: Newton-Schulz method {args.ns_method!r} (5 iterations, bf16); {args.gpu}, "
+        f"{args.tflops:g} TFLOP/s bf16 GEMM per GPU ({source}); NVLink "
+        f"{args.nvlink_gbs:g} GB/s per GPU per direction (W = 8, one node); InfiniBand {args.ib_gbs:g} GB/s per "
+        f"GPU (W > 8); wire {args.wire_bytes} bytes/element; AdamW at {args.hbm_tbs:g} TB/s HBM, 28 B/param; "
+        f"training step 6 x parameters x {args.tokens:,} tokens / (W x {args.mfu:.0%} MFU x "
+        f"{gpu['peak_tflops']:g} TFLOP/s datasheet peak), attention FLOPs left out.\n\n" + table
+    )
     print(md)
     suffix = "" if args.gpu == "H100" else f"_{args.gpu.lower()}"
     suffix += "" if args.ns_method == "standard" else f"_{args.ns_method}"

@@ -39,8 +39,11 @@ def main() -> None:
         with rehearsal.MirroredGroup().active():
             start = time.perf_counter()
             rehearsal.build_plan(opt)
-            print(f"{tree} plan {args.plan_model} layers={args.plan_layers} W={world}: "
-                  f"{time.perf_counter() - start:.2f} s", flush=True)
+            print(
+                f"{tree} plan {args.plan_model} layers={args.plan_layers} W={world}: "
+                f"{time.perf_counter() - start:.2f} s",
+                flush=True,
+            )
     for world in dict.fromkeys((args.worlds[0], args.worlds[-1])):
         for rank in (0, world - 1):
             model = rehearsal.build_model(args.step_model, args.step_layers, (1, world, 1), rank)
@@ -55,8 +58,11 @@ def main() -> None:
                     times.append(time.perf_counter() - start)
                 rehearsal.fill_gradients(model, 3)
                 _, py_calls, c_calls = rehearsal.host_calls(opt.step)
-            print(f"{tree} step {args.step_model} layers={args.step_layers} W={world} rank {rank}: first "
-                  f"{times[0]:.2f} s, steady {min(times[1:]):.3f} s, {py_calls} Python + {c_calls} C calls", flush=True)
+            print(
+                f"{tree} step {args.step_model} layers={args.step_layers} W={world} rank {rank}: first "
+                f"{times[0]:.2f} s, steady {min(times[1:]):.3f} s, {py_calls} Python + {c_calls} C calls",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,13 @@ MESHES = {
     "HSDP 8x128": (8, 128, 1),
     "FSDP 128 x TP 8": (1, 128, 8),
 }
-TP_COLWISE = ("attention.qkv_linear.wq", "attention.qkv_linear.wk", "attention.qkv_linear.wv",
-              "feed_forward.w1", "feed_forward.w3")
+TP_COLWISE = (
+    "attention.qkv_linear.wq",
+    "attention.qkv_linear.wk",
+    "attention.qkv_linear.wv",
+    "feed_forward.w1",
+    "feed_forward.w3",
+)
 TP_ROWWISE = ("attention.wo", "feed_forward.w2")
 
 
@@ -108,15 +113,18 @@ class MirroredGroup:
         self._count("all_gather_object")
         object_list[:] = [obj] * len(object_list)
 
-    def all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None,
-                          async_op=False):
+    def all_to_all_single(
+        self, output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False
+    ):
         self._count("all_to_all_single")
         world = dist.get_world_size(group)
         out_splits = output_split_sizes or [output.numel() // world] * world
         in_splits = input_split_sizes or [input.numel() // world] * world
         if sum(out_splits) != output.numel() or sum(in_splits) != input.numel():
-            raise ValueError(f"all_to_all_single: splits {sum(in_splits)}/{sum(out_splits)} vs buffers "
-                             f"{input.numel()}/{output.numel()}")
+            raise ValueError(
+                f"all_to_all_single: splits {sum(in_splits)}/{sum(out_splits)} vs buffers "
+                f"{input.numel()}/{output.numel()}"
+            )
         me = dist.get_rank(group)
         output.zero_()
         self.bytes_sent += (sum(in_splits) - in_splits[me]) * input.element_size()
@@ -213,10 +221,22 @@ def build_model(flavor: str, layers: int | None, mesh: tuple[int, int, int], ran
         spec.model.layers = spec.model.layers[:layers]
     with torch.device("meta"):
         model = spec.model.build()
-    parallelism = ParallelismConfig(data_parallel_replicate_degree=replicate, data_parallel_shard_degree=shard,
-                                    tensor_parallel_degree=tp, spmd_backend="partial_dtensor")
-    dims = ParallelDims(dp_replicate=replicate, dp_shard=shard, cp=1, tp=tp, pp=1, ep=1, world_size=world,
-                        spmd_backend=parallelism.spmd_backend)
+    parallelism = ParallelismConfig(
+        data_parallel_replicate_degree=replicate,
+        data_parallel_shard_degree=shard,
+        tensor_parallel_degree=tp,
+        spmd_backend="partial_dtensor",
+    )
+    dims = ParallelDims(
+        dp_replicate=replicate,
+        dp_shard=shard,
+        cp=1,
+        tp=tp,
+        pp=1,
+        ep=1,
+        world_size=world,
+        spmd_backend=parallelism.spmd_backend,
+    )
     dims.build_mesh()
     if tp > 1:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -226,8 +246,15 @@ def build_model(flavor: str, layers: int | None, mesh: tuple[int, int, int], ran
             plan.update({f"layers.{i}.{k}": ColwiseParallel() for k in TP_COLWISE})
             plan.update({f"layers.{i}.{k}": RowwiseParallel() for k in TP_ROWWISE})
         parallelize_module(model, dims.get_mesh("tp"), plan, src_data_rank=None)
-    parallelize_llama(model, parallel_dims=dims, training=TrainingConfig(), parallelism=parallelism,
-                      compile_config=CompileConfig(), ac_config=None, dump_folder="/tmp")
+    parallelize_llama(
+        model,
+        parallel_dims=dims,
+        training=TrainingConfig(),
+        parallelism=parallelism,
+        compile_config=CompileConfig(),
+        ac_config=None,
+        dump_folder="/tmp",
+    )
     model.to_empty(device="cpu")
     return model
 
@@ -259,7 +286,7 @@ def plan_row(flavor: str, mesh_name: str, rank: int, mirrored: MirroredGroup, me
         groups = build_plan(opt)
     seconds = time.perf_counter() - start
     calls = dict(mirrored.calls)
-    opt_mem = build_optimizer(model)    # the same build under tracemalloc: the plan's Python memory
+    opt_mem = build_optimizer(model)  # the same build under tracemalloc: the plan's Python memory
     tracemalloc.start()
     with mirrored.active():
         build_plan(opt_mem)
@@ -272,13 +299,25 @@ def plan_row(flavor: str, mesh_name: str, rank: int, mirrored: MirroredGroup, me
     total_flops = sum(r["ns_flops"] for r in report)
     busiest = max(range(len(report)), key=lambda r: (report[r]["ns_flops"], -r))
     row = {
-        "model": flavor, "mesh": mesh_name, "world": world, "rank": rank, "layers": len(model.layers),
-        "plan_s": seconds, "plan_python_peak_mib": peak / 2**20, "plan_collectives": calls,
-        "matrices": len(fg.matrices), "entries": len(fg.owner_plan.entries), "buckets": len(fg.owner_plan.buckets),
-        "a2a_per_step": 2 * len(fg.owner_plan.buckets), "owned_matrices": me["matrices_owned"],
-        "owned_tflop": me["ns_flops"] / 1e12, "even_split_tflop": total_flops / world / 1e12,
-        "busiest_rank": fg.ranks[busiest], "busiest_tflop": report[busiest]["ns_flops"] / 1e12,
-        "bytes_sent_per_step": me["bytes_sent"], "bytes_received_per_step": me["bytes_received"],
+        "model": flavor,
+        "mesh": mesh_name,
+        "world": world,
+        "rank": rank,
+        "layers": len(model.layers),
+        "plan_s": seconds,
+        "plan_python_peak_mib": peak / 2**20,
+        "plan_collectives": calls,
+        "matrices": len(fg.matrices),
+        "entries": len(fg.owner_plan.entries),
+        "buckets": len(fg.owner_plan.buckets),
+        "a2a_per_step": 2 * len(fg.owner_plan.buckets),
+        "owned_matrices": me["matrices_owned"],
+        "owned_tflop": me["ns_flops"] / 1e12,
+        "even_split_tflop": total_flops / world / 1e12,
+        "busiest_rank": fg.ranks[busiest],
+        "busiest_tflop": report[busiest]["ns_flops"] / 1e12,
+        "bytes_sent_per_step": me["bytes_sent"],
+        "bytes_received_per_step": me["bytes_received"],
     }
     del opt, model, groups, fg
     gc.collect()
@@ -301,8 +340,9 @@ def fill_gradients(model, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         local = torch.randn(p.to_local().shape, generator=g) * 1e-3
-        p.grad = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
-                                    run_check=False)
+        p.grad = DTensor.from_local(
+            local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False
+        )
 
 
 def init_parameters(model) -> None:
@@ -329,8 +369,17 @@ def host_calls(fn) -> tuple[float, int, int]:
     return python_s, py_calls, c_calls
 
 
-def step_row(flavor: str, mesh_name: str, rank: int, layers: int | None, steps: int, mirrored: MirroredGroup,
-             ns: StandinNewtonSchulz, mesh=None, **optimizer_settings) -> dict:
+def step_row(
+    flavor: str,
+    mesh_name: str,
+    rank: int,
+    layers: int | None,
+    steps: int,
+    mirrored: MirroredGroup,
+    ns: StandinNewtonSchulz,
+    mesh=None,
+    **optimizer_settings,
+) -> dict:
     """Real steps of the first ``layers`` layers on one rank: time, counts and transient memory."""
     mesh = mesh or MESHES[mesh_name]
     model = build_model(flavor, layers, mesh, rank)
@@ -350,10 +399,19 @@ def step_row(flavor: str, mesh_name: str, rank: int, layers: int | None, steps: 
         py_s, py_calls, c_calls = host_calls(opt.step)
     calls, sent, received, flops = per_step[-1]
     row = {
-        "model": flavor, "mesh": mesh_name, "world": math.prod(mesh), "rank": rank, "layers": len(model.layers),
-        "first_step_s": times[0], "step_s": min(times[1:]), "step_python_s": py_s, "step_py_calls": py_calls,
+        "model": flavor,
+        "mesh": mesh_name,
+        "world": math.prod(mesh),
+        "rank": rank,
+        "layers": len(model.layers),
+        "first_step_s": times[0],
+        "step_s": min(times[1:]),
+        "step_python_s": py_s,
+        "step_py_calls": py_calls,
         "step_c_calls": c_calls,
-        "collectives": calls, "a2a_bytes_sent": sent, "a2a_bytes_received": received,
+        "collectives": calls,
+        "a2a_bytes_sent": sent,
+        "a2a_bytes_received": received,
         "ns_tflop_this_rank": flops / 1e12,
         "local_shard_elements": sum(p.to_local().numel() for p in model.parameters()),
         **step_counts(opt),
@@ -371,20 +429,31 @@ def step_counts(opt: MARSM) -> dict:
     wire = opt.wire_dtype.itemsize
     largest_bucket_elements = max(sum(sizes[p] for p in b) for b in fg.owner_plan.buckets)
     replicas = max(len(set(e.layout.replica_keys)) for e in fg.owner_plan.entries)
-    bound = transient_bound(largest_bucket_elements, input_bytes=4, result_bytes=resolve_dtype(
-        fg.owner_plan.entries[0].ns_dtype).itemsize, wire_bytes=wire, replicas=replicas)
+    bound = transient_bound(
+        largest_bucket_elements,
+        input_bytes=4,
+        result_bytes=resolve_dtype(fg.owner_plan.entries[0].ns_dtype).itemsize,
+        wire_bytes=wire,
+        replicas=replicas,
+    )
     mine = fg.owner_plan.report()[fg.my_rank]
     return {
-        "engine_collectives": engine.collectives, "engine_bytes_sent": engine.bytes_sent,
-        "engine_bytes_received": engine.bytes_received, "plan_bytes_sent": mine["bytes_sent"],
-        "plan_bytes_received": mine["bytes_received"], "owned_ns_flops": mine["ns_flops"],
-        "buckets": len(fg.owner_plan.buckets), "peak_transient_bytes": engine.peak_transient_bytes,
-        "transient_bound_bytes": bound, "bucket_bytes": int(opt.options["bucket_mb"] * 2**20),
+        "engine_collectives": engine.collectives,
+        "engine_bytes_sent": engine.bytes_sent,
+        "engine_bytes_received": engine.bytes_received,
+        "plan_bytes_sent": mine["bytes_sent"],
+        "plan_bytes_received": mine["bytes_received"],
+        "owned_ns_flops": mine["ns_flops"],
+        "buckets": len(fg.owner_plan.buckets),
+        "peak_transient_bytes": engine.peak_transient_bytes,
+        "transient_bound_bytes": bound,
+        "bucket_bytes": int(opt.options["bucket_mb"] * 2**20),
     }
 
 
-def transient_bound(largest_bucket_elements: int, input_bytes: int, result_bytes: int, wire_bytes: int,
-                    replicas: int) -> int:
+def transient_bound(
+    largest_bucket_elements: int, input_bytes: int, result_bytes: int, wire_bytes: int, replicas: int
+) -> int:
     """docs/scale.md's bound on OwnerCompute.peak_transient_bytes, B the largest bucket (at least one matrix):
     B gathered in the input dtype and its results, the next gather's send and receive buffers (B each on the
     wire), and one scatter: every rank's block of B, in every replica (replicas x B), and this rank's blocks
@@ -402,35 +471,53 @@ def fmt_bytes(n: float) -> str:
 
 
 def markdown(plan_rows: list[dict], step_rows: list[dict]) -> str:
-    out = ["### Plan (whole model, first step; NS TFLOP per step)", "",
-           ("| model | mesh | W | rank | plan s | plan Python MiB | owned TFLOP | even split | busiest | "
-            "plan_balance busiest | buckets | all_to_all / step | sent / step | received / step |"),
-           "|" + "---|" * 14]
+    out = [
+        "### Plan (whole model, first step; NS TFLOP per step)",
+        "",
+        (
+            "| model | mesh | W | rank | plan s | plan Python MiB | owned TFLOP | even split | busiest | "
+            "plan_balance busiest | buckets | all_to_all / step | sent / step | received / step |"
+        ),
+        "|" + "---|" * 14,
+    ]
     for r in plan_rows:
-        out.append(f"| {r['model']} | {r['mesh']} | {r['world']} | {r['rank']} | {r['plan_s']:.2f} | "
-                   f"{r['plan_python_peak_mib']:.1f} | {r['owned_tflop']:.2f} | {r['even_split_tflop']:.2f} | "
-                   f"{r['busiest_tflop']:.2f} (rank {r['busiest_rank']}) | {r['plan_balance_busiest_tflop']:.2f} | "
-                   f"{r['buckets']} | {r['a2a_per_step']} | {fmt_bytes(r['bytes_sent_per_step'])} | "
-                   f"{fmt_bytes(r['bytes_received_per_step'])} |")
-    out += ["", "### Steps (first layers only; Newton-Schulz stood in)", "",
-            ("| model | mesh | W | rank | layers | first step s | step s | step Python s | torch C calls | "
-             "collectives / step | sent | received | NS TFLOP here | peak transient | bound |"),
-            "|" + "---|" * 15]
+        out.append(
+            f"| {r['model']} | {r['mesh']} | {r['world']} | {r['rank']} | {r['plan_s']:.2f} | "
+            f"{r['plan_python_peak_mib']:.1f} | {r['owned_tflop']:.2f} | {r['even_split_tflop']:.2f} | "
+            f"{r['busiest_tflop']:.2f} (rank {r['busiest_rank']}) | {r['plan_balance_busiest_tflop']:.2f} | "
+            f"{r['buckets']} | {r['a2a_per_step']} | {fmt_bytes(r['bytes_sent_per_step'])} | "
+            f"{fmt_bytes(r['bytes_received_per_step'])} |"
+        )
+    out += [
+        "",
+        "### Steps (first layers only; Newton-Schulz stood in)",
+        "",
+        (
+            "| model | mesh | W | rank | layers | first step s | step s | step Python s | torch C calls | "
+            "collectives / step | sent | received | NS TFLOP here | peak transient | bound |"
+        ),
+        "|" + "---|" * 15,
+    ]
     for r in step_rows:
         calls = ", ".join(f"{k} {v}" for k, v in sorted(r["collectives"].items()))
-        out.append(f"| {r['model']} | {r['mesh']} | {r['world']} | {r['rank']} | {r['layers']} | "
-                   f"{r['first_step_s']:.2f} | {r['step_s']:.3f} | {r['step_python_s']:.3f} | {r['step_c_calls']} | "
-                   f"{calls} | {fmt_bytes(r['a2a_bytes_sent'])} | {fmt_bytes(r['a2a_bytes_received'])} | "
-                   f"{r['ns_tflop_this_rank']:.3f} | {fmt_bytes(r['peak_transient_bytes'])} | "
-                   f"{fmt_bytes(r['transient_bound_bytes'])} |")
+        out.append(
+            f"| {r['model']} | {r['mesh']} | {r['world']} | {r['rank']} | {r['layers']} | "
+            f"{r['first_step_s']:.2f} | {r['step_s']:.3f} | {r['step_python_s']:.3f} | {r['step_c_calls']} | "
+            f"{calls} | {fmt_bytes(r['a2a_bytes_sent'])} | {fmt_bytes(r['a2a_bytes_received'])} | "
+            f"{r['ns_tflop_this_rank']:.3f} | {fmt_bytes(r['peak_transient_bytes'])} | "
+            f"{fmt_bytes(r['transient_bound_bytes'])} |"
+        )
     return "\n".join(out)
 
 
 def summary(plan_rows: list[dict], step_rows: list[dict]) -> str:
     """Per model: the slowest plan build at W = 1,024, and each rank role's step at FSDP 1024 over FSDP 64."""
-    out = ["### Growth with W", "",
-           "| model | slowest plan at W = 1,024 | role | step s, W 64 -> 1,024 | host calls, W 64 -> 1,024 |",
-           "|---|---|---|---|---|"]
+    out = [
+        "### Growth with W",
+        "",
+        "| model | slowest plan at W = 1,024 | role | step s, W 64 -> 1,024 | host calls, W 64 -> 1,024 |",
+        "|---|---|---|---|---|",
+    ]
     for flavor in dict.fromkeys(r["model"] for r in plan_rows):
         slowest = max((r["plan_s"] for r in plan_rows if r["model"] == flavor and r["world"] == 1024), default=None)
         roles = {}
@@ -443,8 +530,10 @@ def summary(plan_rows: list[dict], step_rows: list[dict]) -> str:
                 a, b = by_world[64], by_world[1024]
                 calls_a = a["step_py_calls"] + a["step_c_calls"]
                 calls_b = b["step_py_calls"] + b["step_c_calls"]
-                out.append(f"| {flavor} | {slowest:.2f} s | {role} | {a['step_s']:.3f} -> {b['step_s']:.3f} "
-                           f"({b['step_s'] / a['step_s']:.2f}x) | {calls_a} -> {calls_b} ({calls_b / calls_a:.2f}x) |")
+                out.append(
+                    f"| {flavor} | {slowest:.2f} s | {role} | {a['step_s']:.3f} -> {b['step_s']:.3f} "
+                    f"({b['step_s'] / a['step_s']:.2f}x) | {calls_a} -> {calls_b} ({calls_b / calls_a:.2f}x) |"
+                )
     return "\n".join(out)
 
 
@@ -457,11 +546,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", nargs="+", default=["8B", "70B"])
     ap.add_argument("--meshes", nargs="+", default=list(MESHES), choices=list(MESHES))
     ap.add_argument("--step-layers", type=int, default=2, help="layers in the stepped model (memory: W = 64)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per rank (the first builds the plan), "
-                    "then one more under cProfile")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="timed steps per rank (the first builds the plan), then one more under cProfile",
+    )
     ap.add_argument("--out", default="scale_rehearsal", help="results/<out>.json and .md")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)    # a shared 2-core machine; one rank's host work is single-threaded anyway
+    torch.set_num_threads(1)  # a shared 2-core machine; one rank's host work is single-threaded anyway
     mirrored, ns = MirroredGroup(), StandinNewtonSchulz()
     plan_rows, step_rows = [], []
     started = time.perf_counter()
@@ -473,9 +566,12 @@ def main(argv=None) -> dict:
                 row = first if rank == 0 else plan_row(flavor, mesh_name, rank, mirrored)
                 row["plan_balance_busiest_tflop"] = plan_balance_busiest_tflop(flavor, world)
                 plan_rows.append(row)
-                print(f"plan {flavor} {mesh_name} rank {rank}: {row['plan_s']:.2f} s, owns {row['owned_tflop']:.2f} "
-                      f"TFLOP (even {row['even_split_tflop']:.2f}, busiest {row['busiest_tflop']:.2f}, plan_balance "
-                      f"{row['plan_balance_busiest_tflop']:.2f}), {row['buckets']} buckets", flush=True)
+                print(
+                    f"plan {flavor} {mesh_name} rank {rank}: {row['plan_s']:.2f} s, owns {row['owned_tflop']:.2f} "
+                    f"TFLOP (even {row['even_split_tflop']:.2f}, busiest {row['busiest_tflop']:.2f}, plan_balance "
+                    f"{row['plan_balance_busiest_tflop']:.2f}), {row['buckets']} buckets",
+                    flush=True,
+                )
             # The stepped model's own busiest owner (its plan has only the first layers).
             step_first = step_row(flavor, mesh_name, 0, args.step_layers, args.steps, mirrored, ns)
             probe = build_optimizer(build_model(flavor, args.step_layers, MESHES[mesh_name], 0))
@@ -483,15 +579,21 @@ def main(argv=None) -> dict:
             busiest = max(report, key=lambda r: (r["ns_flops"], -r["rank"]))["rank"]
             del probe
             for rank in pick_ranks(world, busiest):
-                row = step_first if rank == 0 else step_row(flavor, mesh_name, rank, args.step_layers, args.steps,
-                                                            mirrored, ns)
+                row = (
+                    step_first
+                    if rank == 0
+                    else step_row(flavor, mesh_name, rank, args.step_layers, args.steps, mirrored, ns)
+                )
                 row["busiest"] = rank == busiest
                 step_rows.append(row)
-                print(f"step {flavor} {mesh_name} rank {rank}{' (busiest)' if rank == busiest else ''}: first "
-                      f"{row['first_step_s']:.2f} s, steady {row['step_s']:.3f} s (Python {row['step_python_s']:.3f} s, "
-                      f"{row['step_py_calls']} Python + {row['step_c_calls']} C calls), "
-                      f"{row['collectives']}, peak transient {fmt_bytes(row['peak_transient_bytes'])} "
-                      f"(bound {fmt_bytes(row['transient_bound_bytes'])})", flush=True)
+                print(
+                    f"step {flavor} {mesh_name} rank {rank}{' (busiest)' if rank == busiest else ''}: first "
+                    f"{row['first_step_s']:.2f} s, steady {row['step_s']:.3f} s (Python {row['step_python_s']:.3f} s, "
+                    f"{row['step_py_calls']} Python + {row['step_c_calls']} C calls), "
+                    f"{row['collectives']}, peak transient {fmt_bytes(row['peak_transient_bytes'])} "
+                    f"(bound {fmt_bytes(row['transient_bound_bytes'])})",
+                    flush=True,
+                )
     if dist.is_initialized():
         dist.destroy_process_group()
     table = markdown(plan_rows, step_rows) + "\n\n" + summary(plan_rows, step_rows)
@@ -499,8 +601,12 @@ def main(argv=None) -> dict:
     print(f"\nrehearsal took {time.perf_counter() - started:.0f} s")
     from _common import save
 
-    data = {"plan": plan_rows, "steps": step_rows, "step_layers": args.step_layers,
-            "seconds": time.perf_counter() - started}
+    data = {
+        "plan": plan_rows,
+        "steps": step_rows,
+        "step_layers": args.step_layers,
+        "seconds": time.perf_counter() - started,
+    }
     save(args.out, data, table)
     return data
 

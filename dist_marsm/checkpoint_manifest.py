@@ -26,9 +26,9 @@ import zlib
 
 import torch.distributed as dist
 
-MANIFEST_NAME = "checksums"   # a folder in step-N: one rank-<R>.json per rank
+MANIFEST_NAME = "checksums"  # a folder in step-N: one rank-<R>.json per rank
 METADATA_NAME = ".metadata"
-_CHUNK_BYTES = 64 << 20   # per crc32 call: its overhead vanishes, the GIL is released for each
+_CHUNK_BYTES = 64 << 20  # per crc32 call: its overhead vanishes, the GIL is released for each
 _STEP_FOLDER = re.compile(r"step-(\d+)")
 
 
@@ -45,7 +45,7 @@ def file_crc32(path: str) -> dict:
         if size:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
                 for start in range(0, size, _CHUNK_BYTES):
-                    crc = zlib.crc32(view[start:start + _CHUNK_BYTES], crc)
+                    crc = zlib.crc32(view[start : start + _CHUNK_BYTES], crc)
     return {"size": size, "crc32": f"{crc:08x}"}
 
 
@@ -58,8 +58,11 @@ def complete_steps(folder: str) -> list[int]:
     """Steps of ``step-N`` folders that hold DCP's ``.metadata`` (the save finished), ascending."""
     if not os.path.isdir(folder):
         return []
-    return sorted(int(m[1]) for name in os.listdir(folder) if (m := _STEP_FOLDER.fullmatch(name))
-                  and os.path.isfile(os.path.join(folder, name, METADATA_NAME)))
+    return sorted(
+        int(m[1])
+        for name in os.listdir(folder)
+        if (m := _STEP_FOLDER.fullmatch(name)) and os.path.isfile(os.path.join(folder, name, METADATA_NAME))
+    )
 
 
 def _rank_world(group) -> tuple[int, int]:
@@ -93,14 +96,20 @@ def write_rank_manifest(step_dir: str, step: int, rank: int, world: int) -> dict
         files[METADATA_NAME] = file_crc32(os.path.join(step_dir, METADATA_NAME))
     folder = os.path.join(step_dir, MANIFEST_NAME)
     os.makedirs(folder, exist_ok=True)
-    _write_atomically(folder, f"rank-{rank}.json", {"format": 1, "algorithm": "crc32", "step": step, "rank": rank,
-                                                     "world": world, "files": files})
-    if rank == 0:   # parts of an earlier save of this step with more ranks describe files no longer read
+    _write_atomically(
+        folder,
+        f"rank-{rank}.json",
+        {"format": 1, "algorithm": "crc32", "step": step, "rank": rank, "world": world, "files": files},
+    )
+    if rank == 0:  # parts of an earlier save of this step with more ranks describe files no longer read
         for name in os.listdir(folder):
             if (m := re.fullmatch(r"rank-(\d+)\.json", name)) and int(m[1]) >= world:
                 os.remove(os.path.join(folder, name))
-    return {"files": len(files), "bytes": sum(e["size"] for e in files.values()),
-            "seconds": time.perf_counter() - begin}
+    return {
+        "files": len(files),
+        "bytes": sum(e["size"] for e in files.values()),
+        "seconds": time.perf_counter() - begin,
+    }
 
 
 def _write_atomically(folder: str, name: str, manifest: dict) -> None:
@@ -165,8 +174,9 @@ def metadata_intact(step_dir: str) -> bool:
         manifest = read_manifest(step_dir)
     except CheckpointIntegrityError:
         return False
-    return manifest is None or METADATA_NAME not in manifest[0] or not check_files(step_dir, manifest[0],
-                                                                                    [METADATA_NAME])
+    return (
+        manifest is None or METADATA_NAME not in manifest[0] or not check_files(step_dir, manifest[0], [METADATA_NAME])
+    )
 
 
 def verify(step_dir: str, group=None) -> tuple[list[str], list[int]] | None:
@@ -195,18 +205,29 @@ def newest_verified_step(folder: str, log, group=None) -> int:
         step_dir = os.path.join(folder, f"step-{step}")
         verdict = verify(step_dir, group)
         if verdict is None:
-            log("warning", f"checkpoint {step_dir} has no {MANIFEST_NAME} (saved without checksums); loading it "
-                           "unverified")
+            log(
+                "warning",
+                f"checkpoint {step_dir} has no {MANIFEST_NAME} (saved without checksums); loading it unverified",
+            )
             return step
         problems, unchecked = verdict
         if not problems:
             if unchecked:
-                log("warning", f"checkpoint {step_dir}: ranks {unchecked} wrote no checksums (their job ended "
-                               "first); loading their files unverified")
+                log(
+                    "warning",
+                    f"checkpoint {step_dir}: ranks {unchecked} wrote no checksums (their job ended "
+                    "first); loading their files unverified",
+                )
             return step
-        log("error", f"checkpoint step {step} ({step_dir}) fails verification: " + "; ".join(problems)
-            + ". Not loading it; trying the previous checkpoint")
+        log(
+            "error",
+            f"checkpoint step {step} ({step_dir}) fails verification: "
+            + "; ".join(problems)
+            + ". Not loading it; trying the previous checkpoint",
+        )
     if steps:
-        raise CheckpointIntegrityError(f"no checkpoint in {folder} verifies (steps {steps}, errors above); move the "
-                                       "damaged ones away or set [checkpoint] verify = false to load anyway")
+        raise CheckpointIntegrityError(
+            f"no checkpoint in {folder} verifies (steps {steps}, errors above); move the "
+            "damaged ones away or set [checkpoint] verify = false to load anyway"
+        )
     return -1

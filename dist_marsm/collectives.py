@@ -64,8 +64,13 @@ def _orthogonalize_batched(fulls: dict[int, torch.Tensor], entries: list[MatrixE
         by_settings[(e.ns_steps, e.ns_dtype, e.ns_method, key)].append(pos)
     out = {}
     for (steps, dtype, method, _), positions in by_settings.items():
-        results = orthogonalize_many([fulls[p] for p in positions], steps, resolve_dtype(dtype), method=method,
-                                     coefficients=entries[positions[0]].ns_coefficients)
+        results = orthogonalize_many(
+            [fulls[p] for p in positions],
+            steps,
+            resolve_dtype(dtype),
+            method=method,
+            coefficients=entries[positions[0]].ns_coefficients,
+        )
         out.update(zip(positions, results))
     return out
 
@@ -106,7 +111,7 @@ class OwnerCompute:
         self.bytes_sent = self.bytes_received = self.collectives = self.ns_matrices = 0
         self.peak_transient_bytes = self._live_bytes = 0
         outputs: dict[int, torch.Tensor] = {}
-        if plan.world == 1:   # every block is its whole matrix: nothing to gather, scatter or bucket
+        if plan.world == 1:  # every block is its whole matrix: nothing to gather, scatter or bucket
             outputs = _orthogonalize_batched(local_inputs, plan.entries)
             self.ns_matrices = sum(plan.entries[p].num_matrices for p in outputs)
             return outputs
@@ -124,7 +129,7 @@ class OwnerCompute:
             results = _orthogonalize_batched(fulls, plan.entries)
             self.ns_matrices += sum(plan.entries[p].num_matrices for p in results)
             self._hold(_gathered_bytes(results, local_inputs))
-            if in_flight is not None:   # one scatter in flight at a time: it overlapped this bucket's NS
+            if in_flight is not None:  # one scatter in flight at a time: it overlapped this bucket's NS
                 self._finish_scatter(*in_flight, outputs)
             scatter = self._start_scatter(bucket, results, outputs)
             # The scatter's send buffer holds copies: the gathered matrices and their results can go.
@@ -146,7 +151,9 @@ class OwnerCompute:
                 send_sizes[e.owner] += block_numel(e.layout.blocks[me])
             elif e.owner == me:
                 tiling = e.leading_tiling(me)
-                for q, n in tiling if tiling is not None else ((q, block_numel(e.layout.blocks[q])) for q in e.senders(me)):
+                for q, n in (
+                    tiling if tiling is not None else ((q, block_numel(e.layout.blocks[q])) for q in e.senders(me))
+                ):
                     if q != me:
                         recv_sizes[q] += n
         return self._exchange([t for rank in sorted(send_parts) for t in send_parts[rank]], send_sizes, recv_sizes)
@@ -161,14 +168,14 @@ class OwnerCompute:
             if e.owner != me:
                 continue
             senders = e.senders(me)
-            if senders == [me]:   # this rank holds the whole matrix: nothing to assemble
+            if senders == [me]:  # this rank holds the whole matrix: nothing to assemble
                 fulls[pos] = local_inputs[pos]
                 continue
             # Assembled in the input's dtype: only blocks that travel are rounded to the wire dtype.
             tiling = e.leading_tiling(me)
             if tiling is not None:
                 mine = local_inputs[pos].reshape(-1)
-                if owned == 1:   # the receive buffer is this matrix's blocks in rank order, less this rank's
+                if owned == 1:  # the receive buffer is this matrix's blocks in rank order, less this rank's
                     cut = pieces.offsets[me]
                     parts = [pieces.recv[:cut], mine, pieces.recv[cut:]]
                 else:
@@ -195,14 +202,14 @@ class OwnerCompute:
         flat = None
         if len(owned) == 1:
             sizes = plan.entries[owned[0]].scatter_sizes()
-            if sizes is not None:   # the ranks' blocks are the flat result, once per replica, in rank order
+            if sizes is not None:  # the ranks' blocks are the flat result, once per replica, in rank order
                 result = results[owned[0]].reshape(-1)
                 copies = sum(sizes) // result.numel()
                 if sizes[me] == 0:
                     flat = [result] * copies
-                else:   # this rank's own block is cut out of its replica's copy
+                else:  # this rank's own block is cut out of its replica's copy
                     copy, cut = divmod(sum(sizes[:me]), result.numel())
-                    flat = [result] * copy + [result[:cut], result[cut + sizes[me]:]] + [result] * (copies - copy - 1)
+                    flat = [result] * copy + [result[:cut], result[cut + sizes[me] :]] + [result] * (copies - copy - 1)
                 send_sizes = list(sizes)
                 send_sizes[me] = 0
         for pos in bucket:
@@ -213,7 +220,7 @@ class OwnerCompute:
                 block = e.layout.blocks[me]
                 shape = [index_len(i) for i in block]
                 mine = results[pos]
-                if tuple(mine.shape) != tuple(shape):   # a copy, so that the whole result is not kept alive
+                if tuple(mine.shape) != tuple(shape):  # a copy, so that the whole result is not kept alive
                     mine = take_block(mine, block).clone()
                 outputs[pos] = mine.reshape(shape)
             else:
@@ -256,7 +263,9 @@ class OwnerCompute:
         if plan.world == 1 or (not flat and not any(recv_sizes) and plan.group is None):
             return None, recv_sizes, None, None
         # One cast after the concatenation (cat promotes mixed inputs), not one per matrix.
-        send = torch.cat(flat).to(self.wire_dtype) if flat else torch.empty(0, dtype=self.wire_dtype, device=self.device)
+        send = (
+            torch.cat(flat).to(self.wire_dtype) if flat else torch.empty(0, dtype=self.wire_dtype, device=self.device)
+        )
         recv = torch.empty(sum(recv_sizes), dtype=self.wire_dtype, device=self.device)
         self.bytes_sent += send.numel() * send.element_size()
         self.bytes_received += recv.numel() * recv.element_size()
@@ -293,7 +302,7 @@ class _Parts(dict):
         self.offsets = list(itertools.accumulate(recv_sizes, initial=0)) if recv is not None else None
 
     def __missing__(self, rank: int) -> _Cursor:
-        cursor = self[rank] = _Cursor(self.recv[self.offsets[rank]: self.offsets[rank + 1]])
+        cursor = self[rank] = _Cursor(self.recv[self.offsets[rank] : self.offsets[rank + 1]])
         return cursor
 
 
@@ -304,6 +313,6 @@ class _Cursor:
         self.buf, self.offset = buf, 0
 
     def pop(self, n: int) -> torch.Tensor:
-        out = self.buf[self.offset: self.offset + n]
+        out = self.buf[self.offset : self.offset + n]
         self.offset += n
         return out

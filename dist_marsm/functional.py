@@ -96,8 +96,9 @@ def corrected_gradients(fg: FlatGroup, param_groups: list[dict], state, prev_gra
         prev = None if prev is None else _block(prev, m.block_shape, m.state_dtype)
         batches[(group["gamma"], group["momentum"], prev is not None)].append((pos, grad, prev))
     for (gamma, beta, has_prev), items in batches.items():
-        out = mars_math.mars_corrections([g for _, g, _ in items], [p for _, _, p in items] if has_prev else None,
-                                         gamma, beta)
+        out = mars_math.mars_corrections(
+            [g for _, g, _ in items], [p for _, _, p in items] if has_prev else None, gamma, beta
+        )
         corrected.update((pos, c) for (pos, _, _), c in zip(items, out))
     return present, states, corrected
 
@@ -120,8 +121,15 @@ def stage_gradients(fg: FlatGroup, param_groups: list[dict], state, prev_grads: 
     adamw_grads = [local(fg.adamw[k].param.grad) for k in adamw_present]
     sparse = [k for k, g in zip(adamw_present, adamw_grads) if g.is_sparse]
     dense = views + [g for g in adamw_grads if not g.is_sparse] if sparse else views + adamw_grads
-    _write_gradient_numbers(fg, present, adamw_present, sparse, view_owner,
-                            torch._foreach_norm(dense, 2, dtype=torch.float64) if dense else [], header)
+    _write_gradient_numbers(
+        fg,
+        present,
+        adamw_present,
+        sparse,
+        view_owner,
+        torch._foreach_norm(dense, 2, dtype=torch.float64) if dense else [],
+        header,
+    )
     return Staged(present, states, corrected, adamw_present)
 
 
@@ -138,7 +146,7 @@ def _write_gradient_numbers(fg: FlatGroup, present, adamw_present, sparse, view_
         host[n_mats + k] = 1.0
     for k in sparse:
         host[2 * n_params + n_mats + k] = 1.0
-    values[layout.has_grad.start:].copy_(torch.tensor(host + header, dtype=torch.float64))
+    values[layout.has_grad.start :].copy_(torch.tensor(host + header, dtype=torch.float64))
     if not norms:
         return
     stacked = torch.stack(norms)
@@ -146,13 +154,21 @@ def _write_gradient_numbers(fg: FlatGroup, present, adamw_present, sparse, view_
     counted = [i for i, pos in enumerate(view_owner) if fg.matrices[pos].first_replica]
     if counted:
         everyone = len(counted) == len(view_owner) and len(present) == n_mats
-        slots = fg.all_slots if everyone else torch.cat([fg.matrices[pos].slots for pos in present
-                                                         if fg.matrices[pos].first_replica])
+        slots = (
+            fg.all_slots
+            if everyone
+            else torch.cat([fg.matrices[pos].slots for pos in present if fg.matrices[pos].first_replica])
+        )
         contrib = mat_norms if len(counted) == len(view_owner) else mat_norms[counted]
         values.index_add_(0, slots + layout.sq_norms.start, contrib.square())
     complete = len(present) == n_mats and len(adamw_present) == len(fg.adamw) and not sparse
-    view_params = fg.view_params if complete else torch.tensor(
-        view_owner + [n_mats + k for k in adamw_present if k not in sparse], dtype=torch.long, device=values.device)
+    view_params = (
+        fg.view_params
+        if complete
+        else torch.tensor(
+            view_owner + [n_mats + k for k in adamw_present if k not in sparse], dtype=torch.long, device=values.device
+        )
+    )
     values.index_add_(0, view_params + layout.nonfinite.start, (~torch.isfinite(stacked)).double())
     if complete and fg.replica_views.numel():
         replica = stacked[fg.replica_views]
@@ -340,8 +356,11 @@ def adamw_route(items: list[AdamWParam], param_groups: list[dict], state, exact:
                 rewind_src.append(local(p))
         if "step" not in st:
             dtype = state_dtype(p)
-            st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p, dtype=dtype),
-                      exp_avg_sq=torch.zeros_like(p, dtype=dtype))
+            st.update(
+                step=torch.tensor(0.0),
+                exp_avg=torch.zeros_like(p, dtype=dtype),
+                exp_avg_sq=torch.zeros_like(p, dtype=dtype),
+            )
         by_setting[(group["lr"], group["adamw_betas"], group["adamw_eps"], group["weight_decay"])].append(p)
     foreach_copy(rewind_dst, rewind_src)
     for (lr, (beta1, beta2), eps, wd), params in by_setting.items():
@@ -349,10 +368,22 @@ def adamw_route(items: list[AdamWParam], param_groups: list[dict], state, exact:
         master = [t.float() if t.dtype != state_dtype(t) else t for t in locals_]
         grads = [local(p.grad) for p in params]
         grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, master)]
-        functional_adamw(master, grads, [local(state[p]["exp_avg"]) for p in params],
-                         [local(state[p]["exp_avg_sq"]) for p in params], [], [state[p]["step"] for p in params],
-                         foreach=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd, eps=eps,
-                         maximize=False)
+        functional_adamw(
+            master,
+            grads,
+            [local(state[p]["exp_avg"]) for p in params],
+            [local(state[p]["exp_avg_sq"]) for p in params],
+            [],
+            [state[p]["step"] for p in params],
+            foreach=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=wd,
+            eps=eps,
+            maximize=False,
+        )
         for t, m in zip(locals_, master):
             if t is not m:
                 t.copy_(m)
@@ -371,9 +402,14 @@ def _row_state_like(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     shard = local(p)
     shape = (*p.shape[:-1], 1)
-    return DTensor.from_local(torch.zeros(*shard.shape[:-1], 1, dtype=dtype, device=shard.device), p.device_mesh,
-                              p.placements, run_check=False, shape=shape,
-                              stride=torch.empty(shape, device="meta").stride())
+    return DTensor.from_local(
+        torch.zeros(*shard.shape[:-1], 1, dtype=dtype, device=shard.device),
+        p.device_mesh,
+        p.placements,
+        run_check=False,
+        shape=shape,
+        stride=torch.empty(shape, device="meta").stride(),
+    )
 
 
 # ------------------------------------------------------------------ exact variant
@@ -386,8 +422,9 @@ def exact_gradients(optimizer, closure, prev_grads: dict):
     """
     state = optimizer.state
     groups = optimizer.param_groups
-    exact = [p for g in groups if g["use_mars"] and g["variant"] == "exact" for p in g["params"]
-             if "prev_param" in state[p]]
+    exact = [
+        p for g in groups if g["use_mars"] and g["variant"] == "exact" for p in g["params"] if "prev_param" in state[p]
+    ]
     rewound = [p for g in groups for p in g["params"] if "prev_param" in state[p]]
     if exact:
         current = [local(p).clone() for p in rewound]

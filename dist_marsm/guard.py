@@ -56,8 +56,10 @@ def digests_agree(sums: list[float], world: int) -> bool:
 
 def settings_record(options: dict, param_groups: list[dict], group_indices: tuple[int, ...]) -> tuple:
     """Everything the ranks of a flat group must share: the optimizer's options and its groups' settings."""
-    return (settings.agreed_values(options, "optimizer"),
-            tuple((gi, settings.agreed_values(param_groups[gi])) for gi in group_indices))
+    return (
+        settings.agreed_values(options, "optimizer"),
+        tuple((gi, settings.agreed_values(param_groups[gi])) for gi in group_indices),
+    )
 
 
 @dataclass(frozen=True)
@@ -86,15 +88,24 @@ class Reduced:
     @classmethod
     def read(cls, layout: ReduceLayout, values: torch.Tensor) -> Reduced:
         host = values.tolist()
-        return cls(host[layout.sq_norms], host[layout.has_grad], host[layout.nonfinite], host[layout.sparse],
-                   host[layout.replica_norms], host[layout.replica_sq], host[layout.settings_digest],
-                   host[layout.plan_digest], host[layout.replanned][0])
+        return cls(
+            host[layout.sq_norms],
+            host[layout.has_grad],
+            host[layout.nonfinite],
+            host[layout.sparse],
+            host[layout.replica_norms],
+            host[layout.replica_sq],
+            host[layout.settings_digest],
+            host[layout.plan_digest],
+            host[layout.replanned][0],
+        )
 
 
 def write_header(fg: FlatGroup, header: Header) -> None:
     layout, values = fg.reduce_layout, fg.reduce_buffer
-    values[layout.settings_digest.start: layout.replanned.stop].copy_(torch.tensor(
-        header.settings_digest + header.plan_digest + [float(header.replanned)], dtype=torch.float64))
+    values[layout.settings_digest.start : layout.replanned.stop].copy_(
+        torch.tensor(header.settings_digest + header.plan_digest + [float(header.replanned)], dtype=torch.float64)
+    )
 
 
 def all_reduce(values: torch.Tensor, fg: FlatGroup) -> int:
@@ -114,8 +125,11 @@ def check_agreement(fg: FlatGroup, reduced: Reduced, mine: dict) -> None:
     if fg.process_group is None:
         return
     world = fg.world
-    if (reduced.replanned == 0 and digests_agree(reduced.settings_digest, world)
-            and digests_agree(reduced.plan_digest, world)):
+    if (
+        reduced.replanned == 0
+        and digests_agree(reduced.settings_digest, world)
+        and digests_agree(reduced.plan_digest, world)
+    ):
         return
     if reduced.replanned == world and digests_agree(reduced.settings_digest, world):
         return  # every rank changed its parameters: the caller rebuilds the plan and agrees on the new one
@@ -140,9 +154,11 @@ def name_difference(fg: FlatGroup, mine: dict) -> str:
     still = [fg.ranks[r] for r, rec in enumerate(everyone) if not rec["replanned"]]
     if changed:
         first = next((name for _, name in changed if name), "a parameter")
-        return (f"MARSM: the parameters changed on rank(s) {[r for r, _ in changed]} but not on rank(s) {still} "
-                f"since the last step (first change: {first}); every rank must make the same change "
-                "(add_param_group, a replaced parameter, a re-wrapped model) before the next step")
+        return (
+            f"MARSM: the parameters changed on rank(s) {[r for r, _ in changed]} but not on rank(s) {still} "
+            f"since the last step (first change: {first}); every rank must make the same change "
+            "(add_param_group, a replaced parameter, a re-wrapped model) before the next step"
+        )
     return "MARSM: the ranks' settings or plan digests differ but their records compare equal"
 
 
@@ -150,20 +166,28 @@ def _describe(rank_a: int, rank_b: int, a: dict, b: dict) -> str | None:
     params_a, params_b = a["plan"][0], b["plan"][0]
     if len(params_a) != len(params_b):
         names = {t[0] for t in params_a} ^ {t[0] for t in params_b}
-        return (f"MARSM: rank {rank_b} has {len(params_b)} parameters, rank {rank_a} has {len(params_a)}; "
-                f"differing: {sorted(map(str, names))[:5]}")
+        return (
+            f"MARSM: rank {rank_b} has {len(params_b)} parameters, rank {rank_a} has {len(params_a)}; "
+            f"differing: {sorted(map(str, names))[:5]}"
+        )
     for pa, pb in zip(params_a, params_b):
         if pa != pb:
-            return f"MARSM: parameter {pa[0]} differs between rank {rank_a} and rank {rank_b}: {_field_difference(pa, pb)}"
+            return (
+                f"MARSM: parameter {pa[0]} differs between rank {rank_a} and rank {rank_b}: {_field_difference(pa, pb)}"
+            )
     if a["settings"] != b["settings"]:
         groups_a, groups_b = a["settings"][1], b["settings"][1]
         differing = [gi for (gi, ga), (_, gb) in zip(groups_a, groups_b) if ga != gb]
         first = next((p[0] for p in params_a if differing and p[4] == differing[0]), None)
         subject = f"parameter {first} differs" if first else "settings differ"
-        return (f"MARSM: {subject} between rank {rank_a} and rank {rank_b}: settings differ: "
-                f"{_settings_difference(a['settings'], b['settings'])}")
+        return (
+            f"MARSM: {subject} between rank {rank_a} and rank {rank_b}: settings differ: "
+            f"{_settings_difference(a['settings'], b['settings'])}"
+        )
     if a["plan"][1] != b["plan"][1]:
-        return f"MARSM: the plan settings differ between rank {rank_a} and rank {rank_b}: {a['plan'][1]} vs {b['plan'][1]}"
+        return (
+            f"MARSM: the plan settings differ between rank {rank_a} and rank {rank_b}: {a['plan'][1]} vs {b['plan'][1]}"
+        )
     return None
 
 
@@ -204,12 +228,16 @@ def check_gradients(fg: FlatGroup, reduced: Reduced) -> list[int]:
     """
     if not set(reduced.has_grad) <= {0.0, float(fg.world)}:
         first = next(i for i, h in enumerate(reduced.has_grad) if 0 < h < fg.world)
-        raise RuntimeError(f"MARSM: parameter {fg.names[first]} has a gradient on {int(reduced.has_grad[first])} "
-                           f"of {fg.world} ranks; every rank must take part in every step (or none)")
+        raise RuntimeError(
+            f"MARSM: parameter {fg.names[first]} has a gradient on {int(reduced.has_grad[first])} "
+            f"of {fg.world} ranks; every rank must take part in every step (or none)"
+        )
     if any(reduced.sparse):
         first = next(i for i, s in enumerate(reduced.sparse) if s > 0)
-        raise ValueError(f"MARSM: parameter {fg.names[first]} has a sparse gradient on some rank; MARSM needs "
-                         "dense gradients (use nn.Embedding(sparse=False))")
+        raise ValueError(
+            f"MARSM: parameter {fg.names[first]} has a sparse gradient on some rank; MARSM needs "
+            "dense gradients (use nn.Embedding(sparse=False))"
+        )
     if any(reduced.nonfinite):
         return [i for i, f in enumerate(reduced.nonfinite) if f > 0]
     if reduced.replica_norms and all_finite(reduced.replica_norms):
@@ -234,7 +262,8 @@ def _check_replicas(fg: FlatGroup, reduced: Reduced) -> None:
                 f"MARSM: parameter {name} is a plain tensor replicated over {world} ranks, but its gradient differs "
                 f"between them (gradient norms: mean {mean:.6g}, spread {spread:.3g}); replicas that are not "
                 "synchronised train apart. Wrap the model in DDP or FSDP2 (fully_shard) so that gradients are "
-                "averaged, or pass process_group=None if each rank trains its own parameters.")
+                "averaged, or pass process_group=None if each rank trains its own parameters."
+            )
 
 
 def nonfinite_error(fg: FlatGroup, bad: list[int], step: int) -> NonFiniteGradientError:

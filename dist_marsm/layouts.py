@@ -48,20 +48,27 @@ def take_block(full: torch.Tensor, block: tuple[Index, ...]) -> torch.Tensor:
     for dim, index in enumerate(block):
         if covers(index, out.size(dim)):
             continue
-        out = out.narrow(dim, index.start, index.stop - index.start) if isinstance(index, slice) else \
-            out.index_select(dim, index.to(out.device))
+        out = (
+            out.narrow(dim, index.start, index.stop - index.start)
+            if isinstance(index, slice)
+            else out.index_select(dim, index.to(out.device))
+        )
     return out
 
 
 def put_block(full: torch.Tensor, block: tuple[Index, ...], values: torch.Tensor) -> None:
     """Inverse of ``take_block``: write ``values`` into the positions ``block`` selects."""
     if all(isinstance(i, slice) for i in block):
-        take_block(full, block).copy_(values)   # slices give a view: write through it
+        take_block(full, block).copy_(values)  # slices give a view: write through it
         return
     ndim = len(block)
     grids = []
     for dim, index in enumerate(block):
-        t = torch.arange(index.start, index.stop, device=full.device) if isinstance(index, slice) else index.to(full.device)
+        t = (
+            torch.arange(index.start, index.stop, device=full.device)
+            if isinstance(index, slice)
+            else index.to(full.device)
+        )
         grids.append(t.view((1,) * dim + (-1,) + (1,) * (ndim - dim - 1)))
     full.index_put_(tuple(grids), values.to(full.dtype))
 
@@ -70,10 +77,10 @@ def put_block(full: torch.Tensor, block: tuple[Index, ...], values: torch.Tensor
 class Layout:
     """How one parameter's logical tensor is spread over its flat group."""
 
-    ranks: tuple[int, ...]                     # global ranks of the flat group, in group order
-    blocks: tuple[tuple[Index, ...], ...]      # per group rank: index set per tensor dim
+    ranks: tuple[int, ...]  # global ranks of the flat group, in group order
+    blocks: tuple[tuple[Index, ...], ...]  # per group rank: index set per tensor dim
     replica_keys: tuple[tuple[int, ...], ...]  # per group rank: coordinates on Replicate mesh dims
-    placements: str = "replicated"             # for error messages and plan reports
+    placements: str = "replicated"  # for error messages and plan reports
 
 
 def replicated_layout(shape: tuple[int, ...], ranks: tuple[int, ...]) -> Layout:
@@ -89,7 +96,7 @@ def _chunk_bounds(size: int, chunks: int, i: int) -> tuple[int, int]:
     return min(i * step, size), min((i + 1) * step, size)
 
 
-Runs = tuple[tuple[int, int], ...]   # an ordered index set as consecutive [start, stop) runs
+Runs = tuple[tuple[int, int], ...]  # an ordered index set as consecutive [start, stop) runs
 
 
 def _take_positions(runs: Runs, start: int, stop: int) -> Runs:
@@ -139,8 +146,12 @@ def dtensor_layout(dtensor, view_shape: tuple[int, ...] | None = None) -> Layout
     ``view_shape`` (flattening conv kernels to 2-D) is only allowed where it keeps every rank's block
     a set of whole leading rows.
     """
-    return _layout_from_placements(*_mesh_ranks(dtensor.device_mesh), tuple(dtensor.placements),
-                                   tuple(dtensor.shape), None if view_shape is None else tuple(view_shape))
+    return _layout_from_placements(
+        *_mesh_ranks(dtensor.device_mesh),
+        tuple(dtensor.placements),
+        tuple(dtensor.shape),
+        None if view_shape is None else tuple(view_shape),
+    )
 
 
 _MESH_RANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -155,8 +166,13 @@ def _mesh_ranks(mesh) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 @functools.lru_cache(maxsize=256)
-def _layout_from_placements(mesh_ranks: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tuple,
-                            shape: tuple[int, ...], view_shape: tuple[int, ...] | None) -> Layout:
+def _layout_from_placements(
+    mesh_ranks: tuple[int, ...],
+    mesh_shape: tuple[int, ...],
+    placements: tuple,
+    shape: tuple[int, ...],
+    view_shape: tuple[int, ...] | None,
+) -> Layout:
     """The layout of a tensor of ``shape`` on a mesh (ranks in row-major order) with ``placements``.
 
     Cached: a model's layers repeat a few (shape, placements) pairs, and a Layout is immutable.
@@ -166,12 +182,20 @@ def _layout_from_placements(mesh_ranks: tuple[int, ...], mesh_shape: tuple[int, 
 
     for p in placements:
         if not isinstance(p, (Shard, _StridedShard, Replicate)):
-            raise ValueError(f"unsupported placement {p} (parameters must be Shard or Replicate), placements {placements}")
+            raise ValueError(
+                f"unsupported placement {p} (parameters must be Shard or Replicate), placements {placements}"
+            )
     # Per tensor dim: the (mesh dim, split factor or None) that cut it, in mesh-dim order.
-    cuts = [[(m, p.split_factor if isinstance(p, _StridedShard) else None) for m, p in enumerate(placements)
-             if isinstance(p, (Shard, _StridedShard)) and p.dim == tdim] for tdim in range(len(shape))]
+    cuts = [
+        [
+            (m, p.split_factor if isinstance(p, _StridedShard) else None)
+            for m, p in enumerate(placements)
+            if isinstance(p, (Shard, _StridedShard)) and p.dim == tdim
+        ]
+        for tdim in range(len(shape))
+    ]
     replicate_dims = [m for m, p in enumerate(placements) if isinstance(p, Replicate)]
-    strides = [math.prod(mesh_shape[m + 1:]) for m in range(len(mesh_shape))]
+    strides = [math.prod(mesh_shape[m + 1 :]) for m in range(len(mesh_shape))]
     runs_cache: dict[tuple, Runs] = {}
 
     def dim_runs(tdim: int, coords: tuple[int, ...]) -> Runs:
@@ -216,8 +240,9 @@ def _indices(runs_cache: dict, keys) -> dict:
             scattered.append(key)
     if scattered:
         lengths = [sum(b - a for a, b in runs_cache[k]) for k in scattered]
-        flat_index = torch.tensor([i for k in scattered for a, b in runs_cache[k] for i in range(a, b)],
-                                  dtype=torch.long)
+        flat_index = torch.tensor(
+            [i for k in scattered for a, b in runs_cache[k] for i in range(a, b)], dtype=torch.long
+        )
         indices.update(zip(scattered, flat_index.split(lengths)))
     return indices
 
@@ -287,8 +312,10 @@ def split_units(view: tuple[int, ...], layout: Layout, my_rank: int, head_rows: 
         raise ValueError(f"{rows} rows do not split into heads of {chunk} rows")
     heads = rows // chunk
     members = [set(s) for s in lead_sets]
-    held_rows = [[_rows_in(b[-2], h * chunk, (h + 1) * chunk) if index_len(b[-1]) else () for h in range(heads)]
-                 for b in layout.blocks]
+    held_rows = [
+        [_rows_in(b[-2], h * chunk, (h + 1) * chunk) if index_len(b[-1]) else () for h in range(heads)]
+        for b in layout.blocks
+    ]
     signatures: dict[tuple, list[tuple[int, int]]] = {}
     for e in range(n_lead):
         for h in range(heads):
@@ -298,28 +325,43 @@ def split_units(view: tuple[int, ...], layout: Layout, my_rank: int, head_rows: 
     units = []
     for sig, items in signatures.items():
         n = len(items)
-        blocks = tuple((slice(0, 0), slice(0, 0), slice(0, 0)) if sig[r] is None else
-                       (slice(0, n), _as_index(torch.tensor(sig[r], dtype=torch.long)), layout.blocks[r][-1])
-                       for r in range(world))
-        holders = [r for r in first_replica if sig[r] is not None and len(sig[r]) == chunk
-                   and index_len(layout.blocks[r][-1]) == cols]
+        blocks = tuple(
+            (slice(0, 0), slice(0, 0), slice(0, 0))
+            if sig[r] is None
+            else (slice(0, n), _as_index(torch.tensor(sig[r], dtype=torch.long)), layout.blocks[r][-1])
+            for r in range(world)
+        )
+        holders = [
+            r
+            for r in first_replica
+            if sig[r] is not None and len(sig[r]) == chunk and index_len(layout.blocks[r][-1]) == cols
+        ]
         lead_pos = row_pos = None
         if sig[my_rank] is not None:
             local_lead = {g: i for i, g in enumerate(lead_sets[my_rank])}
             row_index = layout.blocks[my_rank][-2]
-            global_rows = list(range(row_index.start, row_index.stop)) if isinstance(row_index, slice) \
-                else row_index.tolist()
+            global_rows = (
+                list(range(row_index.start, row_index.stop)) if isinstance(row_index, slice) else row_index.tolist()
+            )
             local_row = {g: i for i, g in enumerate(global_rows)}
             lead_list = [local_lead[e] for e, _ in items]
             row_lists = [[local_row[h * chunk + q] for q in sig[my_rank]] for _, h in items]
-            whole = (lead_list == list(range(len(lead_sets[my_rank])))
-                     and all(rl == list(range(len(global_rows))) for rl in row_lists))
+            whole = lead_list == list(range(len(lead_sets[my_rank]))) and all(
+                rl == list(range(len(global_rows))) for rl in row_lists
+            )
             if not whole:
                 lead_pos = torch.tensor(lead_list, dtype=torch.long)
                 row_pos = torch.tensor(row_lists, dtype=torch.long)
-        units.append(Unit((n, chunk, cols), Layout(layout.ranks, blocks, layout.replica_keys, layout.placements),
-                          _items_label(items, head_rows is not None), lead_pos, row_pos,
-                          holders[0] if len(holders) == 1 else None))
+        units.append(
+            Unit(
+                (n, chunk, cols),
+                Layout(layout.ranks, blocks, layout.replica_keys, layout.placements),
+                _items_label(items, head_rows is not None),
+                lead_pos,
+                row_pos,
+                holders[0] if len(holders) == 1 else None,
+            )
+        )
     return units
 
 
@@ -327,4 +369,8 @@ def _items_label(items: list[tuple[int, int]], by_head: bool) -> str:
     first, last = items[0], items[-1]
     if not by_head:
         return f"[{first[0]}]" if len(items) == 1 else f"[{first[0]}..{last[0]}]"
-    return f"[{first[0]}:head {first[1]}]" if len(items) == 1 else f"[{first[0]}:head {first[1]}..{last[0]}:head {last[1]}]"
+    return (
+        f"[{first[0]}:head {first[1]}]"
+        if len(items) == 1
+        else f"[{first[0]}:head {first[1]}..{last[0]}:head {last[1]}]"
+    )

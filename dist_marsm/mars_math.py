@@ -13,8 +13,9 @@ import torch
 LR_ADJUST_MODES = ("moonlight", "original", "none")
 
 
-def mars_corrections(grads: list[torch.Tensor], prev_grads: list[torch.Tensor] | None, gamma: float,
-                     beta: float) -> list[torch.Tensor]:
+def mars_corrections(
+    grads: list[torch.Tensor], prev_grads: list[torch.Tensor] | None, gamma: float, beta: float
+) -> list[torch.Tensor]:
     """c_t = g_t + gamma * beta / (1 - beta) * (g_t - g_{t-1}) for a list of tensors (foreach).
 
     ``prev_grads=None`` means g_{t-1} = 0 (the first step). Returns new tensors; the inputs are untouched.
@@ -51,8 +52,9 @@ def momentum_updates(momenta: list[torch.Tensor], updates: list[torch.Tensor], b
     torch._foreach_lerp_(momenta, updates, 1.0 - beta)
 
 
-def efficient_momentum_updates(momenta: list[torch.Tensor], grads: list[torch.Tensor], beta: float,
-                               gamma: float) -> list[torch.Tensor]:
+def efficient_momentum_updates(
+    momenta: list[torch.Tensor], grads: list[torch.Tensor], beta: float, gamma: float
+) -> list[torch.Tensor]:
     """One-buffer MARS-M: m = beta * m + ((1 - gamma)(1 - beta) / beta) * g_t in place; returns the
     Newton-Schulz inputs gamma * g_t + beta * m (new tensors).
 
@@ -82,17 +84,16 @@ def lr_scale(shape: tuple[int, ...], mode: str) -> float:
     raise ValueError(f"lr_adjust must be one of {LR_ADJUST_MODES}, got {mode!r}")
 
 
-def apply_updates(params: list[torch.Tensor], updates: list[torch.Tensor], lr: float, weight_decay: float,
-                  scale: float) -> None:
+def apply_updates(
+    params: list[torch.Tensor], updates: list[torch.Tensor], lr: float, weight_decay: float, scale: float
+) -> None:
     """W = W * (1 - lr * wd); W = W - lr * scale * update (decay uses the unscaled lr), in place."""
     if weight_decay != 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_add_(params, updates, alpha=-lr * scale)
 
 
-def neuron_normalize(
-    update: torch.Tensor, row_second_moment: torch.Tensor, beta2: float, eps: float
-) -> torch.Tensor:
+def neuron_normalize(update: torch.Tensor, row_second_moment: torch.Tensor, beta2: float, eps: float) -> torch.Tensor:
     """NorMuon row normalization of an orthogonalized update (local rows), updating the row state.
 
     v = beta2 * v + (1 - beta2) * mean over columns of O*O (one value per row, i.e. per output neuron);

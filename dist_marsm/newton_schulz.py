@@ -87,27 +87,33 @@ def resolve_coefficients(spec, steps: int) -> tuple[tuple[float, float, float], 
         raise ValueError(f"Newton-Schulz steps must be a positive int, got {steps!r}")
     if isinstance(spec, str):
         if spec not in NS_COEFFICIENT_SETS:
-            raise ValueError(f"unknown Newton-Schulz coefficient set {spec!r}; use one of "
-                             f"{sorted(NS_COEFFICIENT_SETS)} or a list of (a, b, c) triples")
+            raise ValueError(
+                f"unknown Newton-Schulz coefficient set {spec!r}; use one of "
+                f"{sorted(NS_COEFFICIENT_SETS)} or a list of (a, b, c) triples"
+            )
         table = NS_COEFFICIENT_SETS[spec]
         return tuple(table[min(i, len(table) - 1)] for i in range(steps))
     if isinstance(spec, torch.Tensor) or not isinstance(spec, Sequence) or len(spec) == 0:
-        raise ValueError(f"Newton-Schulz coefficients must be a set name or a non-empty list of (a, b, c) "
-                         f"triples, got {spec!r}")
+        raise ValueError(
+            f"Newton-Schulz coefficients must be a set name or a non-empty list of (a, b, c) triples, got {spec!r}"
+        )
     triples = []
     for i, triple in enumerate(spec):
         if isinstance(triple, (str, bytes)) or not isinstance(triple, Sequence) or len(triple) != 3:
             raise ValueError(f"Newton-Schulz coefficients: entry {i} must be an (a, b, c) triple, got {triple!r}")
         for name, v in zip("abc", triple):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"Newton-Schulz coefficients: entry {i} has {name} = {v!r}; "
-                                 "a, b and c must be finite real numbers")
+                raise ValueError(
+                    f"Newton-Schulz coefficients: entry {i} has {name} = {v!r}; a, b and c must be finite real numbers"
+                )
         triples.append(tuple(float(v) for v in triple))
     if len(triples) == 1:
         return tuple(triples) * steps
     if len(triples) != steps:
-        raise ValueError(f"Newton-Schulz coefficients: {len(triples)} triples given for {steps} steps; "
-                         "give one triple per step, or a single triple for all of them")
+        raise ValueError(
+            f"Newton-Schulz coefficients: {len(triples)} triples given for {steps} steps; "
+            "give one triple per step, or a single triple for all of them"
+        )
     return tuple(triples)
 
 
@@ -145,8 +151,9 @@ def _gram_flops(m: int, n: int, steps: int, restarts: tuple[int, ...]) -> int:
     return (4 + 4 * len(restarts)) * m * m * n + (2 * steps + 6 * updates) * m**3
 
 
-def gram_pays_off(rows: int, cols: int, steps: int = 5, dtype: torch.dtype = torch.bfloat16,
-                  coefficients="muon") -> bool:
+def gram_pays_off(
+    rows: int, cols: int, steps: int = 5, dtype: torch.dtype = torch.bfloat16, coefficients="muon"
+) -> bool:
     """Whether the Gram form needs fewer FLOPs than the standard iteration for one rows x cols matrix.
     Per m^3 with aspect n/m = t: standard 4 K t + 2 K, gram (4 + 4 r) t + 2 K + 6 (K - 1 - r) for K
     steps and r restarts, so the break-even aspect is 1.5 whatever K and r (as long as r < K - 1)."""
@@ -155,8 +162,14 @@ def gram_pays_off(rows: int, cols: int, steps: int = 5, dtype: torch.dtype = tor
     return _gram_flops(m, n, steps, restarts) < _standard_flops(m, n, steps)
 
 
-def method_used(shape: tuple[int, ...], steps: int = 5, method: str = "standard", *,
-                dtype: torch.dtype = torch.bfloat16, coefficients="muon") -> str:
+def method_used(
+    shape: tuple[int, ...],
+    steps: int = 5,
+    method: str = "standard",
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    coefficients="muon",
+) -> str:
     """The method ``newton_schulz`` really runs on ``shape`` (gram falls back where it saves nothing)."""
     _check_method(method)
     if method == "gram" and not gram_pays_off(shape[-2], shape[-1], steps, dtype, coefficients):
@@ -164,8 +177,14 @@ def method_used(shape: tuple[int, ...], steps: int = 5, method: str = "standard"
     return method
 
 
-def newton_schulz_flops(shape: tuple[int, ...], steps: int = 5, method: str = "standard", *,
-                        dtype: torch.dtype | str = torch.bfloat16, coefficients="muon") -> int:
+def newton_schulz_flops(
+    shape: tuple[int, ...],
+    steps: int = 5,
+    method: str = "standard",
+    *,
+    dtype: torch.dtype | str = torch.bfloat16,
+    coefficients="muon",
+) -> int:
     """Matmul FLOPs of ``newton_schulz(matrices of shape, steps, dtype, method=..., coefficients=...)``,
     counting the method really run (after the fallback) and its restarts.
 
@@ -231,8 +250,8 @@ def newton_schulz(
 def _standard_iteration(x, coeffs, ops):
     for a, b, c in coeffs:
         s = ops.mm(x, x.mT)
-        p = ops.addmm(s, s, s, beta=b, alpha=c)      # b S + c S^2
-        x = ops.addmm(x, p, x, beta=a, alpha=1.0)    # a X + (b S + c S^2) X
+        p = ops.addmm(s, s, s, beta=b, alpha=c)  # b S + c S^2
+        x = ops.addmm(x, p, x, beta=a, alpha=1.0)  # a X + (b S + c S^2) X
     return x
 
 
@@ -247,7 +266,7 @@ def _gram_iteration(x, coeffs, restarts: set[int], ops):
             x = ops.mm(q, x)
             r = ops.mm(x, x.mT)
             q = None
-        z = ops.addmm(r, r, r, beta=b, alpha=c)       # Z = b R + c R^2; this iteration's P = a I + Z
+        z = ops.addmm(r, r, r, beta=b, alpha=c)  # Z = b R + c R^2; this iteration's P = a I + Z
         q = z + a * eye if q is None else ops.addmm(q, q, z, beta=a, alpha=1.0)  # Q <- Q P
         if i + 1 < steps and i + 1 not in restarts:
             rz = ops.addmm(r, r, z, beta=a, alpha=1.0)  # R P
@@ -320,8 +339,14 @@ def orthogonalize_many(
     out: list[torch.Tensor | None] = [None] * len(matrices)
     for (shape, device), positions in by_shape.items():
         if len(positions) > 1 and stack_pays_off(shape, device):
-            result = newton_schulz(torch.stack([matrices[i] for i in positions]), steps, dtype, eps,
-                                   method=method, coefficients=coefficients)
+            result = newton_schulz(
+                torch.stack([matrices[i] for i in positions]),
+                steps,
+                dtype,
+                eps,
+                method=method,
+                coefficients=coefficients,
+            )
             for i, r in zip(positions, result.unbind(0)):
                 out[i] = r
         else:

@@ -43,11 +43,33 @@ class MARSM(torch.optim.Optimizer):
     step to ``last_step_stats["phase_s"]``.
     """
 
-    def __init__(self, params, *, lr=3e-3, momentum=0.95, gamma=0.025, weight_decay=0.1, variant="approx",
-                 clip=True, ns_steps=5, ns_dtype="bfloat16", ns_method="standard", ns_coefficients="muon",
-                 ns_head_dim=None, lr_adjust="moonlight", matrix_view="batch", adamw_betas=(0.9, 0.95),
-                 adamw_eps=1e-8, normalize=None, normuon_beta2=0.95, wire_dtype="bfloat16", bucket_mb=64.0,
-                 owner_policy="largest_first", nonfinite="raise", process_group="world"):
+    def __init__(
+        self,
+        params,
+        *,
+        lr=3e-3,
+        momentum=0.95,
+        gamma=0.025,
+        weight_decay=0.1,
+        variant="approx",
+        clip=True,
+        ns_steps=5,
+        ns_dtype="bfloat16",
+        ns_method="standard",
+        ns_coefficients="muon",
+        ns_head_dim=None,
+        lr_adjust="moonlight",
+        matrix_view="batch",
+        adamw_betas=(0.9, 0.95),
+        adamw_eps=1e-8,
+        normalize=None,
+        normuon_beta2=0.95,
+        wire_dtype="bfloat16",
+        bucket_mb=64.0,
+        owner_policy="largest_first",
+        nonfinite="raise",
+        process_group="world",
+    ):
         arguments = dict(locals())
         defaults = settings.canonicalize({s.name: arguments[s.name] for s in settings.GROUP_SETTINGS if s.argument})
         settings.validate(defaults, "MARSM", names=defaults)
@@ -100,9 +122,13 @@ class MARSM(torch.optim.Optimizer):
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
             count = len(saved_groups) if isinstance(saved_groups, list) else "no"
-            raise ValueError(f"MARSM.load_state_dict: the state dict has {count} param groups, "
-                             f"this optimizer has {len(self.param_groups)}")
-        groups = [_resumed_group(i, saved, live) for i, (saved, live) in enumerate(zip(saved_groups, self.param_groups))]
+            raise ValueError(
+                f"MARSM.load_state_dict: the state dict has {count} param groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        groups = [
+            _resumed_group(i, saved, live) for i, (saved, live) in enumerate(zip(saved_groups, self.param_groups))
+        ]
         saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         originals = {p: state_dict["state"].get(i, {}) for i, p in zip(saved_ids, params)}
@@ -153,8 +179,10 @@ class MARSM(torch.optim.Optimizer):
     def _gradients(self, closure, prev_grads: dict):
         if any(g["use_mars"] and g["variant"] == "exact" for g in self.param_groups):
             if closure is None:
-                raise ValueError("MARSM: variant='exact' needs step(closure): the closure recomputes the loss "
-                                 "and gradients of the current batch at the previous iterate")
+                raise ValueError(
+                    "MARSM: variant='exact' needs step(closure): the closure recomputes the loss "
+                    "and gradients of the current batch at the previous iterate"
+                )
             return functional.exact_gradients(self, closure, prev_grads)
         if closure is None:
             return None
@@ -204,7 +232,9 @@ class MARSM(torch.optim.Optimizer):
             settings.canonicalize(self.options)
             settings.validate(self.options, "MARSM.options", scope="optimizer")
             old = dict(zip(self.options, self._checked_options))
-            self._replan |= settings.replan_values(self.options, "optimizer") != settings.replan_values(old, "optimizer")
+            self._replan |= settings.replan_values(self.options, "optimizer") != settings.replan_values(
+                old, "optimizer"
+            )
             self._checked_options = tuple(self.options.values())
             self._settings_version += 1
         if len(self._checked) != len(self.param_groups):
@@ -217,10 +247,13 @@ class MARSM(torch.optim.Optimizer):
             settings.validate(group, where)
             old = dict(zip(_GROUP_KEYS, self._checked[i]))
             if (old["variant"] == "efficient") != (group["variant"] == "efficient") and any(
-                    "momentum" in self.state[p] for p in group["params"]):
-                raise ValueError(f"{where}: variant changed from {old['variant']!r} to {group['variant']!r} after "
-                                 "steps were taken; the 'efficient' momentum buffer has another scale than the "
-                                 "approx/exact one, so the state cannot carry over (start a new optimizer)")
+                "momentum" in self.state[p] for p in group["params"]
+            ):
+                raise ValueError(
+                    f"{where}: variant changed from {old['variant']!r} to {group['variant']!r} after "
+                    "steps were taken; the 'efficient' momentum buffer has another scale than the "
+                    "approx/exact one, so the state cannot carry over (start a new optimizer)"
+                )
             self._replan |= settings.replan_values(old) != settings.replan_values(group)
             self._checked[i] = _group_values(group)
             self._settings_version += 1
@@ -283,8 +316,12 @@ class MARSM(torch.optim.Optimizer):
         return header.settings_digest + header.plan_digest + [0.0]
 
     def _record(self, fg: FlatGroup, replanned: bool = False, changed: str | None = None) -> dict:
-        return {"plan": fg.plan_record, "replanned": replanned, "changed": changed,
-                "settings": guard.settings_record(self.options, self.param_groups, fg.group_indices)}
+        return {
+            "plan": fg.plan_record,
+            "replanned": replanned,
+            "changed": changed,
+            "settings": guard.settings_record(self.options, self.param_groups, fg.group_indices),
+        }
 
     def _step_count(self, fg: FlatGroup) -> int:
         return max((int(self.state[p]["step"]) for p in fg.params if "step" in self.state[p]), default=0)
@@ -293,8 +330,14 @@ class MARSM(torch.optim.Optimizer):
         """Per flat group: who owns which matrix, Newton-Schulz FLOPs and bytes per rank (after one step)."""
         if self.step_plan is None:
             raise RuntimeError("MARSM.plan_report: the plan is built at the first step")
-        return [{"ranks": fg.ranks, "owners": {e.name: fg.ranks[e.owner] for e in fg.owner_plan.entries},
-                 "per_rank": fg.owner_plan.report()} for fg in self.step_plan.flat_groups]
+        return [
+            {
+                "ranks": fg.ranks,
+                "owners": {e.name: fg.ranks[e.owner] for e in fg.owner_plan.entries},
+                "per_rank": fg.owner_plan.report(),
+            }
+            for fg in self.step_plan.flat_groups
+        ]
 
 
 # ---------------------------------------------------------------------- helpers
@@ -305,13 +348,14 @@ def _group_values(group: dict) -> tuple:
 def _first_change(old: StepPlan, new: StepPlan) -> str | None:
     """The first parameter of ``new`` that is not where it was in ``old`` (identity), by name."""
     old_params = [m.param for fg in old.flat_groups for m in fg.matrices] + [
-        a.param for fg in old.flat_groups for a in fg.adamw]
+        a.param for fg in old.flat_groups for a in fg.adamw
+    ]
     names = {id(p): n for fg in new.flat_groups for p, n in zip(fg.params, fg.names)}
     new_params = [p for fg in new.flat_groups for p in fg.params]
     for a, b in zip(old_params, new_params):
         if a is not b:
             return names[id(b)]
-    extra = new_params[len(old_params):]
+    extra = new_params[len(old_params) :]
     return names[id(extra[0])] if extra else None
 
 
@@ -339,13 +383,20 @@ def _resumed_group(i: int, saved: dict, live: dict) -> dict:
     where = f"MARSM.load_state_dict: param group {i}"
     missing = sorted(settings.CHECKPOINTED_GROUP_KEYS - {"initial_lr"} - set(saved))
     if missing:
-        raise ValueError(f"{where} lacks the MARSM settings {missing}: not a MARSM state dict "
-                         f"(another optimizer's?); it has keys {sorted(k for k in saved if k != 'params')}")
-    if saved["use_mars"] != live["use_mars"] or len(saved["params"]) != len(live["params"]) or (
-            "param_names" in saved and "param_names" in live and saved["param_names"] != live["param_names"]):
-        raise ValueError(f"{where} does not match this optimizer's group {i} (use_mars {saved['use_mars']} vs "
-                         f"{live['use_mars']}, {len(saved['params'])} vs {len(live['params'])} parameters, names "
-                         f"{_names_hint(saved)} vs {_names_hint(live)}): groups in another order, or another model?")
+        raise ValueError(
+            f"{where} lacks the MARSM settings {missing}: not a MARSM state dict "
+            f"(another optimizer's?); it has keys {sorted(k for k in saved if k != 'params')}"
+        )
+    if (
+        saved["use_mars"] != live["use_mars"]
+        or len(saved["params"]) != len(live["params"])
+        or ("param_names" in saved and "param_names" in live and saved["param_names"] != live["param_names"])
+    ):
+        raise ValueError(
+            f"{where} does not match this optimizer's group {i} (use_mars {saved['use_mars']} vs "
+            f"{live['use_mars']}, {len(saved['params'])} vs {len(live['params'])} parameters, names "
+            f"{_names_hint(saved)} vs {_names_hint(live)}): groups in another order, or another model?"
+        )
     group = {**{s.name: live[s.name] for s in settings.GROUP_SETTINGS if not s.checkpointed}, **saved}
     settings.canonicalize(group)
     settings.validate(group, where)
@@ -360,10 +411,14 @@ def _names_hint(group: dict) -> str:
 def _check_parameter(p: torch.Tensor, group: dict, i: int, where: str) -> None:
     name = group["param_names"][i] if group.get("param_names") else f"params[{i}] (shape {tuple(p.shape)})"
     if p.is_complex():
-        raise ValueError(f"{where}: parameter {name} is complex ({p.dtype}); MARSM supports real floating "
-                         "tensors (split it into real and imaginary parameters)")
+        raise ValueError(
+            f"{where}: parameter {name} is complex ({p.dtype}); MARSM supports real floating "
+            "tensors (split it into real and imaginary parameters)"
+        )
     if not p.is_floating_point():
         raise ValueError(f"{where}: parameter {name} has dtype {p.dtype}; MARSM needs floating-point parameters")
     if group["use_mars"] and p.ndim < 2:
-        raise ValueError(f"{where}: parameter {name} has ndim {p.ndim}; MARS-M needs matrices "
-                         "(put it in a group with use_mars=False, or use build_param_groups)")
+        raise ValueError(
+            f"{where}: parameter {name} has ndim {p.ndim}; MARS-M needs matrices "
+            "(put it in a group with use_mars=False, or use build_param_groups)"
+        )

@@ -21,16 +21,16 @@ OWNER_POLICIES = ("largest_first", "round_robin")
 class MatrixEntry:
     """One parameter (a matrix, or a batch of matrices) in the plan."""
 
-    index: int                      # position in the optimizer's list of matrix parameters
+    index: int  # position in the optimizer's list of matrix parameters
     name: str
-    shape: tuple[int, ...]          # logical shape as orthogonalized ([..., A, B])
+    shape: tuple[int, ...]  # logical shape as orthogonalized ([..., A, B])
     layout: Layout
     ns_steps: int
     ns_dtype: str
-    ns_method: str = "standard"     # newton_schulz's method ("standard" | "gram")
+    ns_method: str = "standard"  # newton_schulz's method ("standard" | "gram")
     ns_coefficients: object = "muon"  # a name in NS_COEFFICIENT_SETS or explicit (a, b, c) triples
-    holder: int | None = None       # group rank that holds the whole matrix in the first replica: its owner
-    owner: int = -1                 # group rank
+    holder: int | None = None  # group rank that holds the whole matrix in the first replica: its owner
+    owner: int = -1  # group rank
     flops: int = 0
     _tilings: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -78,7 +78,7 @@ class MatrixEntry:
                     sizes.append(0)
                     continue
                 if expected == rows and lead.start == 0:
-                    expected = 0      # the next replica starts over
+                    expected = 0  # the next replica starts over
                 if lead.start != expected:
                     sizes = None
                     break
@@ -96,8 +96,9 @@ class MatrixEntry:
         return rank != self.owner and self.layout.replica_keys[rank] == self.layout.replica_keys[self.owner]
 
 
-def assign_owners(costs: list[float], world: int, policy: str,
-                  fixed: list[int | None] | None = None) -> tuple[list[int], list[int]]:
+def assign_owners(
+    costs: list[float], world: int, policy: str, fixed: list[int | None] | None = None
+) -> tuple[list[int], list[int]]:
     """Owner rank per item and the order to process items in.
 
     ``fixed[i]``, where not None, is item i's owner (a rank that already holds it whole); the policy
@@ -153,11 +154,11 @@ class GroupPlan:
     """The plan for the matrices of one flat group, as seen from this rank."""
 
     ranks: tuple[int, ...]
-    my_rank: int                                   # this process's rank within the group
+    my_rank: int  # this process's rank within the group
     entries: list[MatrixEntry]
     buckets: list[list[int]] = field(default_factory=list)  # positions in ``entries``
     wire_bytes: int = 2
-    group: object = None                           # torch.distributed ProcessGroup (None: one rank)
+    group: object = None  # torch.distributed ProcessGroup (None: one rank)
     _traffic_cache: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -186,10 +187,10 @@ class GroupPlan:
                 for q, n in enumerate(sizes):
                     if q == e.owner:
                         continue
-                    sent[e.owner] += n           # the owner's result, each rank's block
+                    sent[e.owner] += n  # the owner's result, each rank's block
                     received[q] += n
                     if e.layout.replica_keys[q] == owner_key:
-                        sent[q] += n             # the block of momentum, to the owner
+                        sent[q] += n  # the block of momentum, to the owner
                         received[e.owner] += n
             self._traffic_cache = (sent, received)
         return self._traffic_cache
@@ -203,9 +204,17 @@ class GroupPlan:
             for q, b in enumerate(e.layout.blocks):
                 local[q] += block_numel(b)
         sent, received = self._traffic()
-        return [{"rank": self.ranks[r], "matrices_owned": matrices[r], "ns_flops": flops[r],
-                 "bytes_sent": sent[r] * self.wire_bytes, "bytes_received": received[r] * self.wire_bytes,
-                 "local_shard_bytes": local[r] * self.wire_bytes} for r in range(self.world)]
+        return [
+            {
+                "rank": self.ranks[r],
+                "matrices_owned": matrices[r],
+                "ns_flops": flops[r],
+                "bytes_sent": sent[r] * self.wire_bytes,
+                "bytes_received": received[r] * self.wire_bytes,
+                "local_shard_bytes": local[r] * self.wire_bytes,
+            }
+            for r in range(self.world)
+        ]
 
 
 def build_group_plan(
@@ -218,8 +227,9 @@ def build_group_plan(
     group=None,
 ) -> GroupPlan:
     for e in entries:
-        e.flops = newton_schulz_flops(e.shape, e.ns_steps, e.ns_method, dtype=e.ns_dtype,
-                                      coefficients=e.ns_coefficients)
+        e.flops = newton_schulz_flops(
+            e.shape, e.ns_steps, e.ns_method, dtype=e.ns_dtype, coefficients=e.ns_coefficients
+        )
     owners, order = assign_owners([float(e.flops) for e in entries], len(ranks), policy, [e.holder for e in entries])
     for e, owner in zip(entries, owners):
         e.owner = owner
@@ -227,11 +237,19 @@ def build_group_plan(
     return GroupPlan(ranks, my_rank, entries, make_buckets(order, sizes, bucket_bytes), wire_bytes, group)
 
 
-def balance_ratio(shapes: list[tuple[int, ...]], world: int, policy: str, ns_steps: int = 5,
-                  ns_method: str = "standard", ns_dtype: str = "bfloat16", ns_coefficients="muon") -> float:
+def balance_ratio(
+    shapes: list[tuple[int, ...]],
+    world: int,
+    policy: str,
+    ns_steps: int = 5,
+    ns_method: str = "standard",
+    ns_dtype: str = "bfloat16",
+    ns_coefficients="muon",
+) -> float:
     """Max-rank Newton-Schulz FLOPs over the lower bound max(total / world, largest matrix)."""
-    costs = [float(newton_schulz_flops(s, ns_steps, ns_method, dtype=ns_dtype, coefficients=ns_coefficients))
-             for s in shapes]
+    costs = [
+        float(newton_schulz_flops(s, ns_steps, ns_method, dtype=ns_dtype, coefficients=ns_coefficients)) for s in shapes
+    ]
     owners, _ = assign_owners(costs, world, policy)
     load = [0.0] * world
     for c, o in zip(costs, owners):

@@ -43,8 +43,10 @@ def build_param_groups(
     """
     for arg, patterns in (("adamw_patterns", adamw_patterns), ("head_patterns", head_patterns)):
         if isinstance(patterns, (str, bytes)) or not all(isinstance(p, str) for p in patterns):
-            raise TypeError(f"build_param_groups: {arg} must be a tuple of regular-expression strings, "
-                            f"got {patterns!r} (a single pattern needs a 1-tuple: ({patterns!r},))")
+            raise TypeError(
+                f"build_param_groups: {arg} must be a tuple of regular-expression strings, "
+                f"got {patterns!r} (a single pattern needs a 1-tuple: ({patterns!r},))"
+            )
     compiled = [re.compile(p) for p in adamw_patterns]
     heads = [re.compile(p) for p in head_patterns] if head_dim is not None else []
     embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}

@@ -32,12 +32,11 @@ import torch.distributed as dist
 class QKClipSettings:
     """The one declaration of QK-clip's settings."""
 
-    tau: float | None = None   # logit threshold; None: QK-clip off (the Kimi K2 run used 100)
+    tau: float | None = None  # logit threshold; None: QK-clip off (the Kimi K2 run used 100)
 
     def __post_init__(self):
         t = self.tau
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
-                              or t <= 0):
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0):
             raise ValueError(f"QKClipSettings.tau must be None (off) or a finite number > 0, got {t!r}")
 
     @property
@@ -73,13 +72,17 @@ class AttentionSpec:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"{where}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         fused = self.wqkv is not None
-        if fused == (self.wq is not None or self.wk is not None) or (not fused and (self.wq is None or self.wk is None)):
+        if fused == (self.wq is not None or self.wk is not None) or (
+            not fused and (self.wq is None or self.wk is None)
+        ):
             raise ValueError(f"{where}: give either wq and wk, or wqkv alone")
         for key, rows in self.expected_rows().items():
             p = getattr(self, key)
             if p.ndim != 2 or p.shape[0] != rows:
-                raise ValueError(f"{where}: {key} has shape {tuple(p.shape)}, expected ({rows}, in_features) "
-                                 f"for n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}")
+                raise ValueError(
+                    f"{where}: {key} has shape {tuple(p.shape)}, expected ({rows}, in_features) "
+                    f"for n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}"
+                )
 
     def expected_rows(self) -> dict[str, int]:
         if self.wqkv is not None:
@@ -99,16 +102,22 @@ class AttentionSpec:
         group = self.n_heads // self.n_kv_heads
         slot = (rows // hd) % (group + 2)
         kv = rows // (hd * (group + 2))
-        return torch.where(slot < group, kv * group + slot,
-                           torch.where(slot == group, self.n_heads + kv, torch.full_like(rows, -1)))
+        return torch.where(
+            slot < group, kv * group + slot, torch.where(slot == group, self.n_heads + kv, torch.full_like(rows, -1))
+        )
 
 
 # Logits per block of query rows: CPU blocks that stay in cache; accelerators want few, large launches.
 CHUNK_ELEMENTS = {"cpu": 1 << 20, "other": 1 << 27}
 
 
-def per_head_max_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, causal: bool = True,
-                        max_chunk_elements: int | None = None) -> torch.Tensor:
+def per_head_max_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float | None = None,
+    causal: bool = True,
+    max_chunk_elements: int | None = None,
+) -> torch.Tensor:
     """Largest pre-softmax logit per query head: ``max_{b, i, j<=i} q[b,i,h] . k[b,j,h//g] * scale``.
 
     ``q`` is ``[B, L, n_heads, head_dim]``, ``k`` ``[B, S, n_kv_heads, head_dim]`` (the layout
@@ -121,22 +130,24 @@ def per_head_max_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = 
     elsewhere). Returns float32 ``[n_heads]``.
     """
     if q.ndim != 4 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"per_head_max_logits: q {tuple(q.shape)} and k {tuple(k.shape)} must be "
-                         "[B, L, heads, head_dim] with equal B and head_dim")
+        raise ValueError(
+            f"per_head_max_logits: q {tuple(q.shape)} and k {tuple(k.shape)} must be "
+            "[B, L, heads, head_dim] with equal B and head_dim"
+        )
     b, lq, nh, hd = q.shape
     lk, nkv = k.shape[1], k.shape[2]
     if nh % nkv:
         raise ValueError(f"per_head_max_logits: {nh} query heads are not a multiple of {nkv} key heads")
     g = nh // nkv
-    scale = hd ** -0.5 if scale is None else scale
+    scale = hd**-0.5 if scale is None else scale
     if max_chunk_elements is None:
         max_chunk_elements = CHUNK_ELEMENTS["cpu" if q.device.type == "cpu" else "other"]
     with torch.no_grad():
-        qg = q.detach().reshape(b, lq, nkv, g, hd).permute(0, 2, 1, 3, 4)       # [B, n_kv, L, g, hd]
-        kt = k.detach().permute(0, 2, 3, 1).reshape(b * nkv, hd, lk)           # [B * n_kv, hd, S]
+        qg = q.detach().reshape(b, lq, nkv, g, hd).permute(0, 2, 1, 3, 4)  # [B, n_kv, L, g, hd]
+        kt = k.detach().permute(0, 2, 3, 1).reshape(b * nkv, hd, lk)  # [B * n_kv, hd, S]
         out = torch.full((nkv, g), -math.inf, dtype=torch.float32, device=q.device)
 
-        def fold(logits, n_keys):   # logits [B * n_kv, rows * g, keys] -> running max per (kv, g)
+        def fold(logits, n_keys):  # logits [B * n_kv, rows * g, keys] -> running max per (kv, g)
             return torch.maximum(out, logits.view(b, nkv, -1, g, n_keys).amax(dim=(0, 2, 4)).float())
 
         rows = max(1, min(lq, max_chunk_elements // max(1, b * nh * lk)))
@@ -159,8 +170,8 @@ def per_head_max_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = 
 
 @dataclass
 class _Weight:
-    param: torch.Tensor       # the parameter; its local rows are fetched at each apply (FSDP may re-point them)
-    codes: torch.Tensor       # per local row: index into the layer's factor table (-1: untouched)
+    param: torch.Tensor  # the parameter; its local rows are fetched at each apply (FSDP may re-point them)
+    codes: torch.Tensor  # per local row: index into the layer's factor table (-1: untouched)
 
     def local(self) -> torch.Tensor:
         return self.param.to_local() if hasattr(self.param, "to_local") else self.param
@@ -169,7 +180,7 @@ class _Weight:
 @dataclass
 class _Layer:
     spec: AttentionSpec
-    offset: int                          # first slot of this layer's heads in the packed maxima
+    offset: int  # first slot of this layer's heads in the packed maxima
     weights: list[_Weight] = field(default_factory=list)
 
 
@@ -182,8 +193,7 @@ class QKClip:
     the world, the default group for plain tensors under torch.distributed, none in one process).
     """
 
-    def __init__(self, specs: list[AttentionSpec], settings: QKClipSettings | float | None = None,
-                 process_group=None):
+    def __init__(self, specs: list[AttentionSpec], settings: QKClipSettings | float | None = None, process_group=None):
         if not isinstance(settings, QKClipSettings):
             settings = QKClipSettings(tau=settings)
         self.settings = settings
@@ -207,7 +217,7 @@ class QKClip:
             for key, p in layer.spec.weights():
                 layer.weights.append(self._local_rows(layer.spec, key, p))
         self.last_stats: dict = {}
-        self.handles: list = []   # hooks that feed or run it (forward pre-hooks, step post-hook)
+        self.handles: list = []  # hooks that feed or run it (forward pre-hooks, step post-hook)
 
     def remove(self) -> None:
         """Detach every hook in ``handles``."""
@@ -228,15 +238,19 @@ class QKClip:
         if not meshes:
             return dist.group.WORLD
         if len(meshes) != 1 or any(not isinstance(p, DTensor) for _, _, p in params):
-            raise ValueError("QKClip: attention weights live on different device meshes (or mix DTensors and "
-                             "plain tensors); pass process_group= (the data-parallel ranks)")
+            raise ValueError(
+                "QKClip: attention weights live on different device meshes (or mix DTensors and "
+                "plain tensors); pass process_group= (the data-parallel ranks)"
+            )
         name, key, mesh = next(iter(meshes.values()))
         if mesh.ndim == 1:
             return mesh.get_group()
         if mesh.size() == dist.get_world_size():
             return dist.group.WORLD
-        raise ValueError(f"QKClip: {name}.{key} is on a {mesh.ndim}-D mesh {tuple(mesh.mesh.shape)} that is not the "
-                         "whole world; pass process_group= (the ranks that see different data)")
+        raise ValueError(
+            f"QKClip: {name}.{key} is on a {mesh.ndim}-D mesh {tuple(mesh.mesh.shape)} that is not the "
+            "whole world; pass process_group= (the ranks that see different data)"
+        )
 
     def _local_rows(self, spec: AttentionSpec, key: str, p: torch.Tensor) -> _Weight:
         from torch.distributed.tensor import DTensor
@@ -256,8 +270,9 @@ class QKClip:
             local = p
             rows = torch.arange(p.shape[0])
         if local.shape[0] != rows.numel():
-            raise ValueError(f"QKClip: {spec.name}.{key}: local shard has {local.shape[0]} rows but its layout "
-                             f"says {rows.numel()}")
+            raise ValueError(
+                f"QKClip: {spec.name}.{key}: local shard has {local.shape[0]} rows but its layout says {rows.numel()}"
+            )
         return _Weight(p, spec.row_codes(key, rows).to(local.device))
 
     def attach(self, optimizer: torch.optim.Optimizer):
@@ -274,8 +289,10 @@ class QKClip:
             raise KeyError(f"QKClip.record: unknown attention layer {name!r}; known: {list(self._layers)[:4]}...")
         n = layer.spec.n_heads
         if max_logits.shape != (n,):
-            raise ValueError(f"QKClip.record({name!r}): expected {n} per-head maxima, got shape {tuple(max_logits.shape)}")
-        view = self._maxima[layer.offset:layer.offset + n]
+            raise ValueError(
+                f"QKClip.record({name!r}): expected {n} per-head maxima, got shape {tuple(max_logits.shape)}"
+            )
+        view = self._maxima[layer.offset : layer.offset + n]
         torch.maximum(view, max_logits.detach().to(view.device, torch.float32), out=view)
 
     @torch.no_grad()
@@ -296,7 +313,7 @@ class QKClip:
         per_layer = {}
         for name, layer in self._layers.items():
             spec = layer.spec
-            s = host[layer.offset:layer.offset + spec.n_heads]
+            s = host[layer.offset : layer.offset + spec.n_heads]
             per_layer[name] = float(s.max())
             if tau is None:
                 continue
@@ -308,15 +325,17 @@ class QKClip:
             group = spec.n_heads // spec.n_kv_heads
             if group == 1:
                 q_factor = k_factor = gamma.sqrt()
-            else:   # a shared key head stays; the query head takes the whole factor
+            else:  # a shared key head stays; the query head takes the whole factor
                 q_factor, k_factor = gamma, torch.ones(spec.n_kv_heads, dtype=torch.float64)
             table = torch.cat([q_factor, k_factor, torch.ones(1, dtype=torch.float64)]).to(torch.float32)
             # a factor of exactly 1.0 leaves a row bitwise unchanged (x * 1.0 == x in IEEE arithmetic)
             for w in layer.weights:
                 local = w.local()
                 if local.shape[0] != w.codes.numel():
-                    raise RuntimeError(f"QKClip: {name}: local rows changed from {w.codes.numel()} to {local.shape[0]} "
-                                       "(parameters resharded?); build a new QKClip")
+                    raise RuntimeError(
+                        f"QKClip: {name}: local rows changed from {w.codes.numel()} to {local.shape[0]} "
+                        "(parameters resharded?); build a new QKClip"
+                    )
                 if local.numel():
                     local.mul_(table.to(local.device)[w.codes].unsqueeze(1))
         maxima.fill_(-math.inf)

@@ -32,24 +32,25 @@ NONFINITE_POLICIES = ("raise", "skip")
 class Range:
     """Finite reals (ints where ``integer``) from ``low`` to ``high``; ``str()`` is the error messages' wording.
     A setting with a real range stores floats."""
+
     low: float = 0.0
     high: float = math.inf
-    low_open: bool = False     # low itself excluded
+    low_open: bool = False  # low itself excluded
     high_closed: bool = False  # high itself included
     integer: bool = False
 
     def __call__(self, x) -> bool:
         if isinstance(x, bool) or not isinstance(x, int if self.integer else (int, float)) or not math.isfinite(x):
             return False
-        return (self.low < x if self.low_open else self.low <= x) and (x <= self.high if self.high_closed
-                                                                        else x < self.high)
+        return (self.low < x if self.low_open else self.low <= x) and (
+            x <= self.high if self.high_closed else x < self.high
+        )
 
     @property
     def bounds(self) -> str:
         if not math.isfinite(self.high):
             return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
-                f"{']' if self.high_closed else ')'}")
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{']' if self.high_closed else ')'}"
 
     def __str__(self) -> str:
         kind = "an int" if self.integer else "a number" if math.isfinite(self.high) else "a finite number"
@@ -60,28 +61,36 @@ class Range:
 class Setting:
     """One setting. A closed set of values is given once, as ``choices``; a numeric one as a :class:`Range`
     ``valid``; either way ``expect`` (the error messages' "must be ...") is derived unless given."""
+
     name: str
     default: Any
     doc: str
-    expect: str = ""                              # what a valid value is, for error messages
+    expect: str = ""  # what a valid value is, for error messages
     valid: Callable[[Any], bool] | None = None
-    choices: tuple | None = None                  # the closed set of values, where there is one
-    scope: str = "group"                          # "group": per param group; "optimizer": one per MARSM
-    agree: bool = True                            # every rank of a flat group must hold the same value
-    checkpointed: bool = True                     # group scope: saved with the param groups
-    replan: bool = False                          # a change rebuilds the owner plan
-    argument: bool = True                         # a MARSM constructor argument (else set by routing)
+    choices: tuple | None = None  # the closed set of values, where there is one
+    scope: str = "group"  # "group": per param group; "optimizer": one per MARSM
+    agree: bool = True  # every rank of a flat group must hold the same value
+    checkpointed: bool = True  # group scope: saved with the param groups
+    replan: bool = False  # a change rebuilds the owner plan
+    argument: bool = True  # a MARSM constructor argument (else set by routing)
     canonical: Callable[[Any], Any] | None = None  # accepted spellings -> the one stored
-    kind: Any = None                              # the value's type where the default does not show it
+    kind: Any = None  # the value's type where the default does not show it
 
     def __post_init__(self):
         if self.choices is None and not (isinstance(self.valid, Range) or self.valid and self.expect):
             raise TypeError(f"setting {self.name}: declare its choices, a Range, or a valid check and its expect")
-        if self.valid is None:   # bools are ints in Python: a choice matches by type too
+        if self.valid is None:  # bools are ints in Python: a choice matches by type too
             object.__setattr__(self, "valid", lambda x: any(x == c and type(x) is type(c) for c in self.choices))
         if not self.expect:
-            object.__setattr__(self, "expect", str(self.valid) if isinstance(self.valid, Range) else
-                               "True or False" if set(self.choices) == {True, False} else f"one of {self.choices}")
+            object.__setattr__(
+                self,
+                "expect",
+                str(self.valid)
+                if isinstance(self.valid, Range)
+                else "True or False"
+                if set(self.choices) == {True, False}
+                else f"one of {self.choices}",
+            )
         if self.canonical is None and isinstance(self.valid, Range) and not self.valid.integer:
             object.__setattr__(self, "canonical", _float)
 
@@ -134,55 +143,145 @@ _NON_NEGATIVE, _UNIT, _BETA = Range(), Range(0.0, 1.0, high_closed=True), Range(
 _HEAD_ROWS = Range(1, integer=True)
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("lr", 3e-3, "learning rate of both routes (torch LR schedulers drive it)",
-            f"{_NON_NEGATIVE} (a Python float, not a tensor)", _NON_NEGATIVE),
+    Setting(
+        "lr",
+        3e-3,
+        "learning rate of both routes (torch LR schedulers drive it)",
+        f"{_NON_NEGATIVE} (a Python float, not a tensor)",
+        _NON_NEGATIVE,
+    ),
     Setting("momentum", 0.95, "beta of the MARS-M momentum", valid=_BETA),
     Setting("gamma", 0.025, "MARS correction scale; 0 gives Moonlight-style Muon", valid=_UNIT),
     Setting("weight_decay", 0.1, "decoupled weight decay, W *= 1 - lr * wd (unscaled lr)", valid=_NON_NEGATIVE),
-    Setting("variant", "approx", "approx (reference default), exact (step(closure), two gradients per step), "
-            "efficient (one buffer, no clipping)", choices=VARIANTS),
+    Setting(
+        "variant",
+        "approx",
+        "approx (reference default), exact (step(closure), two gradients per step), "
+        "efficient (one buffer, no clipping)",
+        choices=VARIANTS,
+    ),
     Setting("clip", True, "clip the corrected gradient to unit Frobenius norm (approx/exact)", choices=(True, False)),
-    Setting("ns_steps", 5, "Newton-Schulz iterations", valid=Range(1, 99, high_closed=True, integer=True),
-            replan=True),
-    Setting("ns_dtype", "bfloat16", "Newton-Schulz compute dtype", choices=NS_DTYPES, replan=True,
-            canonical=_dtype_name),
+    Setting("ns_steps", 5, "Newton-Schulz iterations", valid=Range(1, 99, high_closed=True, integer=True), replan=True),
+    Setting(
+        "ns_dtype", "bfloat16", "Newton-Schulz compute dtype", choices=NS_DTYPES, replan=True, canonical=_dtype_name
+    ),
     # Not checkpointed: checkpoints written before these settings existed lack them.
-    Setting("ns_method", "standard", "Newton-Schulz form: standard, or gram (iterates on the small Gram matrix; "
-            "falls back to standard where it saves no FLOPs, aspect ratio <= 1.5)", choices=NS_METHODS,
-            checkpointed=False, replan=True),
-    Setting("ns_coefficients", "muon", "per-iteration (a, b, c) of the Newton-Schulz quintic: muon "
-            "(3.4445, -4.7750, 2.0315 each iteration), polar_express (Amsel et al. 2025), or a list of triples",
-            f"one of {tuple(NS_COEFFICIENT_SETS)} or a non-empty list of (a, b, c) triples of finite numbers",
-            _coefficients_ok, checkpointed=False, replan=True, canonical=_coefficients,
-            kind=Literal[tuple(NS_COEFFICIENT_SETS)]),   # typed configs take set names; triples: the Python API
-    Setting("ns_head_dim", None, "rows per attention head: orthogonalize each head's rows of q/k/v on its own "
-            "(per-head Newton-Schulz); None: the whole matrix", f"None or {_HEAD_ROWS}",
-            lambda x: x is None or _HEAD_ROWS(x), checkpointed=False, replan=True, kind=Optional[int]),
-    Setting("lr_adjust", "moonlight", "moonlight 0.2*sqrt(max(A,B)), original sqrt(max(1,A/B)), or none",
-            choices=LR_ADJUST_MODES, replan=True),
-    Setting("matrix_view", "batch", "ndim > 2: a batch of matrices over leading dims (MoE experts) or "
-            "flattened to [dim0, rest] (conv kernels)", choices=MATRIX_VIEWS, replan=True),
-    Setting("adamw_betas", (0.9, 0.95), "betas of the AdamW route", f"two numbers {_BETA.bounds}",
-            lambda x: isinstance(x, tuple) and len(x) == 2 and all(map(_BETA, x)), canonical=_pair),
+    Setting(
+        "ns_method",
+        "standard",
+        "Newton-Schulz form: standard, or gram (iterates on the small Gram matrix; "
+        "falls back to standard where it saves no FLOPs, aspect ratio <= 1.5)",
+        choices=NS_METHODS,
+        checkpointed=False,
+        replan=True,
+    ),
+    Setting(
+        "ns_coefficients",
+        "muon",
+        "per-iteration (a, b, c) of the Newton-Schulz quintic: muon "
+        "(3.4445, -4.7750, 2.0315 each iteration), polar_express (Amsel et al. 2025), or a list of triples",
+        f"one of {tuple(NS_COEFFICIENT_SETS)} or a non-empty list of (a, b, c) triples of finite numbers",
+        _coefficients_ok,
+        checkpointed=False,
+        replan=True,
+        canonical=_coefficients,
+        kind=Literal[tuple(NS_COEFFICIENT_SETS)],
+    ),  # typed configs take set names; triples: the Python API
+    Setting(
+        "ns_head_dim",
+        None,
+        "rows per attention head: orthogonalize each head's rows of q/k/v on its own "
+        "(per-head Newton-Schulz); None: the whole matrix",
+        f"None or {_HEAD_ROWS}",
+        lambda x: x is None or _HEAD_ROWS(x),
+        checkpointed=False,
+        replan=True,
+        kind=Optional[int],
+    ),
+    Setting(
+        "lr_adjust",
+        "moonlight",
+        "moonlight 0.2*sqrt(max(A,B)), original sqrt(max(1,A/B)), or none",
+        choices=LR_ADJUST_MODES,
+        replan=True,
+    ),
+    Setting(
+        "matrix_view",
+        "batch",
+        "ndim > 2: a batch of matrices over leading dims (MoE experts) or flattened to [dim0, rest] (conv kernels)",
+        choices=MATRIX_VIEWS,
+        replan=True,
+    ),
+    Setting(
+        "adamw_betas",
+        (0.9, 0.95),
+        "betas of the AdamW route",
+        f"two numbers {_BETA.bounds}",
+        lambda x: isinstance(x, tuple) and len(x) == 2 and all(map(_BETA, x)),
+        canonical=_pair,
+    ),
     Setting("adamw_eps", 1e-8, "eps of the AdamW route", valid=_NON_NEGATIVE),
-    Setting("normalize", None, "None, or neuron: NorMuon row-wise second-moment normalization",
-            choices=NORMALIZE_MODES, replan=True),
+    Setting(
+        "normalize",
+        None,
+        "None, or neuron: NorMuon row-wise second-moment normalization",
+        choices=NORMALIZE_MODES,
+        replan=True,
+    ),
     Setting("normuon_beta2", 0.95, "beta2 of NorMuon's row second moment", valid=_BETA),
-    Setting("use_mars", None, "route: True orthogonalizes matrices, False sends the group to AdamW; "
-            "unset splits a group by ndim", choices=(True, False), replan=True, argument=False, kind=Optional[bool]),
+    Setting(
+        "use_mars",
+        None,
+        "route: True orthogonalizes matrices, False sends the group to AdamW; unset splits a group by ndim",
+        choices=(True, False),
+        replan=True,
+        argument=False,
+        kind=Optional[bool],
+    ),
     # One per optimizer: they shape the owner plan and the step's collectives.
-    Setting("wire_dtype", "bfloat16", "dtype of momentum and results on the wire between ranks",
-            choices=WIRE_DTYPES, scope="optimizer", replan=True, canonical=_dtype_name),
-    Setting("bucket_mb", 64.0, "full-matrix MiB per communication bucket (bounds transient memory)",
-            valid=Range(low_open=True), scope="optimizer", replan=True),
-    Setting("owner_policy", "largest_first", "which rank orthogonalizes which matrix", choices=OWNER_POLICIES,
-            scope="optimizer", replan=True),
-    Setting("nonfinite", "raise", "an inf/NaN gradient on any rank: raise on every rank, or skip the step "
-            "everywhere", choices=NONFINITE_POLICIES, scope="optimizer"),
-    Setting("process_group", "world", "ranks over which plain (non-DTensor) parameters are replicated: "
-            "'world', a ProcessGroup, or None (each rank on its own)",
-            "'world', None or a torch.distributed ProcessGroup", _is_process_group, scope="optimizer",
-            agree=False, replan=True),
+    Setting(
+        "wire_dtype",
+        "bfloat16",
+        "dtype of momentum and results on the wire between ranks",
+        choices=WIRE_DTYPES,
+        scope="optimizer",
+        replan=True,
+        canonical=_dtype_name,
+    ),
+    Setting(
+        "bucket_mb",
+        64.0,
+        "full-matrix MiB per communication bucket (bounds transient memory)",
+        valid=Range(low_open=True),
+        scope="optimizer",
+        replan=True,
+    ),
+    Setting(
+        "owner_policy",
+        "largest_first",
+        "which rank orthogonalizes which matrix",
+        choices=OWNER_POLICIES,
+        scope="optimizer",
+        replan=True,
+    ),
+    Setting(
+        "nonfinite",
+        "raise",
+        "an inf/NaN gradient on any rank: raise on every rank, or skip the step everywhere",
+        choices=NONFINITE_POLICIES,
+        scope="optimizer",
+    ),
+    Setting(
+        "process_group",
+        "world",
+        "ranks over which plain (non-DTensor) parameters are replicated: "
+        "'world', a ProcessGroup, or None (each rank on its own)",
+        "'world', None or a torch.distributed ProcessGroup",
+        _is_process_group,
+        scope="optimizer",
+        agree=False,
+        replan=True,
+    ),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -242,8 +341,10 @@ def check_group_rules(group: Mapping, where: str) -> None:
         except ValueError as e:
             raise ValueError(f"{at}ns_coefficients: {e}") from None
     if group.get("variant") == "efficient" and group.get("momentum") == 0:
-        raise ValueError(f"{at}momentum must be > 0 for variant='efficient' (its buffer is scaled by "
-                         f"1/momentum), got {group['momentum']!r}")
+        raise ValueError(
+            f"{at}momentum must be > 0 for variant='efficient' (its buffer is scaled by "
+            f"1/momentum), got {group['momentum']!r}"
+        )
 
 
 def agreed_values(values: Mapping, scope: str = "group") -> tuple:

@@ -29,8 +29,10 @@ def shipped_dir(kind: str) -> Path:
     for folder in (_PACKAGE / kind, _PACKAGE.parent / kind):
         if folder.is_dir():
             return folder
-    raise FileNotFoundError(f"dist_marsm's {kind}/ is neither in {_PACKAGE} (an installed wheel) nor in "
-                            f"{_PACKAGE.parent} (a checkout); reinstall dist_marsm")
+    raise FileNotFoundError(
+        f"dist_marsm's {kind}/ is neither in {_PACKAGE} (an installed wheel) nor in "
+        f"{_PACKAGE.parent} (a checkout); reinstall dist_marsm"
+    )
 
 
 def recipe_names() -> list[str]:
@@ -48,8 +50,10 @@ def resolve_recipe(recipe: str) -> str:
         candidate = shipped_dir("recipes") / (given.name if given.suffix == ".toml" else given.name + ".toml")
         if candidate.is_file():
             return str(candidate)
-    raise LookupError(f"recipe {recipe!r}: no such file in {Path.cwd()} and no shipped recipe of that name "
-                      f"(shipped: {', '.join(recipe_names())}; `python -m dist_marsm.shipped` prints their paths)")
+    raise LookupError(
+        f"recipe {recipe!r}: no such file in {Path.cwd()} and no shipped recipe of that name "
+        f"(shipped: {', '.join(recipe_names())}; `python -m dist_marsm.shipped` prints their paths)"
+    )
 
 
 def shipped_path(name: str) -> Path:
@@ -61,8 +65,9 @@ def shipped_path(name: str) -> Path:
         return Path(resolve_recipe(name)).resolve()
     except LookupError:
         launchers = ", ".join(sorted(p.name for p in shipped_dir("launch").iterdir() if p.is_file()))
-        raise LookupError(f"{name!r} is neither a shipped launcher ({launchers}) nor a recipe (shipped: "
-                          f"{', '.join(recipe_names())})") from None
+        raise LookupError(
+            f"{name!r} is neither a shipped launcher ({launchers}) nor a recipe (shipped: {', '.join(recipe_names())})"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:

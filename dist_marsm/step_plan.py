@@ -110,9 +110,17 @@ class ReduceLayout:
     @classmethod
     def build(cls, num_slots: int, num_params: int, num_replica_views: int) -> ReduceLayout:
         # From has_grad to the end, the numbers are written from the host in one copy.
-        sizes = dict(sq_norms=num_slots, replica_norms=num_replica_views, replica_sq=num_replica_views,
-                     has_grad=num_params, nonfinite=num_params, sparse=num_params, settings_digest=4,
-                     plan_digest=4, replanned=1)
+        sizes = dict(
+            sq_norms=num_slots,
+            replica_norms=num_replica_views,
+            replica_sq=num_replica_views,
+            has_grad=num_params,
+            nonfinite=num_params,
+            sparse=num_params,
+            settings_digest=4,
+            plan_digest=4,
+            replanned=1,
+        )
         offset, slices = 0, {}
         for name, n in sizes.items():
             slices[name] = slice(offset, offset + n)
@@ -211,8 +219,11 @@ def collect_flat_groups(param_groups: list[dict], process_group) -> list[FlatGro
             name = param_name(group, gi, i)
             if group["use_mars"]:
                 block = tuple(index_len(b) for b in layout.blocks[my_rank])
-                fg.matrices.append(MatrixParam(p, gi, name, view, layout, block,
-                                               mars_math.lr_scale(view, group["lr_adjust"]), replicated))
+                fg.matrices.append(
+                    MatrixParam(
+                        p, gi, name, view, layout, block, mars_math.lr_scale(view, group["lr_adjust"]), replicated
+                    )
+                )
             else:
                 fg.adamw.append(AdamWParam(p, gi, name, replicated))
     return [by_ranks[k] for k in sorted(by_ranks)]
@@ -220,10 +231,12 @@ def collect_flat_groups(param_groups: list[dict], process_group) -> list[FlatGro
 
 def plan_record(fg: FlatGroup, param_groups: list[dict], replan_values) -> tuple:
     """What the plan of ``fg`` is built from: every rank of the flat group must hold the same."""
-    params = tuple((m.name, tuple(m.param.shape), str(m.param.dtype), m.layout.placements, m.group_index)
-                   for m in fg.matrices)
-    params += tuple((a.name, tuple(a.param.shape), str(a.param.dtype), _placements(a.param), a.group_index)
-                    for a in fg.adamw)
+    params = tuple(
+        (m.name, tuple(m.param.shape), str(m.param.dtype), m.layout.placements, m.group_index) for m in fg.matrices
+    )
+    params += tuple(
+        (a.name, tuple(a.param.shape), str(a.param.dtype), _placements(a.param), a.group_index) for a in fg.adamw
+    )
     return params, tuple((gi, replan_values(param_groups[gi])) for gi in fg.group_indices)
 
 
@@ -237,9 +250,11 @@ def plan_units(fg: FlatGroup, param_groups: list[dict]) -> list[MatrixEntry]:
     for m in fg.matrices:
         g = param_groups[m.group_index]
         if g["normalize"] == "neuron" and any(index_len(b[-1]) != m.view[-1] for b in m.layout.blocks):
-            raise ValueError(f"MARSM: normalize='neuron' needs whole rows on each rank; {m.name} is split along "
-                             f"its columns ({m.layout.placements}), as a rowwise tensor-parallel weight is. Put it "
-                             "in a group with normalize=None.")
+            raise ValueError(
+                f"MARSM: normalize='neuron' needs whole rows on each rank; {m.name} is split along "
+                f"its columns ({m.layout.placements}), as a rowwise tensor-parallel weight is. Put it "
+                "in a group with normalize=None."
+            )
         try:
             units = split_units(m.view, m.layout, fg.my_rank, g["ns_head_dim"])
         except ValueError as e:
@@ -251,11 +266,26 @@ def plan_units(fg: FlatGroup, param_groups: list[dict]) -> list[MatrixEntry]:
             my_block = u.layout.blocks[fg.my_rank]
             empty = None if block_numel(my_block) else torch.empty([index_len(i) for i in my_block], device=fg.device)
             m.units.append(UnitSlot(len(entries), u, empty))
-            if len(units) == 1 and u.lead_pos is None and empty is None and \
-                    tuple(index_len(i) for i in my_block) == m.block_shape:
+            if (
+                len(units) == 1
+                and u.lead_pos is None
+                and empty is None
+                and tuple(index_len(i) for i in my_block) == m.block_shape
+            ):
                 m.whole_unit = len(entries)
-            entries.append(MatrixEntry(len(entries), m.name + u.label, u.shape, u.layout, g["ns_steps"],
-                                       g["ns_dtype"], g["ns_method"], g["ns_coefficients"], holder=u.holder))
+            entries.append(
+                MatrixEntry(
+                    len(entries),
+                    m.name + u.label,
+                    u.shape,
+                    u.layout,
+                    g["ns_steps"],
+                    g["ns_dtype"],
+                    g["ns_method"],
+                    g["ns_coefficients"],
+                    holder=u.holder,
+                )
+            )
     return entries
 
 
@@ -289,8 +319,15 @@ def build_step_plan(param_groups: list[dict], options: dict, replan_values) -> S
         fg.plan_record = plan_record(fg, param_groups, replan_values)
         entries = plan_units(fg, param_groups)
         assign_slots(fg)
-        fg.owner_plan = build_group_plan(entries, fg.ranks, fg.my_rank, options["owner_policy"],
-                                         int(options["bucket_mb"] * 2**20), wire_dtype.itemsize, fg.process_group)
+        fg.owner_plan = build_group_plan(
+            entries,
+            fg.ranks,
+            fg.my_rank,
+            options["owner_policy"],
+            int(options["bucket_mb"] * 2**20),
+            wire_dtype.itemsize,
+            fg.process_group,
+        )
         fg.engine = OwnerCompute(fg.owner_plan, wire_dtype)
     return StepPlan(plan_key(param_groups), flat_groups)
 

@@ -27,10 +27,14 @@ from pathlib import Path
 
 
 def _parse(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="python -m dist_marsm.train", description=__doc__.split("\n\n")[0],
-                                     add_help=False)
-    parser.add_argument("--recipe", help="TOML recipe: a file, or the name of a shipped one (debug_cpu, ...; "
-                        "python -m dist_marsm.shipped lists them)")
+    parser = argparse.ArgumentParser(
+        prog="python -m dist_marsm.train", description=__doc__.split("\n\n")[0], add_help=False
+    )
+    parser.add_argument(
+        "--recipe",
+        help="TOML recipe: a file, or the name of a shipped one (debug_cpu, ...; "
+        "python -m dist_marsm.shipped lists them)",
+    )
     parser.add_argument("--check", action="store_true", help="validate the recipe, print the config, and exit")
     args, overrides = parser.parse_known_args(argv)
     if args.recipe is None:
@@ -58,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     try:
-        config = load_recipe(args.recipe, overrides, world_size=int(os.environ["WORLD_SIZE"]) if under_torchrun
-                             else None)
+        config = load_recipe(
+            args.recipe, overrides, world_size=int(os.environ["WORLD_SIZE"]) if under_torchrun else None
+        )
         if not under_torchrun and not args.check:
             check_world_size(config, config.job.local_ranks, args.recipe)
         check_resume(config, args.recipe)
@@ -68,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         import json
 
-        print(json.dumps({k: v for k, v in config.to_dict().items() if k not in ("model_spec", "loss")}, indent=1,
-                         default=str))
+        print(
+            json.dumps(
+                {k: v for k, v in config.to_dict().items() if k not in ("model_spec", "loss")}, indent=1, default=str
+            )
+        )
         return 0
     if under_torchrun:
         return _run_rank(config, args.recipe)
@@ -94,15 +102,27 @@ def check_resume(config, where: str) -> None:
     step = ck.load_step if ck.load_step != -1 else (steps[-1] if steps else None)
     if step not in steps:
         return
-    keys = [k for k in FileSystemReader(str(folder / f"step-{step}")).read_metadata().state_dict_metadata
-            if k.startswith("optimizer.param_groups.")]
-    saved = None if not keys else OPTIMIZER_NAME if any(k.endswith(".gamma") for k in keys) else \
-        "DistMuon" if any(k.endswith(".adjust_lr_fn") for k in keys) else "AdamW"
+    keys = [
+        k
+        for k in FileSystemReader(str(folder / f"step-{step}")).read_metadata().state_dict_metadata
+        if k.startswith("optimizer.param_groups.")
+    ]
+    saved = (
+        None
+        if not keys
+        else OPTIMIZER_NAME
+        if any(k.endswith(".gamma") for k in keys)
+        else "DistMuon"
+        if any(k.endswith(".adjust_lr_fn") for k in keys)
+        else "AdamW"
+    )
     if saved is not None and saved != config.optimizer.name:
-        raise RecipeError(f"{where}: [optimizer] name is {config.optimizer.name!r}, but the checkpoint it would "
-                          f"resume from ({folder / f'step-{step}'}) was written by {saved!r}; resume with "
-                          f"--optimizer.name {saved}, use another dump_folder, or set [checkpoint] "
-                          f"exclude_from_loading = [\"optimizer\"]")
+        raise RecipeError(
+            f"{where}: [optimizer] name is {config.optimizer.name!r}, but the checkpoint it would "
+            f"resume from ({folder / f'step-{step}'}) was written by {saved!r}; resume with "
+            f"--optimizer.name {saved}, use another dump_folder, or set [checkpoint] "
+            f'exclude_from_loading = ["optimizer"]'
+        )
 
 
 def _launch_local(config, recipe: str, argv: list[str]) -> int:
@@ -112,11 +132,29 @@ def _launch_local(config, recipe: str, argv: list[str]) -> int:
     nproc = config.job.local_ranks
     if config.job.threads_per_rank:
         os.environ["OMP_NUM_THREADS"] = str(config.job.threads_per_rank)
-    print(f"dist_marsm.train: launching a local job with {nproc} ranks on {socket.gethostname()} "
-          f"(recipe {recipe}, outputs in {config.dump_folder})", flush=True)
+    print(
+        f"dist_marsm.train: launching a local job with {nproc} ranks on {socket.gethostname()} "
+        f"(recipe {recipe}, outputs in {config.dump_folder})",
+        flush=True,
+    )
     torchrun_args = get_args_parser().parse_args(
-        ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--local-ranks-filter",
-         os.environ.get("LOG_RANK", "0"), "--role", "rank", "--tee", "3", "--module", "dist_marsm.train", *argv])
+        [
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(nproc),
+            "--local-ranks-filter",
+            os.environ.get("LOG_RANK", "0"),
+            "--role",
+            "rank",
+            "--tee",
+            "3",
+            "--module",
+            "dist_marsm.train",
+            *argv,
+        ]
+    )
     try:
         run(torchrun_args)
     except Exception as e:  # noqa: BLE001 - torchrun's ChildFailedError already printed the rank's traceback
@@ -129,8 +167,11 @@ def _run_rank(config, recipe: str) -> int:
     import torch
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    print(f"dist_marsm.train: rank {rank} of {world} on {socket.gethostname()} (local rank "
-          f"{os.environ.get('LOCAL_RANK', '0')}), recipe {recipe}, dump_folder {config.dump_folder}", flush=True)
+    print(
+        f"dist_marsm.train: rank {rank} of {world} on {socket.gethostname()} (local rank "
+        f"{os.environ.get('LOCAL_RANK', '0')}), recipe {recipe}, dump_folder {config.dump_folder}",
+        flush=True,
+    )
     if config.job.threads_per_rank:
         torch.set_num_threads(config.job.threads_per_rank)
 

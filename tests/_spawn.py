@@ -23,7 +23,7 @@ import traceback
 import torch.multiprocessing as mp
 from torch.distributed.elastic.utils.distributed import get_free_port as free_port
 
-_LISTED = "_spawned_scenarios_listed"   # set on a module once scenario_cases() has read its scenarios
+_LISTED = "_spawned_scenarios_listed"  # set on a module once scenario_cases() has read its scenarios
 
 
 def scenario(*worlds: int):
@@ -33,8 +33,10 @@ def scenario(*worlds: int):
 
     def mark(fn):
         if getattr(sys.modules.get(fn.__module__), _LISTED, False):
-            raise RuntimeError(f"scenario {fn.__module__}.{fn.__name__} is defined below the module's "
-                               "scenario_cases() call, so no test would run it: move it above")
+            raise RuntimeError(
+                f"scenario {fn.__module__}.{fn.__name__} is defined below the module's "
+                "scenario_cases() call, so no test would run it: move it above"
+            )
         fn.spawn_worlds = tuple(worlds)
         return fn
 
@@ -44,8 +46,11 @@ def scenario(*worlds: int):
 def scenarios_of(module: str) -> dict[str, tuple[int, ...]]:
     """{name: worlds} of the ``@scenario`` functions defined in ``module``, in definition order."""
     mod = importlib.import_module(module)
-    return {name: fn.spawn_worlds for name, fn in vars(mod).items()
-            if callable(fn) and hasattr(fn, "spawn_worlds") and getattr(fn, "__module__", None) == mod.__name__}
+    return {
+        name: fn.spawn_worlds
+        for name, fn in vars(mod).items()
+        if callable(fn) and hasattr(fn, "spawn_worlds") and getattr(fn, "__module__", None) == mod.__name__
+    }
 
 
 def scenario_cases(module: str) -> list[tuple[int, str]]:
@@ -54,8 +59,9 @@ def scenario_cases(module: str) -> list[tuple[int, str]]:
     if not found:
         raise ValueError(f"{module} has no @scenario functions")
     setattr(importlib.import_module(module), _LISTED, True)
-    return [(w, name) for w in sorted({w for ws in found.values() for w in ws})
-            for name, ws in found.items() if w in ws]
+    return [
+        (w, name) for w in sorted({w for ws in found.values() for w in ws}) for name, ws in found.items() if w in ws
+    ]
 
 
 def _rank_main(rank, world, port, module, names, queue, pg_timeout_s):
@@ -64,8 +70,7 @@ def _rank_main(rank, world, port, module, names, queue, pg_timeout_s):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=pg_timeout_s))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=pg_timeout_s))
     mod = importlib.import_module(module)
     for name in names:
         try:
@@ -85,8 +90,9 @@ def run_scenarios(module: str, names: list[str], world: int, timeout: float = 60
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, module, names, queue, pg_timeout_s))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world, port, module, names, queue, pg_timeout_s)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     results = {n: ["rank did not report (died or hung)"] * world for n in names}
@@ -110,6 +116,7 @@ def run_scenarios(module: str, names: list[str], world: int, timeout: float = 60
 def scenario_check(module: str, **kwargs):
     """``check(world, scenario)`` asserts that ``scenario`` passed on every rank. All of ``module``'s
     scenarios of one world size run together, in one spawn, on that world's first check."""
+
     @functools.cache
     def results(world):
         return run_scenarios(module, [n for w, n in scenario_cases(module) if w == world], world, **kwargs)

@@ -16,18 +16,59 @@ DRIVER = os.path.join(ROOT, "tests", "titan_driver.py")
 RECIPE = os.path.join(ROOT, "recipes", "debug_cpu.toml")
 
 # Tiny and fast: llama3 debugmodel, 2 sequences of 64 tokens per rank, float32 everywhere.
-SMALL = ["--training.seq_len", "64", "--training.local_batch_size", "2", "--lr_scheduler.warmup_steps", "1",
-         "--validator.enable", "false", "--checkpoint.keep_latest_k", "0", "--optimizer.ns_dtype", "float32",
-         "--optimizer.wire_dtype", "float32"]
+SMALL = [
+    "--training.seq_len",
+    "64",
+    "--training.local_batch_size",
+    "2",
+    "--lr_scheduler.warmup_steps",
+    "1",
+    "--validator.enable",
+    "false",
+    "--checkpoint.keep_latest_k",
+    "0",
+    "--optimizer.ns_dtype",
+    "float32",
+    "--optimizer.wire_dtype",
+    "float32",
+]
 
 
-def run_job(dump: str, nproc: int, overrides: list[str] | None = None, env: dict | None = None,
-            max_restarts: int = 0, timeout: float = 420) -> tuple[int, str]:
+def run_job(
+    dump: str,
+    nproc: int,
+    overrides: list[str] | None = None,
+    env: dict | None = None,
+    max_restarts: int = 0,
+    timeout: float = 420,
+) -> tuple[int, str]:
     """torchrun (standalone) of the driver; returns (exit code, combined log)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts), "--monitor-interval", "0.5",
-           DRIVER, "--recipe", RECIPE, "--dump_folder", dump, *SMALL, *(overrides or [])]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "--max-restarts",
+        str(max_restarts),
+        "--monitor-interval",
+        "0.5",
+        DRIVER,
+        "--recipe",
+        RECIPE,
+        "--dump_folder",
+        dump,
+        *SMALL,
+        *(overrides or []),
+    ]
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     full_env.update(env or {})
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     log = proc.stdout + proc.stderr
@@ -73,11 +114,15 @@ def flat_full_state(state: dict, prefix: str = "") -> dict:
 def copy_checkpoint(src_dump: str, step: int, dst_dump: str) -> None:
     """A fresh dump folder holding only checkpoint step-<step> of another run."""
     shutil.rmtree(dst_dump, ignore_errors=True)
-    shutil.copytree(os.path.join(src_dump, "checkpoint", f"step-{step}"),
-                    os.path.join(dst_dump, "checkpoint", f"step-{step}"))
+    shutil.copytree(
+        os.path.join(src_dump, "checkpoint", f"step-{step}"), os.path.join(dst_dump, "checkpoint", f"step-{step}")
+    )
 
 
 def loaded_from(log: str) -> list[str]:
     """Checkpoint folders torchtitan reported loading from (one line per rank and attempt)."""
-    return [line.split("Loading the checkpoint from ", 1)[1].rstrip(". \n")
-            for line in log.splitlines() if "Loading the checkpoint from " in line]
+    return [
+        line.split("Loading the checkpoint from ", 1)[1].rstrip(". \n")
+        for line in log.splitlines()
+        if "Loading the checkpoint from " in line
+    ]

@@ -35,10 +35,13 @@ def _config():
         raise ValueError(f"DIST_MARSM_FAULT must be one of {MODES}, got {mode!r}")
     if "DIST_MARSM_FAULT_STEP" not in os.environ:
         raise ValueError("DIST_MARSM_FAULT needs DIST_MARSM_FAULT_STEP")
-    return {"mode": mode, "rank": int(os.environ.get("DIST_MARSM_FAULT_RANK", "1")),
-            "step": int(os.environ["DIST_MARSM_FAULT_STEP"]),
-            "exit_code": int(os.environ.get("DIST_MARSM_FAULT_EXIT_CODE", "13")),
-            "marker": os.environ.get("DIST_MARSM_FAULT_MARKER", "")}
+    return {
+        "mode": mode,
+        "rank": int(os.environ.get("DIST_MARSM_FAULT_RANK", "1")),
+        "step": int(os.environ["DIST_MARSM_FAULT_STEP"]),
+        "exit_code": int(os.environ.get("DIST_MARSM_FAULT_EXIT_CODE", "13")),
+        "marker": os.environ.get("DIST_MARSM_FAULT_MARKER", ""),
+    }
 
 
 def _armed(cfg) -> bool:
@@ -53,8 +56,11 @@ def _die(cfg, what: str) -> None:
     if cfg["marker"]:
         with open(cfg["marker"], "w") as f:
             f.write(f"{what}\n")
-    print(f"dist_marsm.fault_injection: rank {os.environ.get('RANK')} exits with code {cfg['exit_code']} "
-          f"({what})", file=sys.stderr, flush=True)
+    print(
+        f"dist_marsm.fault_injection: rank {os.environ.get('RANK')} exits with code {cfg['exit_code']} ({what})",
+        file=sys.stderr,
+        flush=True,
+    )
     os._exit(cfg["exit_code"])
 
 
@@ -109,4 +115,3 @@ def install_from_env() -> bool:
     CheckpointManager._save = _save
     FileSystemWriter.write_data = write_data
     return True
-

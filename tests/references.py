@@ -33,7 +33,7 @@ import math
 
 import torch
 
-MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)   # Keller Jordan's quintic, every iteration
+MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, every iteration
 NS_EPS = 1e-7
 
 
@@ -58,8 +58,9 @@ def newton_schulz(m: torch.Tensor, coefficients=None, steps: int = 5, eps: float
 
 
 def lr_scale(rows: int, cols: int, mode: str = "moonlight") -> float:
-    return {"moonlight": 0.2 * math.sqrt(max(rows, cols)), "original": math.sqrt(max(1.0, rows / cols)),
-            "none": 1.0}[mode]
+    return {"moonlight": 0.2 * math.sqrt(max(rows, cols)), "original": math.sqrt(max(1.0, rows / cols)), "none": 1.0}[
+        mode
+    ]
 
 
 def _matrices(t: torch.Tensor) -> torch.Tensor:
@@ -71,9 +72,22 @@ class MarsmReference:
     """MARS-M on float64 copies of ``params``; ``step(grads)`` applies one step, ``params`` and ``momenta``
     hold the state. ``round_params`` (e.g. to bf16 and back) is applied to W after every step."""
 
-    def __init__(self, params, lr, beta=0.95, gamma=0.025, wd=0.1, variant="approx", clip=True,
-                 lr_adjust="moonlight", normalize=None, beta2=0.95, eps=1e-8, coefficients=None,
-                 round_params=None):
+    def __init__(
+        self,
+        params,
+        lr,
+        beta=0.95,
+        gamma=0.025,
+        wd=0.1,
+        variant="approx",
+        clip=True,
+        lr_adjust="moonlight",
+        normalize=None,
+        beta2=0.95,
+        eps=1e-8,
+        coefficients=None,
+        round_params=None,
+    ):
         if variant not in ("approx", "exact", "efficient"):
             raise ValueError(f"variant must be approx, exact or efficient, got {variant!r}")
         self.params = [p.detach().double().cpu().clone() for p in params]
@@ -104,8 +118,9 @@ class MarsmReference:
                 x = self.momenta[i]
             o = newton_schulz(x, self.coefficients)
             if self.normalize == "neuron":
-                v = self.row_second_moments[i] = (self.beta2 * self.row_second_moments[i]
-                                                  + (1 - self.beta2) * (o * o).mean(dim=-1, keepdim=True))
+                v = self.row_second_moments[i] = self.beta2 * self.row_second_moments[i] + (1 - self.beta2) * (
+                    o * o
+                ).mean(dim=-1, keepdim=True)
                 normalized = o / (v.sqrt() + self.eps)
                 for before, after in zip(_matrices(o), _matrices(normalized)):
                     after *= before.norm() / after.norm()

@@ -47,7 +47,8 @@ def _free_ports(n: int) -> list[int]:
 
 def _which(name: str) -> str | None:
     return shutil.which(name) or next(
-        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/local/sbin") / name) if p.exists()), None)
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/local/sbin") / name) if p.exists()), None
+    )
 
 
 def _tail(path: Path, n: int = 15) -> str:
@@ -71,8 +72,10 @@ class SlurmCluster:
         self.bins = {b: _which(b) for b in DAEMONS + CLIENTS}
         missing = [b for b, p in self.bins.items() if p is None]
         if missing:
-            raise SlurmError(f"SLURM is not installed here (missing {', '.join(missing)}); "
-                             f"install it with .ci/install_slurm.sh (Debian/Ubuntu: apt-get install slurm-wlm)")
+            raise SlurmError(
+                f"SLURM is not installed here (missing {', '.join(missing)}); "
+                f"install it with .ci/install_slurm.sh (Debian/Ubuntu: apt-get install slurm-wlm)"
+            )
         self.conf = self.root / "slurm.conf"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
         self.env["SLURM_CONF"] = str(self.conf)
@@ -104,7 +107,7 @@ class SlurmCluster:
             "SlurmdParameters=config_overrides",  # nodes are declared, not probed: any host works
             "ReturnToService=2",
             "JobRequeue=1",
-            "MinJobAge=600",          # finished jobs stay visible to `scontrol show job` (no accounting db)
+            "MinJobAge=600",  # finished jobs stay visible to `scontrol show job` (no accounting db)
             "KillWait=5",
             "InactiveLimit=0",
             "SlurmctldTimeout=30",
@@ -120,16 +123,19 @@ class SlurmCluster:
             "SlurmdDebug=info",
         ]
         for name, port in zip(NODES, node_ports):
-            lines.append(f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} "
-                         f"CPUs={self.cpus_per_node} RealMemory=1000 State=UNKNOWN")
+            lines.append(
+                f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} "
+                f"CPUs={self.cpus_per_node} RealMemory=1000 State=UNKNOWN"
+            )
         lines.append(f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
 
     # -- daemons ---------------------------------------------------------------------------------
     def _spawn(self, label: str, argv: list[str]) -> None:
         log = open(self.root / f"{label}.stdout", "wb")
-        p = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+        p = subprocess.Popen(
+            argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         log.close()
         self.procs.append((label, p))
 
@@ -210,8 +216,17 @@ class SlurmCluster:
 
     def wait_job(self, jobid: int, until=None, timeout: float = 600, poll: float = 0.5) -> dict[str, str]:
         """Waits until ``until(info)`` (default: the job reached a final state) and returns the job info."""
-        final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                 "DEADLINE", "PREEMPTED")
+        final = (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "BOOT_FAIL",
+            "DEADLINE",
+            "PREEMPTED",
+        )
         until = until or (lambda i: i.get("JobState") in final)
         deadline = time.time() + timeout
         info: dict[str, str] = {}
@@ -226,6 +241,7 @@ class SlurmCluster:
 def _current_user() -> str:
     try:
         import pwd
+
         return pwd.getpwuid(os.getuid()).pw_name
     except (ImportError, KeyError):
         return os.environ.get("USER", "root")
@@ -257,4 +273,3 @@ def _cluster_fixture():
 def slurm_cluster():
     """A started two-node SLURM cluster (``SlurmCluster``), or a skip with the reason."""
     yield from _cluster_fixture()
-

@@ -27,7 +27,7 @@ def parse(argv):
         sys.exit("standin_train: --recipe PATH is required")
     i = args.index("--recipe")
     recipe = Path(args[i + 1])
-    del args[i:i + 2]
+    del args[i : i + 2]
     cfg = tomllib.loads(recipe.read_text())
     while args:
         key = args.pop(0)
@@ -51,8 +51,11 @@ def main():
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    print(f"[standin] start rank={rank} world_size={world} host={socket.gethostname()} "
-          f"node={os.environ.get('SLURMD_NODENAME', '-')}", flush=True)
+    print(
+        f"[standin] start rank={rank} world_size={world} host={socket.gethostname()} "
+        f"node={os.environ.get('SLURMD_NODENAME', '-')}",
+        flush=True,
+    )
     dump = Path(cfg["job"]["dump_folder"])
     steps = int(cfg["training"]["steps"])
     ck = cfg.get("checkpoint", {})
@@ -67,8 +70,9 @@ def main():
     mine = slice(rank * n // world, (rank + 1) * n // world)
     w = torch.zeros(d, dtype=torch.float64)
     start = 0
-    done = sorted((p for p in ck_dir.glob("step-*") if (p / "COMPLETE").exists()),
-                  key=lambda p: int(p.name.split("-")[1]))
+    done = sorted(
+        (p for p in ck_dir.glob("step-*") if (p / "COMPLETE").exists()), key=lambda p: int(p.name.split("-")[1])
+    )
     if done:
         state = torch.load(done[-1] / "state.pt")
         w, start = state["w"], state["step"]

@@ -22,7 +22,6 @@ import shutil
 
 import pytest
 import torch
-
 from _spawn import run_scenarios, scenario, scenario_cases
 
 pytestmark = pytest.mark.slow
@@ -53,7 +52,7 @@ def _train(model, opt, steps):
 
     for step in steps:
         opt.zero_grad()
-        lm_loss(model, step).backward()   # every rank the same batch: the gradient does not depend on world
+        lm_loss(model, step).backward()  # every rank the same batch: the gradient does not depend on world
         opt.step()
 
 
@@ -106,8 +105,12 @@ def _expect_error(fn, *needles):
 def init_state_leaves_params_unchanged(rank, world):
     from torchtitan.components.optimizer.utils import init_optim_state
 
-    for kw in (dict(variant="approx"), dict(variant="efficient"), dict(variant="approx", normalize="neuron"),
-               dict(variant="approx", wire_dtype="bfloat16", ns_dtype="bfloat16")):
+    for kw in (
+        dict(variant="approx"),
+        dict(variant="efficient"),
+        dict(variant="approx", normalize="neuron"),
+        dict(variant="approx", wire_dtype="bfloat16", ns_dtype="bfloat16"),
+    ):
         model, opt = _setup(world, seed=3, **kw)
         before = [p.detach().clone() for p in model.parameters()]
         init_optim_state(opt)
@@ -150,7 +153,7 @@ def save_at_4(rank, world):
 @scenario(2)
 def load_at_2(rank, world):
     ref = torch.load(os.path.join(_dir(), "reference.pt"))
-    model, opt = _setup(world, seed=7)   # other initial values: everything must come from the checkpoint
+    model, opt = _setup(world, seed=7)  # other initial values: everything must come from the checkpoint
     _load(model, opt, os.path.join(_dir(), "step-3"))
     got = _full_state(model, opt)
     assert got.keys() == ref["step3"].keys(), sorted(set(got) ^ set(ref["step3"]))
@@ -189,10 +192,8 @@ def bad_checkpoints(rank, world):
     model, opt = _setup(world)
     messages["truncated data"] = _expect_error(lambda: _load(model, opt, trunc), "CheckpointException")
     messages["truncated metadata"] = _expect_error(lambda: _load(model, opt, meta), "UnpicklingError", "pickle", "EOF")
-    messages["other optimizer"] = _expect_error(lambda: _load(model, opt, os.path.join(_dir(), "adamw")),
-                                                "momentum")
-    messages["other model"] = _expect_error(lambda: _load(model, opt, os.path.join(_dir(), "wider")),
-                                            "size mismatch")
+    messages["other optimizer"] = _expect_error(lambda: _load(model, opt, os.path.join(_dir(), "adamw")), "momentum")
+    messages["other model"] = _expect_error(lambda: _load(model, opt, os.path.join(_dir(), "wider")), "size mismatch")
     if rank == 0:
         for k, v in messages.items():
             print(f"--- {k}: {v[:600]}")
@@ -215,7 +216,7 @@ def _check(results):
 
 def test_dcp_save_4_load_2_and_bad_input(tmp_path, monkeypatch):
     monkeypatch.setenv(DIR_ENV, str(tmp_path))
-    for world in (4, 2):   # save at 4 ranks, then load at 2
+    for world in (4, 2):  # save at 4 ranks, then load at 2
         _check(run_scenarios(MODULE, [n for w, n in CASES if w == world], world=world, timeout=400))
 
 
@@ -226,8 +227,11 @@ def test_checkpoint_manager_skips_unfinished_save(tmp_path):
 
     from torchtitan.components.checkpointer.dcp import CheckpointManager
 
-    for step, files in ((2, ["__0_0.distcp", "__1_0.distcp", ".metadata"]), (4, ["__0_0.distcp", "__1_0.distcp"]),
-                        (6, ["__0_0.distcp", ".metadata.tmp"])):
+    for step, files in (
+        (2, ["__0_0.distcp", "__1_0.distcp", ".metadata"]),
+        (4, ["__0_0.distcp", "__1_0.distcp"]),
+        (6, ["__0_0.distcp", ".metadata.tmp"]),
+    ):
         os.makedirs(tmp_path / f"step-{step}")
         for name in files:
             (tmp_path / f"step-{step}" / name).write_bytes(b"x")

@@ -66,7 +66,7 @@ def _part(step_dir: str, rank: int) -> str:
 # ----------------------------------------------------------------------------- one process
 def test_file_crc32_matches_binascii_across_chunk_boundaries(tmp_path, monkeypatch):
     monkeypatch.setattr(cm, "_CHUNK_BYTES", 4096)
-    data = os.urandom(4096 * 2 + 123)   # two full chunks and a partial one
+    data = os.urandom(4096 * 2 + 123)  # two full chunks and a partial one
     path = str(tmp_path / "blob")
     _write(path, data)
     assert cm.file_crc32(path) == {"size": len(data), "crc32": f"{binascii.crc32(data):08x}"}
@@ -80,7 +80,7 @@ def test_rank_parts_list_each_ranks_files_and_rank0_the_metadata(tmp_path):
     done = cm.write_rank_manifest(step_dir, 3, 1, 2)
     assert done["files"] == 1 and done["bytes"] == 1017
     files, unchecked = cm.read_manifest(step_dir)
-    assert sorted(files) == ["__1_0.distcp"] and unchecked == [0]   # rank 0's part not written yet
+    assert sorted(files) == ["__1_0.distcp"] and unchecked == [0]  # rank 0's part not written yet
     cm.write_rank_manifest(step_dir, 3, 0, 2)
     files, unchecked = cm.read_manifest(step_dir)
     assert sorted(files) == [".metadata", "__0_0.distcp", "__1_0.distcp"] and unchecked == []
@@ -95,7 +95,7 @@ def test_rank0_drops_parts_of_an_earlier_save_with_more_ranks(tmp_path):
     step_dir = _fake_step(str(tmp_path), 3, ranks=3)
     os.remove(os.path.join(step_dir, "__2_0.distcp"))
     cm.write_rank_manifest(step_dir, 3, 1, 2)
-    with pytest.raises(cm.CheckpointIntegrityError, match="different rank counts"):   # mid-overwrite: refused
+    with pytest.raises(cm.CheckpointIntegrityError, match="different rank counts"):  # mid-overwrite: refused
         cm.read_manifest(step_dir)
     cm.write_rank_manifest(step_dir, 3, 0, 2)
     assert cm.read_manifest(step_dir)[1] == [] and not os.path.exists(_part(step_dir, 2))
@@ -104,10 +104,10 @@ def test_rank0_drops_parts_of_an_earlier_save_with_more_ranks(tmp_path):
 
 def test_verify_names_each_damaged_file_and_passes_the_undamaged_control(tmp_path):
     step_dir = _fake_step(str(tmp_path), 2)
-    assert cm.verify(step_dir) == ([], [])   # control
+    assert cm.verify(step_dir) == ([], [])  # control
     _write(os.path.join(step_dir, "__7_0.distcp"), b"left over from a save with more ranks")
     _write(os.path.join(step_dir, "notes.txt"), b"not DCP's")
-    assert cm.verify(step_dir) == ([], [])   # files the manifest does not list are ignored
+    assert cm.verify(step_dir) == ([], [])  # files the manifest does not list are ignored
     _flip_byte(os.path.join(step_dir, "__1_0.distcp"))
     os.truncate(os.path.join(step_dir, ".metadata"), 299)
     os.remove(os.path.join(step_dir, "__0_0.distcp"))
@@ -131,7 +131,7 @@ def test_no_manifest_and_unreadable_manifest_are_told_apart(tmp_path):
 def test_metadata_intact_checks_only_metadata(tmp_path):
     step_dir = _fake_step(str(tmp_path), 2)
     _flip_byte(os.path.join(step_dir, "__0_0.distcp"))
-    assert cm.metadata_intact(step_dir)   # data files are the ranks' job
+    assert cm.metadata_intact(step_dir)  # data files are the ranks' job
     _flip_byte(os.path.join(step_dir, ".metadata"), 0)
     assert not cm.metadata_intact(step_dir)
 
@@ -144,19 +144,19 @@ def test_newest_verified_step_falls_back_and_skips_torn_saves(tmp_path):
 
     for step in (2, 4, 6):
         _fake_step(folder, step)
-    os.makedirs(os.path.join(folder, "step-8"))   # torn: data but no .metadata
+    os.makedirs(os.path.join(folder, "step-8"))  # torn: data but no .metadata
     _write(os.path.join(folder, "step-8", "__0_0.distcp"), b"half")
     assert cm.complete_steps(folder) == [2, 4, 6]
-    assert cm.newest_verified_step(folder, record) == 6 and log == []   # control
+    assert cm.newest_verified_step(folder, record) == 6 and log == []  # control
     _flip_byte(os.path.join(folder, "step-6", "__0_0.distcp"))
     assert cm.newest_verified_step(folder, record) == 4
     assert len(log) == 1 and log[0][0] == "error"
     assert "step 6" in log[0][1] and "__0_0.distcp: crc32" in log[0][1], log
-    os.remove(_part(os.path.join(folder, "step-4"), 1))   # rank 1's job ended before its part was written
+    os.remove(_part(os.path.join(folder, "step-4"), 1))  # rank 1's job ended before its part was written
     log.clear()
     assert cm.newest_verified_step(folder, record) == 4
     assert [lvl for lvl, _ in log] == ["error", "warning"] and "ranks [1] wrote no checksums" in log[1][1]
-    shutil.rmtree(os.path.join(folder, "step-4", cm.MANIFEST_NAME))   # a checkpoint from before manifests
+    shutil.rmtree(os.path.join(folder, "step-4", cm.MANIFEST_NAME))  # a checkpoint from before manifests
     log.clear()
     assert cm.newest_verified_step(folder, record) == 4
     assert [lvl for lvl, _ in log] == ["error", "warning"] and "has no checksums" in log[1][1]
@@ -179,7 +179,7 @@ def test_check_resume_reads_the_newest_step_whose_metadata_verifies(tmp_path):
         _fake_checkpoint(tmp_path, step)
         cm.write_rank_manifest(str(tmp_path / "checkpoint" / f"step-{step}"), step, 0, 1)
     config = load_recipe(recipe, ["--dump_folder", str(tmp_path), "--optimizer.name", "AdamW"])
-    with pytest.raises(RecipeError, match="step-4"):   # control: the newest
+    with pytest.raises(RecipeError, match="step-4"):  # control: the newest
         check_resume(config, recipe)
     _flip_byte(str(tmp_path / "checkpoint" / "step-4" / ".metadata"))
     with pytest.raises(RecipeError, match="step-2"):
@@ -207,16 +207,21 @@ def scenario_collective_manifest(rank: int, world: int) -> None:
             _write(os.path.join(step_dir, ".metadata"), b"metadata of step %d" % step)
         dist.barrier()
         _write(os.path.join(step_dir, f"__{rank}_0.distcp"), _rank_bytes(rank, step))
-        dist.barrier()   # DCP's save returns on every rank only once all files and .metadata exist
+        dist.barrier()  # DCP's save returns on every rank only once all files and .metadata exist
         done = cm.write_rank_manifest(step_dir, step, rank, world)
-        assert done["files"] == (2 if rank == 0 else 1), done   # its own data file (+ .metadata on rank 0)
+        assert done["files"] == (2 if rank == 0 else 1), done  # its own data file (+ .metadata on rank 0)
         dist.barrier()
-        expected = {f"__{r}_0.distcp": {"size": len(_rank_bytes(r, step)),
-                                        "crc32": f"{binascii.crc32(_rank_bytes(r, step)):08x}"} for r in range(world)}
+        expected = {
+            f"__{r}_0.distcp": {
+                "size": len(_rank_bytes(r, step)),
+                "crc32": f"{binascii.crc32(_rank_bytes(r, step)):08x}",
+            }
+            for r in range(world)
+        }
         metadata = b"metadata of step %d" % step
         expected[".metadata"] = {"size": len(metadata), "crc32": f"{binascii.crc32(metadata):08x}"}
         assert cm.read_manifest(step_dir) == (expected, [])
-        assert cm.verify(step_dir) == ([], [])   # control
+        assert cm.verify(step_dir) == ([], [])  # control
     dist.barrier()
     victim = os.path.join(folder, "step-2", f"__{world - 1}_0.distcp")
     if rank == world - 1:
@@ -270,11 +275,11 @@ def test_resume_skips_a_flipped_byte_and_loads_the_previous_checkpoint(first_run
     named = [line for line in log.splitlines() if "fails verification" in line]
     assert named and all("step 6" in line and "__0_0.distcp: crc32" in line for line in named), named
     loads = loaded_from(log)
-    assert len(loads) == 2 and all(p.endswith("step-4") for p in loads), loads   # both ranks
+    assert len(loads) == 2 and all(p.endswith("step-4") for p in loads), loads  # both ranks
     redone = losses(damaged)
     assert sorted(redone) == [5, 6, 7, 8]
-    assert [redone[5], redone[6]] == [first_losses[5], first_losses[6]]   # the state of step 4, exactly
-    assert cm.verify(os.path.join(damaged, "checkpoint", "step-6")) == ([], [])   # saved again, a new manifest
+    assert [redone[5], redone[6]] == [first_losses[5], first_losses[6]]  # the state of step 4, exactly
+    assert cm.verify(os.path.join(damaged, "checkpoint", "step-6")) == ([], [])  # saved again, a new manifest
 
 
 @pytest.mark.slow
@@ -319,7 +324,7 @@ def test_async_save_gets_its_manifest_once_the_save_is_waited_for(tmp_path):
     dump = str(tmp_path / "async")
     rc, log = run_job(dump, 2, STEPS + ["--checkpoint.async_mode", "async"])
     assert rc == 0, log[-4000:]
-    for step in (2, 4, 6):   # 2 and 4 asynchronous (manifest at the next save's wait), 6 the final, synchronous
+    for step in (2, 4, 6):  # 2 and 4 asynchronous (manifest at the next save's wait), 6 the final, synchronous
         step_dir = os.path.join(dump, "checkpoint", f"step-{step}")
         assert cm.verify(step_dir) == ([], []), step
-    assert len(re.findall(r"crc32 of \d+ files? \(", log)) == 6, log[-4000:]   # 3 saves x 2 ranks
+    assert len(re.findall(r"crc32 of \d+ files? \(", log)) == 6, log[-4000:]  # 3 saves x 2 ranks

@@ -15,11 +15,12 @@ import torch
 from dist_marsm import mars_math
 from dist_marsm.newton_schulz import newton_schulz
 
-pytestmark = pytest.mark.slow   # inductor compiles C++ (tens of seconds)
+pytestmark = pytest.mark.slow  # inductor compiles C++ (tens of seconds)
 
 
-def elementwise_phase(grads, prev_grads, momenta, params, scales, gamma: float, beta: float, lr: float,
-                      wd: float, lr_scale: float):
+def elementwise_phase(
+    grads, prev_grads, momenta, params, scales, gamma: float, beta: float, lr: float, wd: float, lr_scale: float
+):
     """The step's element-wise work on a list of local blocks, in the order the step runs it: correction,
     unit clipping with (already reduced) scales, momentum, then the update applied with the Newton-Schulz
     stand-in ``momenta`` (Newton-Schulz is compiled on its own below)."""
@@ -52,7 +53,7 @@ def test_elementwise_phase_compiles_to_one_graph_and_equals_eager():
     for a, b in zip([*eager_c, *eager_m, *eager_p], [*comp_c, *comp_m, *comp_p]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     moved = max((p - q).abs().max().item() for p, q in zip(eager_p, params))
-    assert moved > 1e-4   # the phase did change the parameters, so equality above means something
+    assert moved > 1e-4  # the phase did change the parameters, so equality above means something
 
     grads, _, momenta, _ = _lists(1)
     eager_m, comp_m = [t.clone() for t in momenta], [t.clone() for t in momenta]
@@ -67,7 +68,7 @@ def test_elementwise_phase_compiles_to_one_graph_and_equals_eager():
 def test_newton_schulz_compiles_to_one_graph_and_equals_eager(method, dtype, atol):
     gen = torch.Generator().manual_seed(2)
     for shape in [(64, 160), (96, 32), (2, 24, 40)]:
-        torch.compiler.reset()   # one compilation per shape here; the recompile limit is for real loops
+        torch.compiler.reset()  # one compilation per shape here; the recompile limit is for real loops
         x = torch.randn(shape, generator=gen)
         eager = newton_schulz(x, 5, dtype, method=method)
         compiled = torch.compile(newton_schulz, fullgraph=True, dynamic=False)(x, 5, dtype, method=method)

@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-PG_TIMEOUT_S = 120   # a rank that waited for the others would take this long
+PG_TIMEOUT_S = 120  # a rank that waited for the others would take this long
 
 SCRIPT = textwrap.dedent("""
     import datetime, os, sys
@@ -45,8 +45,12 @@ def _run(tmp_path, lr: str) -> tuple[int, str, float]:
     script = tmp_path / "job.py"
     script.write_text(SCRIPT.format(timeout=PG_TIMEOUT_S))
     start = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(script), lr], capture_output=True, text=True, timeout=2 * PG_TIMEOUT_S)
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), lr],
+        capture_output=True,
+        text=True,
+        timeout=2 * PG_TIMEOUT_S,
+    )
     return r.returncode, r.stdout + r.stderr, time.monotonic() - start
 
 

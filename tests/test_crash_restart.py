@@ -37,8 +37,9 @@ def reference(tmp_path_factory):
 
 def _state(dump: str, step: int = 6) -> dict:
     state = flat_full_state(read_checkpoint(os.path.join(dump, "checkpoint", f"step-{step}")))
-    return {k: v for k, v in state.items() if k.startswith(("optimizer.", "layers.", "tok_embeddings", "norm",
-                                                            "lm_head"))}
+    return {
+        k: v for k, v in state.items() if k.startswith(("optimizer.", "layers.", "tok_embeddings", "norm", "lm_head"))
+    }
 
 
 def _assert_same_run(dump: str, reference) -> None:
@@ -60,15 +61,19 @@ def test_rank_killed_mid_run_torchrun_restarts_and_resumes(reference, tmp_path):
     assert rc == 0, log[-4000:]
     assert "rank 1 exits with code 13 (crash_at_step: start of step 5)" in log
     loads = loaded_from(log)
-    assert loads and all(p.endswith("step-4") for p in loads), loads   # restart attempt, both ranks
+    assert loads and all(p.endswith("step-4") for p in loads), loads  # restart attempt, both ranks
     _assert_same_run(dump, reference)
 
 
 def test_rank_killed_while_saving_never_leaves_a_complete_looking_checkpoint(reference, tmp_path):
     dump = str(tmp_path / "crash_in_save")
     marker = str(tmp_path / "fault_fired")
-    env = {"DIST_MARSM_FAULT": "crash_in_save", "DIST_MARSM_FAULT_RANK": "1", "DIST_MARSM_FAULT_STEP": "4",
-           "DIST_MARSM_FAULT_MARKER": marker}
+    env = {
+        "DIST_MARSM_FAULT": "crash_in_save",
+        "DIST_MARSM_FAULT_RANK": "1",
+        "DIST_MARSM_FAULT_STEP": "4",
+        "DIST_MARSM_FAULT_MARKER": marker,
+    }
     rc, log = run_job(dump, 2, STEPS, env=env, max_restarts=0)
     assert rc != 0, "the job should fail: a rank died and no restarts were allowed"
     assert os.path.exists(marker), log[-4000:]

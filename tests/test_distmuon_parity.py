@@ -30,18 +30,16 @@ Ranks are spawned once (2 gloo ranks); every scenario runs on both.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn as nn
-
 from _spawn import scenario, scenario_cases, scenario_check
 
 WORLD = 2
 STEPS = 4
 LR, WD = 0.02, 0.1
-TOLERANCE = 0.08     # relative Frobenius difference of one step's update; see the module docstring
-DETECT = 0.12        # a negative control must differ by more than this
+TOLERANCE = 0.08  # relative Frobenius difference of one step's update; see the module docstring
+DETECT = 0.12  # a negative control must differ by more than this
 
 
 class MatrixNet(nn.Module):
@@ -49,9 +47,9 @@ class MatrixNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.a = nn.Linear(24, 40, bias=False)   # weight 40 x 24: tall
-        self.c = nn.Linear(40, 15, bias=False)   # 15 x 40: wide; 15 rows do not split evenly over 2 ranks
-        self.d = nn.Linear(15, 24, bias=False)   # 24 x 15: tall
+        self.a = nn.Linear(24, 40, bias=False)  # weight 40 x 24: tall
+        self.c = nn.Linear(40, 15, bias=False)  # 15 x 40: wide; 15 rows do not split evenly over 2 ranks
+        self.d = nn.Linear(15, 24, bias=False)  # 24 x 15: tall
 
     def forward(self, x):
         return self.d(torch.tanh(self.c(torch.tanh(self.a(x)))))
@@ -74,14 +72,19 @@ def _loss(model, step):
 
 
 def _distmuon(model, **kw):
-    from benchmarks.distmuon_cpu import build_dist_muon_cpu
     from torchtitan.distributed.flex_shard import BucketConfig, ComputeLayout, Owned
 
+    from benchmarks.distmuon_cpu import build_dist_muon_cpu
+
     names, params = zip(*model.named_parameters())
-    return build_dist_muon_cpu([{"params": list(params), "param_names": list(names)}],
-                               compute_sharding_by_fqn={n: ComputeLayout(shardings_by_mesh_axis={"fsdp": Owned()})
-                                                        for n in names},
-                               bucket_configs=[BucketConfig(patterns=("*",))], lr=LR, weight_decay=WD, **kw)
+    return build_dist_muon_cpu(
+        [{"params": list(params), "param_names": list(names)}],
+        compute_sharding_by_fqn={n: ComputeLayout(shardings_by_mesh_axis={"fsdp": Owned()}) for n in names},
+        bucket_configs=[BucketConfig(patterns=("*",))],
+        lr=LR,
+        weight_decay=WD,
+        **kw,
+    )
 
 
 def _marsm(model, **kw):
@@ -115,8 +118,11 @@ def _compare(distmuon_kw, marsm_kw) -> list[float]:
             for p1, p2 in zip(m1.parameters(), m2.parameters()):
                 p2.to_local().copy_(p1.to_local())
     if torch.distributed.get_rank() == 0:
-        print(f"DistMuon{distmuon_kw} vs MARSM{marsm_kw}: per-step relative update difference "
-              f"{[round(r, 4) for r in worst]}", flush=True)
+        print(
+            f"DistMuon{distmuon_kw} vs MARSM{marsm_kw}: per-step relative update difference "
+            f"{[round(r, 4) for r in worst]}",
+            flush=True,
+        )
     return worst
 
 

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
 from _spawn import scenario, scenario_cases, scenario_check
 
 STEPS = 10
@@ -86,11 +85,13 @@ def train_pair(dist_model, ref_model, steps=STEPS, **opt_kw):
     for step in range(steps):
         for model, o in ((dist_model, opt), (ref_model, ref)):
             if opt_kw.get("variant") == "exact":
+
                 def closure(model=model, o=o):
                     o.zero_grad()
                     loss = lm_loss(model, step)
                     loss.backward()
                     return loss
+
                 o.step(closure)
             else:
                 o.zero_grad()
@@ -160,7 +161,7 @@ def fsdp_ns_once_and_bytes(rank, world):
     holder_of = [r for r, n in enumerate(expert_rows) for _ in range(int(n))]
     for name, owner in owners.items():
         if name.startswith("experts["):
-            first = int(name[len("experts["):].split("]")[0].split("..")[0])
+            first = int(name[len("experts[") :].split("]")[0].split("..")[0])
             assert owner == holder_of[first], (name, owner, holder_of)
             continue
         p = names[name]
@@ -195,7 +196,7 @@ def hsdp_2x2(rank, world):
 class TPMLP(nn.Module):
     def __init__(self):
         super().__init__()
-        self.w1 = nn.Linear(6, 14, bias=False)   # colwise: 7 rows per tp rank, then 4+3 over dp (uneven)
+        self.w1 = nn.Linear(6, 14, bias=False)  # colwise: 7 rows per tp rank, then 4+3 over dp (uneven)
         self.w2 = nn.Linear(14, 10, bias=False)  # rowwise: Shard(1) over tp
         self.head = nn.Linear(10, 5, bias=False)
 

@@ -23,8 +23,14 @@ PARTS = ["environment", "correctness", "newton_schulz", "optimizer_step", "train
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report_file = out / "gpu_check.json"
     assert report_file.exists(), f"no JSON written; rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc, json.loads(report_file.read_text()), (out / "gpu_check.md").read_text()
@@ -33,7 +39,9 @@ def smoke(tmp_path_factory):
 def test_every_part_ok(smoke):
     proc, report, _ = smoke
     statuses = {name: report["parts"].get(name, {}).get("status") for name in PARTS}
-    errors = {n: report["parts"][n].get("error") for n in PARTS if n in report["parts"] and report["parts"][n].get("error")}
+    errors = {
+        n: report["parts"][n].get("error") for n in PARTS if n in report["parts"] and report["parts"][n].get("error")
+    }
     assert statuses == dict.fromkeys(PARTS, "ok"), (statuses, errors, proc.stdout[-2000:])
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert report["smoke"] is True
@@ -63,8 +71,9 @@ def test_correctness_covers_the_variants_against_float64(smoke):
     part = report["parts"]["correctness"]
     tol = report["tolerances"]
     rows = part["data"]["marsm_vs_float64"]
-    assert {(r[0], r[1]) for r in rows} == {(v, d) for v in ("approx", "efficient", "gamma 0 (Muon)", "NorMuon")
-                                           for d in ("float32", "bfloat16")}
+    assert {(r[0], r[1]) for r in rows} == {
+        (v, d) for v in ("approx", "efficient", "gamma 0 (Muon)", "NorMuon") for d in ("float32", "bfloat16")
+    }
     for variant, dtype, err, *_ in rows:
         assert float(err) < (tol["fp32"] if dtype == "float32" else tol["bf16"]), (variant, dtype, err)
     assert part["data"]["bf16_params_state_dtypes"] == ["torch.float32"]

@@ -15,7 +15,6 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-
 from _spawn import scenario, scenario_cases, scenario_check
 from test_distributed import _mesh_1d, fsdp_wrap, lm_loss, make_model
 
@@ -31,9 +30,20 @@ def _grad(p, seed):
 
 
 # ------------------------------------------------------------------ settings changed after construction
-@pytest.mark.parametrize("key,value", [("variant", "bogus"), ("ns_steps", 0), ("gamma", 5.0), ("clip", "no"),
-                                       ("lr", float("nan")), ("momentum", 1.0), ("ns_dtype", "float8"),
-                                       ("weight_decay", -1.0), ("lr", torch.tensor(0.1))])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("variant", "bogus"),
+        ("ns_steps", 0),
+        ("gamma", 5.0),
+        ("clip", "no"),
+        ("lr", float("nan")),
+        ("momentum", 1.0),
+        ("ns_dtype", "float8"),
+        ("weight_decay", -1.0),
+        ("lr", torch.tensor(0.1)),
+    ],
+)
 def test_a_bad_value_set_in_param_groups_fails_the_next_step(key, value):
     p = _matrix()
     opt = MARSM([p], lr=0.01)
@@ -65,7 +75,7 @@ def test_ns_steps_changed_after_the_first_step_takes_effect():
     a.step()
     b = MARSM([q], lr=0.05, ns_dtype="float32", ns_steps=1)
     q.data.copy_(p.data)
-    saved = copy.deepcopy(a.state_dict())   # torch's load keeps same-dtype tensors: no aliasing of a's state
+    saved = copy.deepcopy(a.state_dict())  # torch's load keeps same-dtype tensors: no aliasing of a's state
     saved["param_groups"][0]["ns_steps"] = 1
     b.load_state_dict(saved)
     a.param_groups[0]["ns_steps"] = 1
@@ -111,7 +121,7 @@ def test_add_param_group_without_use_mars_is_routed_by_ndim_and_steps():
     opt = MARSM([a], lr=0.01)
     opt.add_param_group({"params": [w, b]})
     single = _matrix(2, (3, 3))
-    opt.add_param_group({"params": single})   # one tensor, not a list, as torch.optim accepts
+    opt.add_param_group({"params": single})  # one tensor, not a list, as torch.optim accepts
     assert [g["use_mars"] for g in opt.param_groups] == [True, True, False, True]
     for t in (a, w, b, single):
         t.grad = torch.ones_like(t)

@@ -40,10 +40,10 @@ def _no_group_left():
 # replicas, batched (3-D) tensors.
 DISTRIBUTE_CASES = [
     ((4,), (Shard(0),), (10, 3)),
-    ((8,), (Shard(0),), (5, 4)),                      # three ranks hold nothing
+    ((8,), (Shard(0),), (5, 4)),  # three ranks hold nothing
     ((8,), (Shard(1),), (3, 13)),
     ((2, 4), (Shard(0), Shard(0)), (11, 3)),
-    ((2, 4), (Replicate(), Shard(0)), (9, 5)),        # HSDP: two replicas of four shards
+    ((2, 4), (Replicate(), Shard(0)), (9, 5)),  # HSDP: two replicas of four shards
     ((4, 2), (Shard(0), Shard(1)), (3, 7)),
     ((2, 2, 2), (Shard(0), Replicate(), Shard(2)), (3, 5, 6)),
 ]
@@ -72,8 +72,9 @@ def test_layout_matches_fsdp_over_tensor_parallel(dims, tp):
     for rank in range(world):
         _as_rank(rank, world)
         mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
-        model = torch.nn.Sequential(torch.nn.Linear(d_in, d_hidden, bias=False),
-                                    torch.nn.Linear(d_hidden, d_in, bias=False))
+        model = torch.nn.Sequential(
+            torch.nn.Linear(d_in, d_hidden, bias=False), torch.nn.Linear(d_hidden, d_in, bias=False)
+        )
         fulls = {}
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -94,16 +95,27 @@ def test_layout_matches_fsdp_over_tensor_parallel(dims, tp):
             assert mine.shape == local.shape and torch.equal(mine, local), (name, p.placements, rank)
             # The ranks of one replica hold every element exactly once.
             ids = torch.arange(p.numel()).view(p.shape)
-            held = torch.cat([take_block(ids, b).reshape(-1) for q, b in enumerate(layout.blocks)
-                              if layout.replica_keys[q] == layout.replica_keys[0]])
+            held = torch.cat(
+                [
+                    take_block(ids, b).reshape(-1)
+                    for q, b in enumerate(layout.blocks)
+                    if layout.replica_keys[q] == layout.replica_keys[0]
+                ]
+            )
             assert torch.equal(torch.bincount(held, minlength=p.numel()), torch.ones(p.numel(), dtype=torch.long))
     assert saw_strided, "FSDP over TP no longer uses _StridedShard: this test lost its point"
 
 
 def _meta_dtensor(mesh_shape, placements, shape):
     mesh = init_device_mesh("cpu", mesh_shape)
-    return DTensor.from_local(torch.empty(0, device="meta"), mesh, placements, shape=shape,
-                              stride=torch.empty(shape, device="meta").stride(), run_check=False)
+    return DTensor.from_local(
+        torch.empty(0, device="meta"),
+        mesh,
+        placements,
+        shape=shape,
+        stride=torch.empty(shape, device="meta").stride(),
+        run_check=False,
+    )
 
 
 def test_layout_cost_is_linear_in_world_size(monkeypatch):
@@ -117,14 +129,17 @@ def test_layout_cost_is_linear_in_world_size(monkeypatch):
     monkeypatch.setattr(Shard, "_split_tensor", per_rank_split)
     monkeypatch.setattr(_StridedShard, "_split_tensor", per_rank_split)
     _as_rank(world - 1, world)
-    cases = [((world,), (Shard(0),), (28672, 8192)),
-             ((world // 8, 8), (_StridedShard(0, split_factor=8), Shard(0)), (28672, 8192 + 1))]
+    cases = [
+        ((world,), (Shard(0),), (28672, 8192)),
+        ((world // 8, 8), (_StridedShard(0, split_factor=8), Shard(0)), (28672, 8192 + 1)),
+    ]
     for mesh_shape, placements, shape in cases:
         dtensor = _meta_dtensor(mesh_shape, placements, shape)
         start = time.perf_counter()
         layout = dtensor_layout(dtensor)
         elapsed = time.perf_counter() - start
         assert len(layout.blocks) == world
-        assert sum(math.prod(i.stop - i.start if isinstance(i, slice) else i.numel() for i in b)
-                   for b in layout.blocks) == math.prod(shape)
+        assert sum(
+            math.prod(i.stop - i.start if isinstance(i, slice) else i.numel() for i in b) for b in layout.blocks
+        ) == math.prod(shape)
         assert elapsed < 1.0, f"layout of {shape} on mesh {mesh_shape} took {elapsed:.2f} s"

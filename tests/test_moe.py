@@ -33,7 +33,7 @@ RECIPE = os.path.join(ROOT, "recipes", "moe_debug_cpu.toml")
 # wo), the dense layer's w1, w2, w3, and per MoE layer (2) the shared expert's 3 and 3 stacks of 8 experts.
 # The router gates go to AdamW (docs/moe.md).
 N_MATRICES = 3 * 5 + 3 + 2 * (3 + 3 * 8)
-WIRE_BYTES = 4          # float32 wire
+WIRE_BYTES = 4  # float32 wire
 
 
 @pytest.mark.slow
@@ -46,7 +46,7 @@ def test_moe_parallel_equals_one_process(world, scenario, tmp_path, monkeypatch)
     single = ranks[0]["single"]
     expert_names = [n for n in ranks[0]["mars"] if ".routed_experts." in n]
     assert len(expert_names) == 6 and len(ranks[0]["mars"]) == N_MATRICES - 6 * 8 + 6
-    if scenario == "expert_parallel":     # torchtitan put the experts on the EP mesh (and efsdp, size 1)
+    if scenario == "expert_parallel":  # torchtitan put the experts on the EP mesh (and efsdp, size 1)
         assert all("_StridedShard" in ranks[0]["placements"][n] for n in expert_names)
     # The owners of expert matrices are their holders: rank r owns experts [4r .. 4r+3] of every stack.
     owners = {k: v for g in ranks[0]["report"] for k, v in g["owners"].items() if ".routed_experts." in k}
@@ -68,22 +68,52 @@ def test_moe_parallel_equals_one_process(world, scenario, tmp_path, monkeypatch)
     dense_numel = sum(math.prod(shape) for n, shape in ranks[0]["mars"].items() if n not in expert_names)
     for step in range(3):
         sent = [r["stats"][step]["bytes_sent"] for r in ranks]
-        assert sum(sent) == WIRE_BYTES * dense_numel, (sent, dense_numel)     # zero bytes for the experts
+        assert sum(sent) == WIRE_BYTES * dense_numel, (sent, dense_numel)  # zero bytes for the experts
         assert sum(r["stats"][step]["ns_matrices"] for r in ranks) == N_MATRICES
         assert single["stats"][step]["ns_matrices"] == N_MATRICES and single["stats"][step]["bytes_sent"] == 0
     per_rank = [row for g in ranks[0]["report"] for row in g["per_rank"]]
     single_flops = sum(row["ns_flops"] for g in single["report"] for row in g["per_rank"])
     assert sum(row["ns_flops"] for row in per_rank) == single_flops
-    assert max(row["ns_flops"] for row in per_rank) < 0.51 * single_flops      # and the work is split
+    assert max(row["ns_flops"] for row in per_rank) < 0.51 * single_flops  # and the work is split
 
 
 def _trainer(dump: str, nproc: int, extra: list[str], env: dict | None = None) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
-           str(nproc), DRIVER, "--recipe", RECIPE, "--dump_folder", dump, "--training.steps", "8",
-           "--training.seq_len", "64", "--training.local_batch_size", "2", "--lr_scheduler.warmup_steps", "1",
-           "--validator.enable", "false", "--checkpoint.interval", "4", "--checkpoint.keep_latest_k", "0", *extra]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                **(env or {})}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        DRIVER,
+        "--recipe",
+        RECIPE,
+        "--dump_folder",
+        dump,
+        "--training.steps",
+        "8",
+        "--training.seq_len",
+        "64",
+        "--training.local_batch_size",
+        "2",
+        "--lr_scheduler.warmup_steps",
+        "1",
+        "--validator.enable",
+        "false",
+        "--checkpoint.interval",
+        "4",
+        "--checkpoint.keep_latest_k",
+        "0",
+        *extra,
+    ]
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **(env or {}),
+    }
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=420)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
@@ -94,28 +124,32 @@ def _trainer(dump: str, nproc: int, extra: list[str], env: dict | None = None) -
 def test_moe_recipe_trains_resumes_and_reshards(tmp_path):
     full = str(tmp_path / "ep2")
     log = _trainer(full, 2, [])
-    assert "ep=2" in log, log[-3000:]           # torchtitan built the expert-parallel mesh
+    assert "ep=2" in log, log[-3000:]  # torchtitan built the expert-parallel mesh
     ref = losses(full)
     assert sorted(ref) == list(range(1, 9)) and all(math.isfinite(v) for v in ref.values())
-    assert ref[1] > 7.5 and (ref[7] + ref[8]) / 2 < ref[1] - 0.3, ref      # ln(2048) = 7.62: a uniform guess
+    assert ref[1] > 7.5 and (ref[7] + ref[8]) / 2 < ref[1] - 0.3, ref  # ln(2048) = 7.62: a uniform guess
     rows = [json.loads(line) for line in open(os.path.join(full, "metrics.jsonl")) if line.strip()]
     assert all(r["ns_matrices_total"] == N_MATRICES for r in rows if "loss" in r)
 
     resumed = str(tmp_path / "resume_ep2")
     copy_checkpoint(full, 4, resumed)
     _trainer(resumed, 2, [])
-    assert losses(resumed) == {s: ref[s] for s in range(5, 9)}     # resume at EP 2: the same losses, bit for bit
+    assert losses(resumed) == {s: ref[s] for s in range(5, 9)}  # resume at EP 2: the same losses, bit for bit
 
     one = str(tmp_path / "one_rank")
     copy_checkpoint(full, 4, one)
     verify = str(tmp_path / "verify.json")
     # torchtitan 0.3.0's dataloader cannot change its dp degree: its state is not loaded (data restarts).
-    _trainer(one, 1, ["--parallelism.data_parallel_shard_degree", "1", "--parallelism.expert_parallel_degree", "1"],
-             env={"DIST_MARSM_TEST_EXCLUDE_FROM_LOADING": "dataloader", "DIST_MARSM_TEST_VERIFY_LOAD": verify})
+    _trainer(
+        one,
+        1,
+        ["--parallelism.data_parallel_shard_degree", "1", "--parallelism.expert_parallel_degree", "1"],
+        env={"DIST_MARSM_TEST_EXCLUDE_FROM_LOADING": "dataloader", "DIST_MARSM_TEST_VERIFY_LOAD": verify},
+    )
     check = json.loads(open(verify).read())
     assert check["step_dir"].endswith("step-4") and not check["missing"], check
-    assert check["compared"] > 2 * 30 + 15     # model and optimizer tensors (30 MARS-M matrices, 17 others)
-    assert check["max_abs_diff"] == 0.0        # resharding EP 2 x FSDP 2 -> one process moves bytes only
+    assert check["compared"] > 2 * 30 + 15  # model and optimizer tensors (30 MARS-M matrices, 17 others)
+    assert check["max_abs_diff"] == 0.0  # resharding EP 2 x FSDP 2 -> one process moves bytes only
     got = losses(one)
     assert sorted(got) == [5, 6, 7, 8] and all(math.isfinite(v) and v < ref[1] for v in got.values()), got
 
@@ -144,10 +178,12 @@ def test_routing_per_parameter_kind():
     }
     for kind, (pattern, on_mars) in kinds.items():
         names = [n for n in mars | adamw if re.search(pattern, n)]
-        assert len(names) == {"routed experts": 6, "shared experts": 6, "MLA low-rank": 12, "router gate": 2,
-                              "MLA norms": 6}[kind], (kind, names)
+        assert (
+            len(names)
+            == {"routed experts": 6, "shared experts": 6, "MLA low-rank": 12, "router gate": 2, "MLA norms": 6}[kind]
+        ), (kind, names)
         assert all((n in mars) == on_mars for n in names), (kind, names)
     buffers = {n for n, _ in model.named_buffers()}
     assert {"layers.1.moe.expert_bias_E", "layers.1.moe.tokens_per_expert_E"} <= buffers
-    assert not buffers & (mars | adamw)        # buffers are no optimizer's
+    assert not buffers & (mars | adamw)  # buffers are no optimizer's
     assert len(mars) == 30

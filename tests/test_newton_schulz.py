@@ -34,8 +34,9 @@ PAPER_POLAR_EXPRESS = [
 
 def rank_deficient(rows, cols, rank, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, rank, generator=g, dtype=torch.float64)
-            @ torch.randn(rank, cols, generator=g, dtype=torch.float64))
+    return torch.randn(rows, rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, cols, generator=g, dtype=torch.float64
+    )
 
 
 def spectrum_1_over_i(rows, cols, seed):
@@ -82,7 +83,9 @@ def test_gram_equals_reference_in_float64(name, coefficients, restarts):
 
 def test_polar_express_table_is_the_papers_with_its_safety_factor():
     got = ns.resolve_coefficients("polar_express", 10)
-    want = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in PAPER_POLAR_EXPRESS[:-1]] + [PAPER_POLAR_EXPRESS[-1]] * 3
+    want = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in PAPER_POLAR_EXPRESS[:-1]] + [
+        PAPER_POLAR_EXPRESS[-1]
+    ] * 3
     assert len(got) == 10
     for g, w in zip(got, want):
         assert g == pytest.approx(w, rel=1e-15)
@@ -160,9 +163,17 @@ def test_square_gram_request_runs_standard_bitwise():
 
 
 @pytest.mark.parametrize("shape", [(8, 40), (40, 8), (3, 6, 30), (12, 12), (12, 17), (1, 9)])
-@pytest.mark.parametrize("steps, dtype, coefficients", [(5, torch.bfloat16, "muon"), (5, torch.bfloat16, "polar_express"),
-                                                         (5, torch.float32, "muon"), (7, torch.float32, "muon"),
-                                                         (3, torch.bfloat16, "muon"), (8, torch.bfloat16, "muon")])
+@pytest.mark.parametrize(
+    "steps, dtype, coefficients",
+    [
+        (5, torch.bfloat16, "muon"),
+        (5, torch.bfloat16, "polar_express"),
+        (5, torch.float32, "muon"),
+        (7, torch.float32, "muon"),
+        (3, torch.bfloat16, "muon"),
+        (8, torch.bfloat16, "muon"),
+    ],
+)
 @pytest.mark.parametrize("method", ["standard", "gram"])
 def test_flops_equal_the_products_really_run(monkeypatch, shape, steps, dtype, coefficients, method):
     """newton_schulz_flops against a count of 2 m k n per matrix product actually executed."""
@@ -198,8 +209,10 @@ def test_owner_plan_costs_use_the_method_run():
     from dist_marsm.owner_plan import MatrixEntry, build_group_plan
 
     shapes = [(64, 64), (64, 224), (224, 64), (2, 32, 96)]
-    entries = [MatrixEntry(i, f"m{i}", s, replicated_layout(s, (0,)), 5, "bfloat16", "gram", "polar_express")
-               for i, s in enumerate(shapes)]
+    entries = [
+        MatrixEntry(i, f"m{i}", s, replicated_layout(s, (0,)), 5, "bfloat16", "gram", "polar_express")
+        for i, s in enumerate(shapes)
+    ]
     plan = build_group_plan(entries, (0,), 0, "largest_first", 1 << 20, 2)
     for e, s in zip(plan.entries, shapes):
         assert e.flops == ns.newton_schulz_flops(s, 5, "gram", dtype=torch.bfloat16, coefficients="polar_express")
@@ -208,18 +221,21 @@ def test_owner_plan_costs_use_the_method_run():
 
 
 # ------------------------------------------------------------------------------ coefficients
-@pytest.mark.parametrize("spec, steps, match", [
-    ("fast", 5, "unknown Newton-Schulz coefficient set 'fast'"),
-    ([], 5, "non-empty list"),
-    ("muon", 0, "steps must be a positive int"),
-    ([(1.0, 2.0)], 5, "entry 0 must be an \\(a, b, c\\) triple"),
-    ([MUON, (1.0, float("nan"), 2.0)], 2, "entry 1 has b = nan"),
-    ([MUON, (1.0, True, 2.0)], 2, "entry 1 has b = True"),
-    ([MUON, "abc"], 2, "entry 1 must be an"),
-    ([MUON] * 3, 5, "3 triples given for 5 steps"),
-    (torch.tensor([MUON]), 1, "set name or a non-empty list"),
-    (3.4, 5, "set name or a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "spec, steps, match",
+    [
+        ("fast", 5, "unknown Newton-Schulz coefficient set 'fast'"),
+        ([], 5, "non-empty list"),
+        ("muon", 0, "steps must be a positive int"),
+        ([(1.0, 2.0)], 5, "entry 0 must be an \\(a, b, c\\) triple"),
+        ([MUON, (1.0, float("nan"), 2.0)], 2, "entry 1 has b = nan"),
+        ([MUON, (1.0, True, 2.0)], 2, "entry 1 has b = True"),
+        ([MUON, "abc"], 2, "entry 1 must be an"),
+        ([MUON] * 3, 5, "3 triples given for 5 steps"),
+        (torch.tensor([MUON]), 1, "set name or a non-empty list"),
+        (3.4, 5, "set name or a non-empty list"),
+    ],
+)
 def test_coefficient_validation_names_the_problem(spec, steps, match):
     with pytest.raises(ValueError, match=match):
         ns.resolve_coefficients(spec, steps)
@@ -230,8 +246,9 @@ def test_explicit_coefficients():
     assert ns.resolve_coefficients([[1, 2, 3], (4.0, 5, 6)], 2) == ((1.0, 2.0, 3.0), (4.0, 5.0, 6.0))
     m = torch.randn(8, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     triples = [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5), (1.875, -1.25, 0.375)]
-    torch.testing.assert_close(ns.newton_schulz(m, 3, torch.float64, coefficients=triples),
-                               reference(m, triples), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        ns.newton_schulz(m, 3, torch.float64, coefficients=triples), reference(m, triples), atol=1e-12, rtol=0
+    )
 
 
 def test_bad_method_and_restarts_are_rejected():
@@ -246,8 +263,11 @@ def test_bad_method_and_restarts_are_rejected():
 # ------------------------------------------------------------------------------ many matrices
 def test_orthogonalize_many_equals_one_by_one_and_stacks_small_shapes(monkeypatch):
     g = torch.Generator().manual_seed(0)
-    mats = [torch.randn(4, 40, generator=g) for _ in range(3)] + [torch.randn(40, 4, generator=g)] + \
-           [torch.randn(200, 300, generator=g) for _ in range(2)]
+    mats = (
+        [torch.randn(4, 40, generator=g) for _ in range(3)]
+        + [torch.randn(40, 4, generator=g)]
+        + [torch.randn(200, 300, generator=g) for _ in range(2)]
+    )
     want = [ns.newton_schulz(m, 5, torch.float32, method="gram") for m in mats]
     calls = []
     real = ns.newton_schulz
@@ -272,8 +292,11 @@ def gram_fsdp_fp32(rank, world):
     model = fsdp_wrap(make_model(), _mesh_1d(world))
     diff, moved, opt = train_pair(model, make_model(), **kw)
     assert moved > 1e-2 and diff <= 1e-6, (diff, moved)
-    methods = {e.name: ns.method_used(e.shape, 5, e.ns_method, dtype=torch.float32)
-               for fg in opt.step_plan.flat_groups for e in fg.owner_plan.entries}
+    methods = {
+        e.name: ns.method_used(e.shape, 5, e.ns_method, dtype=torch.float32)
+        for fg in opt.step_plan.flat_groups
+        for e in fg.owner_plan.entries
+    }
     assert "gram" in methods.values() and "standard" in methods.values(), methods
 
 

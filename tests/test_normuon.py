@@ -17,11 +17,11 @@ import math
 
 import pytest
 import torch
-
 from _spawn import scenario, scenario_cases, scenario_check
-from dist_marsm import MARSM
 from references import marsm_steps
 from test_optimizer import SHAPES, grads_for, make_params
+
+from dist_marsm import MARSM
 
 
 @pytest.mark.parametrize("variant", ["approx", "efficient"])
@@ -65,8 +65,9 @@ def test_row_state_is_one_value_per_row_and_round_trips():
     clone = MARSM(make_params(), lr=0.02, normalize="neuron")
     clone.load_state_dict(opt.state_dict())
     for p, q in zip(params, clone.param_groups[0]["params"]):
-        torch.testing.assert_close(clone.state[q]["row_second_moment"], opt.state[p]["row_second_moment"],
-                                   atol=0, rtol=0)
+        torch.testing.assert_close(
+            clone.state[q]["row_second_moment"], opt.state[p]["row_second_moment"], atol=0, rtol=0
+        )
 
 
 # ------------------------------------------------------------------------------ distributed
@@ -82,6 +83,7 @@ def fsdp_neuron_fp32_equals_single(rank, world):
 def fsdp_neuron_extra_traffic_is_two_norms_per_matrix(rank, world):
     """Normalization adds no owner traffic, and exactly one all-reduce of 2 float32 per matrix."""
     from test_distributed import _mesh_1d, fsdp_wrap, lm_loss, make_model
+
     from dist_marsm import build_param_groups
 
     stats = {}

@@ -14,11 +14,10 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-
-from dist_marsm import MARSM, build_param_groups, newton_schulz
-from dist_marsm import mars_math
 from references import MarsmReference
 from references import newton_schulz as ref_newton_schulz
+
+from dist_marsm import MARSM, build_param_groups, mars_math, newton_schulz
 
 SHAPES = {"wide": (6, 10), "tall": (10, 6), "square": (8, 8), "batched": (3, 4, 6)}
 
@@ -61,6 +60,7 @@ def test_newton_schulz_orthogonalizes():
 
 def test_flops_formula():
     from dist_marsm.newton_schulz import newton_schulz_flops
+
     m, n = 4, 10  # per iteration: 2 m^2 n + 2 m^3 + 2 m^2 n
     assert newton_schulz_flops((10, 4), steps=1) == 2 * 16 * 10 + 2 * 64 + 2 * 16 * 10
     assert newton_schulz_flops((3, m, n), steps=5) == 3 * 5 * (4 * m * m * n + 2 * m**3)
@@ -176,8 +176,7 @@ def test_gamma_zero_no_clip_is_torch_muon():
     a = [torch.randn(6, 10, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(2)]
     b = [p.detach().clone().requires_grad_() for p in a]
     ours = MARSM([{"params": a, "use_mars": True}], lr=0.02, gamma=0.0, clip=False, weight_decay=0.1)
-    muon = torch.optim.Muon(b, lr=0.02, momentum=0.95, nesterov=False, weight_decay=0.1,
-                            adjust_lr_fn="match_rms_adamw")
+    muon = torch.optim.Muon(b, lr=0.02, momentum=0.95, nesterov=False, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     start = [p.detach().clone() for p in a]
     for step in range(3):
         for p, q, g in zip(a, b, grads_for(a, step, big=True)):
@@ -286,6 +285,7 @@ def test_state_dict_round_trip_gives_bit_identical_steps():
     run(opt_a, a + [extra], range(3))
     saved = {k: v for k, v in opt_a.state_dict().items()}
     import copy
+
     saved = copy.deepcopy(saved)
     b = [p.detach().clone().requires_grad_() for p in a]
     extra_b = extra.detach().clone().requires_grad_()
@@ -331,16 +331,30 @@ def test_lr_scheduler_drives_group_lr():
     assert torch.allclose(p, before * (1 - 0.0))  # lr 0: neither decay nor update
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(lr=-1.0), "lr"), (dict(momentum=1.0), "momentum"), (dict(momentum=-0.1), "momentum"),
-    (dict(gamma=-0.5), "gamma"), (dict(weight_decay=-1), "weight_decay"), (dict(variant="fast"), "variant"),
-    (dict(ns_steps=0), "ns_steps"), (dict(ns_dtype="float8"), "ns_dtype"), (dict(lr_adjust="x"), "lr_adjust"),
-    (dict(adamw_betas=(0.9, 1.5)), "adamw_betas"), (dict(adamw_eps=-1), "adamw_eps"),
-    (dict(clip="yes"), "clip"), (dict(normalize="column"), "normalize"), (dict(wire_dtype="int8"), "wire_dtype"),
-    (dict(owner_policy="random"), "owner_policy"), (dict(nonfinite="ignore"), "nonfinite"),
-    (dict(bucket_mb=0), "bucket_mb"), (dict(variant="efficient", momentum=0.0), "momentum"),
-    (dict(matrix_view="tube"), "matrix_view"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(momentum=-0.1), "momentum"),
+        (dict(gamma=-0.5), "gamma"),
+        (dict(weight_decay=-1), "weight_decay"),
+        (dict(variant="fast"), "variant"),
+        (dict(ns_steps=0), "ns_steps"),
+        (dict(ns_dtype="float8"), "ns_dtype"),
+        (dict(lr_adjust="x"), "lr_adjust"),
+        (dict(adamw_betas=(0.9, 1.5)), "adamw_betas"),
+        (dict(adamw_eps=-1), "adamw_eps"),
+        (dict(clip="yes"), "clip"),
+        (dict(normalize="column"), "normalize"),
+        (dict(wire_dtype="int8"), "wire_dtype"),
+        (dict(owner_policy="random"), "owner_policy"),
+        (dict(nonfinite="ignore"), "nonfinite"),
+        (dict(bucket_mb=0), "bucket_mb"),
+        (dict(variant="efficient", momentum=0.0), "momentum"),
+        (dict(matrix_view="tube"), "matrix_view"),
+    ],
+)
 def test_bad_hyperparameters_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         MARSM([torch.zeros(2, 2, requires_grad=True)], **kwargs)
@@ -395,8 +409,12 @@ def test_exact_rewinds_the_whole_model_including_adamw_params():
     w = torch.randn(3, 4, requires_grad=True)
     s = torch.randn(3, requires_grad=True)
     x, y = torch.randn(4, 5), torch.randn(3, 5)
-    opt = MARSM([{"params": [w], "use_mars": True}, {"params": [s], "use_mars": False}], lr=0.05,
-                variant="exact", ns_dtype="float32")
+    opt = MARSM(
+        [{"params": [w], "use_mars": True}, {"params": [s], "use_mars": False}],
+        lr=0.05,
+        variant="exact",
+        ns_dtype="float32",
+    )
     seen = []
 
     def closure():

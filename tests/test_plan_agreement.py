@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
 from _spawn import scenario, scenario_cases, scenario_check
+
 from dist_marsm import MARSM, build_param_groups
 
 pytestmark = pytest.mark.slow
@@ -107,9 +107,14 @@ def _batch(rank: int, step: int):
 @scenario(2, 3)
 def unsynchronised_replicas_raise(rank, world):
     model = Replicated()
-    opt = MARSM([{"params": [model.hidden], "param_names": ["hidden"], "use_mars": True},
-                 {"params": [model.bias], "param_names": ["bias"], "use_mars": False}], lr=0.01)
-    model(_batch(rank, 0)).backward()   # each rank its own data, and no gradient all-reduce
+    opt = MARSM(
+        [
+            {"params": [model.hidden], "param_names": ["hidden"], "use_mars": True},
+            {"params": [model.bias], "param_names": ["bias"], "use_mars": False},
+        ],
+        lr=0.01,
+    )
+    model(_batch(rank, 0)).backward()  # each rank its own data, and no gradient all-reduce
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"parameter hidden is a plain tensor replicated over \d ranks.*DDP"):
         opt.step()
@@ -120,8 +125,13 @@ def unsynchronised_replicas_raise(rank, world):
 def ddp_synchronised_replicas_train_50_steps(rank, world):
     model = Replicated()
     ddp = nn.parallel.DistributedDataParallel(model)
-    opt = MARSM([{"params": [model.hidden], "param_names": ["hidden"], "use_mars": True},
-                 {"params": [model.bias], "param_names": ["bias"], "use_mars": False}], lr=0.01)
+    opt = MARSM(
+        [
+            {"params": [model.hidden], "param_names": ["hidden"], "use_mars": True},
+            {"params": [model.bias], "param_names": ["bias"], "use_mars": False},
+        ],
+        lr=0.01,
+    )
     for step in range(50):
         opt.zero_grad()
         ddp(_batch(rank, step)).backward()

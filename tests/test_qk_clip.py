@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
 from _spawn import scenario, scenario_cases, scenario_check
+
 from dist_marsm.qk_clip import AttentionSpec, QKClip, QKClipSettings, per_head_max_logits
 
 REL = 2e-5
@@ -84,8 +84,13 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, length, self.n_kv, self.hd)
         if self.clip is not None:
             self.clip.record(self.name, per_head_max_logits(q, k))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=self.n_heads != self.n_kv)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            enable_gqa=self.n_heads != self.n_kv,
+        )
         return self.wo(out.transpose(1, 2).reshape(b, length, -1))
 
     def spec(self):
@@ -142,7 +147,7 @@ def test_per_head_max_logits_matches_float64(geom, causal):
     wq, wk = torch.randn(nh * hd, DIM), torch.randn(nkv * hd, DIM)
     q, k = (x @ wq.T).view(3, 7, nh, hd), (x @ wk.T).view(3, 7, nkv, hd)
     ref = ref_max_logits(x, wq, wk, nh, nkv, hd, causal)
-    for chunk in (1 << 24, 3 * nh * 7 * 3, 5):   # one block; blocks of 3 query rows (3, 3, 1); of 1
+    for chunk in (1 << 24, 3 * nh * 7 * 3, 5):  # one block; blocks of 3 query rows (3, 3, 1); of 1
         got = per_head_max_logits(q, k, causal=causal, max_chunk_elements=chunk)
         torch.testing.assert_close(got.double(), ref, rtol=REL, atol=0)
 
@@ -153,26 +158,26 @@ def test_caps_next_forward_and_leaves_other_heads_bitwise(geom):
     nh, nkv, hd = geom["n_heads"], geom["n_kv"], geom["hd"]
     layer = Attention(DIM, nh, nkv, hd, qk_std=0.1)
     layer.name = "attn"
-    with torch.no_grad():   # query head 0 made large: its logits far above tau, the others far below
+    with torch.no_grad():  # query head 0 made large: its logits far above tau, the others far below
         layer.wq.weight[:hd] *= 200
     clip = QKClip([layer.spec()], QKClipSettings(tau=TAU))
     layer.clip = clip
     x = torch.randn(2, 6, DIM)
     wq0, wk0 = layer.wq.weight.detach().clone(), layer.wk.weight.detach().clone()
     before = ref_max_logits(x, wq0, wk0, nh, nkv, hd)
-    assert before[0] > 10 * TAU and (before[1:] < TAU).all()   # the set-up is what the test needs
+    assert before[0] > 10 * TAU and (before[1:] < TAU).all()  # the set-up is what the test needs
     layer(x)
     stats = clip.apply()
     assert stats["heads_clipped"] == 1
     assert stats["max_logit"] == pytest.approx(float(before.max()), rel=REL)
     after = ref_max_logits(x, layer.wq.weight.detach(), layer.wk.weight.detach(), nh, nkv, hd)
     assert float(after[0]) == pytest.approx(TAU, rel=REL)
-    assert torch.equal(layer.wq.weight[hd:], wq0[hd:])      # other query heads bitwise
+    assert torch.equal(layer.wq.weight[hd:], wq0[hd:])  # other query heads bitwise
     expect_q, expect_k = ref_clip(wq0, wk0, before, TAU, nh, nkv, hd)
     torch.testing.assert_close(layer.wq.weight.detach().double(), expect_q, rtol=REL, atol=0)
     if nh == nkv:
         assert torch.equal(layer.wk.weight[hd:], wk0[hd:])
-    else:   # the shared key head is not scaled, so heads 1..3 keep their logits exactly
+    else:  # the shared key head is not scaled, so heads 1..3 keep their logits exactly
         assert torch.equal(layer.wk.weight, wk0)
     torch.testing.assert_close(layer.wk.weight.detach().double(), expect_k, rtol=REL, atol=0)
     torch.testing.assert_close(after[1:], before[1:], rtol=0, atol=0)
@@ -213,7 +218,7 @@ def test_micro_batches_keep_the_running_max():
 
 def test_attach_runs_apply_after_each_step():
     model = make_lm()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)   # lr 0: the step itself changes nothing
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step itself changes nothing
     clip = QKClip([layer.spec() for layer in model.layers], TAU)
     model.attach(clip)
     handle = clip.attach(opt)
@@ -222,16 +227,16 @@ def test_attach_runs_apply_after_each_step():
     maxima = ref_max_logits(model.emb(x), wq0, model.layers[0].wk.weight, 3, 3, 3)
     model(x).sum().backward()
     opt.step()
-    expect_q, _ = ref_clip(wq0, model.layers[0].wk.weight, maxima, TAU, 3, 3, 3)   # wk after: sqrt-scaled too
+    expect_q, _ = ref_clip(wq0, model.layers[0].wk.weight, maxima, TAU, 3, 3, 3)  # wk after: sqrt-scaled too
     torch.testing.assert_close(model.layers[0].wq.weight.detach().double(), expect_q, rtol=REL, atol=0)
     assert clip.last_stats["heads_clipped"] > 0
     handle.remove()
-    x2 = x * 0 + batch(1, 0)[:, :-1]   # other tokens: some head is above tau again
+    x2 = x * 0 + batch(1, 0)[:, :-1]  # other tokens: some head is above tau again
     model(x2)
     assert any(v > TAU for v in clip._maxima.tolist())
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))   # detached: no clip
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))  # detached: no clip
 
 
 def test_fused_qkv_rows_equal_separate():
@@ -254,7 +259,10 @@ def test_fused_qkv_rows_equal_separate():
     wq, wk, wv = torch.randn(2 * hd, din), torch.randn(2 * hd, din), torch.randn(2 * hd, din)
     fused = torch.cat([wq.view(2, 1, hd, din), wk.view(2, 1, hd, din), wv.view(2, 1, hd, din)], 1).reshape(-1, din)
     v0 = wv.clone()
-    for c in (QKClip([AttentionSpec("a", 2, 2, hd, wq=wq, wk=wk)], TAU), QKClip([AttentionSpec("a", 2, 2, hd, wqkv=fused)], TAU)):
+    for c in (
+        QKClip([AttentionSpec("a", 2, 2, hd, wq=wq, wk=wk)], TAU),
+        QKClip([AttentionSpec("a", 2, 2, hd, wqkv=fused)], TAU),
+    ):
         c.record("a", torch.tensor([12.0, 2.0]))
         c.apply()
     again = torch.cat([wq.view(2, 1, hd, din), wk.view(2, 1, hd, din), v0.view(2, 1, hd, din)], 1)
@@ -300,6 +308,7 @@ def _train(model, opt, clip, steps, start=0):
 
 def test_resume_equals_uninterrupted():
     """QKClip keeps nothing across steps: model + optimizer state alone resume the run exactly."""
+
     def fresh():
         model = make_lm()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -309,7 +318,7 @@ def test_resume_equals_uninterrupted():
 
     model, opt, clip = fresh()
     straight = _train(model, opt, clip, 6)
-    assert clip.last_stats["heads_clipped"] > 0   # the clip is active in this run
+    assert clip.last_stats["heads_clipped"] > 0  # the clip is active in this run
     ref = [p.detach().clone() for p in model.parameters()]
 
     model, opt, clip = fresh()
@@ -338,15 +347,22 @@ def _titan_model(kind):
     else:
         dim, n_heads = 64, 8
         config = L.Llama3Model.Config(
-            dim=dim, vocab_size=2048,
+            dim=dim,
+            vocab_size=2048,
             tok_embeddings=L.Embedding.Config(num_embeddings=2048, embedding_dim=dim, param_init=L._EMBEDDING_INIT),
             norm=L.RMSNorm.Config(normalized_shape=dim, param_init=L._NORM_INIT),
             lm_head=L.Linear.Config(in_features=dim, out_features=2048, param_init=L._output_linear_init(dim)),
             layers=L._build_llama3_layers(
-                fuse_qkv=kind == "gqa_fused", n_layers=2, dim=dim, n_heads=n_heads, n_kv_heads=2,
+                fuse_qkv=kind == "gqa_fused",
+                n_layers=2,
+                dim=dim,
+                n_heads=n_heads,
+                n_kv_heads=2,
                 hidden_dim=L.compute_ffn_hidden_dim(dim, multiple_of=64),
                 rope=L.ComplexRoPE.Config(dim=dim // n_heads, max_seq_len=1024, theta=500000, scaling="llama"),
-                attn_backend="flex"))
+                attn_backend="flex",
+            ),
+        )
     use_causal_sdpa(config)
     torch.manual_seed(5)
     model = config.build()
@@ -380,26 +396,26 @@ def test_titan_hooks_measure_without_changing_the_model(kind):
     assert hasattr(attn0.qkv_linear, "wqkv") == (kind != "gqa_separate")
     captured = {}
 
-    def capture(_m, args, kwargs):   # test-only: the q/k the kernel receives
+    def capture(_m, args, kwargs):  # test-only: the q/k the kernel receives
         captured["q"], captured["k"], captured["scale"] = args[0].detach(), args[1].detach(), kwargs.get("scale")
 
     attn0.inner_attention.register_forward_pre_hook(capture, with_kwargs=True)
     tokens = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(0))
     plain = model(tokens)
     hooks = install_qk_clip(model, QKClipSettings(tau=5.0))
-    assert torch.equal(model(tokens), plain)   # the hooks change nothing the model computes
-    assert captured["scale"] is None   # torchtitan leaves SDPA's default 1/sqrt(head_dim)
+    assert torch.equal(model(tokens), plain)  # the hooks change nothing the model computes
+    assert captured["scale"] is None  # torchtitan leaves SDPA's default 1/sqrt(head_dim)
     ref = _causal_max(captured["q"], captured["k"])
     assert ref.max() > 5.0
     stats = hooks.apply()
     assert stats["max_logit_per_layer"]["layers.0.attention"] == pytest.approx(float(ref.max()), rel=REL)
     assert stats["heads_clipped"] >= int((ref > 5.0).sum())
-    model(tokens)   # layer 0's input does not depend on any attention weight: its max is now tau
+    model(tokens)  # layer 0's input does not depend on any attention weight: its max is now tau
     after = _causal_max(captured["q"], captured["k"])
     torch.testing.assert_close(after, torch.where(ref > 5.0, torch.full_like(ref, 5.0), ref), rtol=REL, atol=0)
     hooks.apply()
     model.eval()
-    model(tokens)   # eval forwards do not record
+    model(tokens)  # eval forwards do not record
     assert hooks.apply()["max_logit"] == -math.inf
     hooks.remove()
 
@@ -416,9 +432,15 @@ def _reference_after_one_clip(world, qk_std=1.5):
     expect = {}
     h_in = {r: model.emb(x).detach() for r, x in enumerate(_ranks_data(world))}
     for layer in model.layers:
-        maxima = torch.stack([ref_max_logits(h_in[r], layer.wq.weight, layer.wk.weight, layer.n_heads, layer.n_kv,
-                                             layer.hd) for r in range(world)]).amax(0)
-        expect[layer.name] = ref_clip(layer.wq.weight, layer.wk.weight, maxima, TAU, layer.n_heads, layer.n_kv, layer.hd)
+        maxima = torch.stack(
+            [
+                ref_max_logits(h_in[r], layer.wq.weight, layer.wk.weight, layer.n_heads, layer.n_kv, layer.hd)
+                for r in range(world)
+            ]
+        ).amax(0)
+        expect[layer.name] = ref_clip(
+            layer.wq.weight, layer.wk.weight, maxima, TAU, layer.n_heads, layer.n_kv, layer.hd
+        )
         with torch.no_grad():
             h_in = {r: h + layer(h) for r, h in h_in.items()}
     return expect
@@ -433,7 +455,7 @@ def _assert_matches(model, expect, equal: bool):
     if equal:
         assert max(diffs) < REL, diffs
     else:
-        assert max(diffs) > 1e-3, diffs   # some head's rows were scaled by the wrong factor
+        assert max(diffs) > 1e-3, diffs  # some head's rows were scaled by the wrong factor
 
 
 def _gathered_differ(tensors):
@@ -457,8 +479,7 @@ def scenario_replicated(rank, world):
     for reduce in (True, False):
         model = make_lm()
         groups = _singleton_groups()
-        clip = QKClip([layer.spec() for layer in model.layers], TAU,
-                      process_group=None if reduce else groups[rank])
+        clip = QKClip([layer.spec() for layer in model.layers], TAU, process_group=None if reduce else groups[rank])
         model.attach(clip)
         model(x)
         stats = clip.apply()
@@ -467,7 +488,7 @@ def scenario_replicated(rank, world):
             assert stats["allreduce_bytes"] == 4 * sum(g["n_heads"] for g in GEOMETRIES)
             assert not _gathered_differ(qk)
             _assert_matches(model, expect, equal=True)
-        else:   # negative control: without the cross-rank max the replicas diverge
+        else:  # negative control: without the cross-rank max the replicas diverge
             assert _gathered_differ(qk)
 
 
@@ -553,4 +574,4 @@ def test_recipe_key_wires_qk_clip_into_the_optimizer_container():
     F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)).backward()
     container.step()
     stats = container.qk_clip.last_stats
-    assert stats["heads_clipped"] > 0 and stats["max_logit"] > 5.0   # layer 0's q/k weights are large
+    assert stats["heads_clipped"] > 0 and stats["max_logit"] > 5.0  # layer 0's q/k weights are large

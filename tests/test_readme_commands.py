@@ -26,41 +26,65 @@ REPO = Path(__file__).resolve().parents[1]
 # command -> how it is checked. "run": as written, on CPU, and the metrics it leaves (dump folder, steps).
 RUN, LAUNCH, GPU_CHECK, ELSEWHERE = "run", "launch", "gpu_check", "elsewhere"
 COMMANDS = {
-    "make run": (ELSEWHERE, ("80 steps plus `pip install -e .` (which would re-point this machine's editable "
-                             "install); test_make_run_is_the_documented_commands checks what it runs")),
+    "make run": (
+        ELSEWHERE,
+        (
+            "80 steps plus `pip install -e .` (which would re-point this machine's editable "
+            "install); test_make_run_is_the_documented_commands checks what it runs"
+        ),
+    ),
     "make test": (ELSEWHERE, "the test suite itself; .ci/run runs it"),
     "pip wheel --no-deps -w dist .": (ELSEWHERE, "tests/test_wheel.py builds the wheel the same way"),
-    'pip install "$(ls dist/dist_marsm-*.whl)[titan]"':
-        (ELSEWHERE, ("would replace this machine's editable install; tests/test_wheel.py installs the wheel into a "
-                     "fresh venv and .ci/other_torch.sh with its [titan,test] extras on torch 2.15.0")),
+    'pip install "$(ls dist/dist_marsm-*.whl)[titan]"': (
+        ELSEWHERE,
+        (
+            "would replace this machine's editable install; tests/test_wheel.py installs the wheel into a "
+            "fresh venv and .ci/other_torch.sh with its [titan,test] extras on torch 2.15.0"
+        ),
+    ),
     "python -m dist_marsm.shipped": (RUN, None),
     "python -m dist_marsm.train --recipe debug_cpu --training.steps 10": (RUN, ("outputs/debug_cpu", 10)),
-    "python -m dist_marsm.train --recipe recipes/debug_cpu.toml --training.steps 10 --optimizer.gamma 0":
-        (RUN, ("outputs/debug_cpu", 10)),
-    "torchrun --nproc_per_node 8 -m dist_marsm.train --recipe recipes/llama3_8b.toml":
-        (GPU_CHECK, ("8 GPUs and Llama 3 8B; the recipe is validated for 8 ranks (--check under torchrun's RANK "
-                     "and WORLD_SIZE)")),
-    "torchrun --nproc_per_node 2 -m torchtitan.train --module dist_marsm.titan --config debug_cpu --training.steps 10":
-        (RUN, ("outputs/debug_cpu", 10)),
-    "python -m dist_marsm.train --recipe recipes/moe_debug_cpu.toml --training.steps 10":
-        (RUN, ("outputs/moe_debug_cpu", 10)),
+    "python -m dist_marsm.train --recipe recipes/debug_cpu.toml --training.steps 10 --optimizer.gamma 0": (
+        RUN,
+        ("outputs/debug_cpu", 10),
+    ),
+    "torchrun --nproc_per_node 8 -m dist_marsm.train --recipe recipes/llama3_8b.toml": (
+        GPU_CHECK,
+        ("8 GPUs and Llama 3 8B; the recipe is validated for 8 ranks (--check under torchrun's RANK and WORLD_SIZE)"),
+    ),
+    "torchrun --nproc_per_node 2 -m torchtitan.train --module dist_marsm.titan --config debug_cpu --training.steps 10": (
+        RUN,
+        ("outputs/debug_cpu", 10),
+    ),
+    "python -m dist_marsm.train --recipe recipes/moe_debug_cpu.toml --training.steps 10": (
+        RUN,
+        ("outputs/moe_debug_cpu", 10),
+    ),
     "python -m dist_marsm.train --recipe recipes/debug_cpu.toml --training.steps 10 --optimizer.ns_head_dim 16 "
     "--optimizer.qk_clip_tau 100": (RUN, ("outputs/debug_cpu", 10)),
     "sbatch --nodes 4 --gpus-per-node 8 launch/slurm.sbatch recipes/llama3_8b.toml": (LAUNCH, "GPU nodes"),
-    "sbatch --nodes=4 --gpus-per-node=8 launch/slurm.sbatch recipes/llama3_8b.toml --training.steps 1000":
-        (LAUNCH, "GPU nodes"),
+    "sbatch --nodes=4 --gpus-per-node=8 launch/slurm.sbatch recipes/llama3_8b.toml --training.steps 1000": (
+        LAUNCH,
+        "GPU nodes",
+    ),
     "sbatch --requeue --nodes=4 --gpus-per-node=8 launch/slurm.sbatch recipes/llama3_8b.toml": (LAUNCH, "GPU nodes"),
     "launch/local.sh 8 recipes/llama3_8b.toml": (LAUNCH, "8 GPUs"),
-    'sbatch --nodes=4 --gpus-per-node=8 "$(python -m dist_marsm.shipped slurm.sbatch)" llama3_8b':
-        (LAUNCH, "GPU nodes"),
+    'sbatch --nodes=4 --gpus-per-node=8 "$(python -m dist_marsm.shipped slurm.sbatch)" llama3_8b': (
+        LAUNCH,
+        "GPU nodes",
+    ),
 }
 
 
 def readme_commands() -> list[str]:
     """Each line of each ```bash block, its trailing comment dropped."""
     blocks = re.findall(r"^```bash\n(.*?)^```", (REPO / "README.md").read_text(), flags=re.DOTALL | re.MULTILINE)
-    return [re.sub(r"\s+#.*$", "", line).strip() for block in blocks for line in block.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        re.sub(r"\s+#.*$", "", line).strip()
+        for block in blocks
+        for line in block.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def test_every_readme_command_has_a_check():
@@ -82,8 +106,9 @@ def _env(cache: Path, **extra) -> dict[str, str]:
 
 
 def _bash(command: str, cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
-    proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    proc = subprocess.run(
+        ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
     assert proc.returncode == 0, f"{command}\n-> {proc.returncode}\n{(proc.stdout + proc.stderr)[-6000:]}"
     return proc.stdout
 
@@ -93,7 +118,7 @@ def _bash(command: str, cwd: Path, env: dict[str, str], timeout: int = 600) -> s
 def test_cpu_command_runs_as_written(command, tmp_path, cache):
     log = _bash(command, tmp_path, _env(cache))
     expect = COMMANDS[command][1]
-    if expect is None:   # python -m dist_marsm.shipped: lists every shipped recipe and launcher
+    if expect is None:  # python -m dist_marsm.shipped: lists every shipped recipe and launcher
         names = {p.stem for p in (REPO / "recipes").glob("*.toml")} | {p.name for p in (REPO / "launch").iterdir()}
         assert all(re.search(rf"^\s+{re.escape(n)}\s+/", log, re.MULTILINE) for n in names), log
         return
@@ -112,12 +137,18 @@ def test_launcher_command_builds_the_documented_job(command, cache):
     if words[0] == "sbatch":
         opts = dict(re.findall(r"--(nodes|gpus-per-node)[= ](\d+)", command))
         script_and_args = re.sub(r"^sbatch( --?[a-z-]+(?:[= ]\d+)?)*\s+", "", command)
-        env = _env(cache, DRY_RUN="1", SLURM_JOB_NUM_NODES=opts["nodes"], SLURM_GPUS_ON_NODE=opts["gpus-per-node"],
-                   SLURM_JOB_ID="123", SLURM_JOB_NODELIST="gpu[1-4]")
+        env = _env(
+            cache,
+            DRY_RUN="1",
+            SLURM_JOB_NUM_NODES=opts["nodes"],
+            SLURM_GPUS_ON_NODE=opts["gpus-per-node"],
+            SLURM_JOB_ID="123",
+            SLURM_JOB_NODELIST="gpu[1-4]",
+        )
         out = _bash(f"bash {script_and_args}", REPO, env)
         nodes, per_node = opts["nodes"], opts["gpus-per-node"]
         rest = shlex.split(script_and_args.replace('"$(python -m dist_marsm.shipped slurm.sbatch)"', "S"))[1:]
-    else:   # launch/local.sh NPROC RECIPE ...
+    else:  # launch/local.sh NPROC RECIPE ...
         out = _bash(command, REPO, _env(cache, DRY_RUN="1"))
         nodes, per_node, rest = "1", words[1], words[2:]
     cmd = next(line for line in out.splitlines() if line.startswith("CMD: "))
@@ -129,10 +160,13 @@ def test_gpu_commands_recipe_validates_for_its_ranks(cache, tmp_path):
     command = next(c for c, (how, _) in COMMANDS.items() if how == GPU_CHECK)
     words = shlex.split(command)
     ranks = words[words.index("--nproc_per_node") + 1]
-    train_args = words[words.index("dist_marsm.train") + 1:]
-    out = _bash(f"python -m dist_marsm.train {shlex.join(train_args)} --check", tmp_path,
-                _env(cache, RANK="0", WORLD_SIZE=ranks, LOCAL_RANK="0"))
-    config, _ = json.JSONDecoder().raw_decode(out[out.index("{"):])
+    train_args = words[words.index("dist_marsm.train") + 1 :]
+    out = _bash(
+        f"python -m dist_marsm.train {shlex.join(train_args)} --check",
+        tmp_path,
+        _env(cache, RANK="0", WORLD_SIZE=ranks, LOCAL_RANK="0"),
+    )
+    config, _ = json.JSONDecoder().raw_decode(out[out.index("{") :])
     assert config["model"]["name"] == "llama3" and config["model"]["flavor"] == "8B", config["model"]
 
 
@@ -140,5 +174,7 @@ def test_make_run_is_the_documented_commands(tmp_path):
     """`make run` = install, the CPU debug recipe in full (the 10-step README lines run the same code), the plot."""
     out = subprocess.run(["make", "-n", "run"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     lines = [line.strip() for line in out.splitlines() if line.strip() and not line.strip().startswith("#")]
-    assert lines[-2:] == ["python3 -m dist_marsm.train --recipe recipes/debug_cpu.toml",
-                          "python3 -m dist_marsm.plot outputs/debug_cpu"], lines
+    assert lines[-2:] == [
+        "python3 -m dist_marsm.train --recipe recipes/debug_cpu.toml",
+        "python3 -m dist_marsm.plot outputs/debug_cpu",
+    ], lines

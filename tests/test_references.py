@@ -42,7 +42,10 @@ def test_marsm_efficient_equals_approx_without_clipping():
     recursion when clipping is off, so the two give the same parameters (float64 rounding: 1e-12); with
     clipping on and large gradients they must not."""
     g = torch.Generator().manual_seed(2)
-    start = [torch.randn(6, 10, generator=g, dtype=torch.float64), torch.randn(2, 4, 6, generator=g, dtype=torch.float64)]
+    start = [
+        torch.randn(6, 10, generator=g, dtype=torch.float64),
+        torch.randn(2, 4, 6, generator=g, dtype=torch.float64),
+    ]
     grads = [[3 * torch.randn(p.shape, generator=g, dtype=torch.float64) for p in start] for _ in range(4)]
     efficient, _ = references.marsm_steps(start, grads, lr=0.02, variant="efficient")
     approx, _ = references.marsm_steps(start, grads, lr=0.02, clip=False)

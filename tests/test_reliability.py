@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
 from _spawn import scenario, scenario_cases, scenario_check
 from test_distributed import _mesh_1d, fsdp_wrap, full, lm_loss, make_model
 
@@ -37,8 +36,9 @@ def _poison(model, rank_to_poison, rank):
 
 def _snapshot(model, opt):
     params = [full(p).detach().clone() for p in model.parameters()]
-    state = [{k: (full(v).clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
-             for p in model.parameters()]
+    state = [
+        {k: (full(v).clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()} for p in model.parameters()
+    ]
     return params, state
 
 
@@ -81,7 +81,8 @@ def nonfinite_skip_leaves_everything_untouched(rank, world):
                     assert torch.equal(a, b), "a skipped step changed a parameter"
                 for sa, sb in zip(before[1], after[1]):
                     assert sa.keys() == sb.keys() and all(
-                        torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k] for k in sa)
+                        torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k] for k in sa
+                    )
             else:
                 o.step()
     # After the skip, training continued exactly as if the bad batch had never been seen.

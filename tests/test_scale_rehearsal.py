@@ -23,13 +23,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import scale_rehearsal as rehearsal  # noqa: E402
 from _spawn import run_scenarios, scenario, scenario_cases  # noqa: E402
 
-FLAVOR = "debugmodel"          # torchtitan's llama3 debug model: dim 256, 16 heads
+FLAVOR = "debugmodel"  # torchtitan's llama3 debug model: dim 256, 16 heads
 LAYERS = 2
-BUCKET_MB = 0.25               # several buckets even in the small model
+BUCKET_MB = 0.25  # several buckets even in the small model
 MESHES_4 = {"FSDP 4": (1, 4, 1), "HSDP 2x2": (2, 2, 1), "FSDP 2 x TP 2": (1, 2, 2)}
-COMPARED = ("collectives", "a2a_bytes_sent", "a2a_bytes_received", "engine_collectives", "engine_bytes_sent",
-            "engine_bytes_received", "plan_bytes_sent", "plan_bytes_received", "owned_ns_flops", "buckets",
-            "peak_transient_bytes")
+COMPARED = (
+    "collectives",
+    "a2a_bytes_sent",
+    "a2a_bytes_received",
+    "engine_collectives",
+    "engine_bytes_sent",
+    "engine_bytes_received",
+    "plan_bytes_sent",
+    "plan_bytes_received",
+    "owned_ns_flops",
+    "buckets",
+    "peak_transient_bytes",
+)
 OUT_ENV = "SCALE_REHEARSAL_GLOO_OUT"
 
 
@@ -49,14 +59,16 @@ class CountingCollectives(rehearsal.MirroredGroup):
         self._count("all_gather_object")
         return self.real["all_gather_object"](object_list, obj, group=group)
 
-    def all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None,
-                          async_op=False):
+    def all_to_all_single(
+        self, output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False
+    ):
         self._count("all_to_all_single")
         me = dist.get_rank(group)
         self.bytes_sent += (sum(input_split_sizes) - input_split_sizes[me]) * input.element_size()
         self.bytes_received += (sum(output_split_sizes) - output_split_sizes[me]) * output.element_size()
-        return self.real["all_to_all_single"](output, input, output_split_sizes, input_split_sizes, group=group,
-                                              async_op=async_op)
+        return self.real["all_to_all_single"](
+            output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op
+        )
 
 
 @scenario(4)
@@ -73,8 +85,12 @@ def gloo_counts(rank: int, world: int) -> None:
                 rehearsal.fill_gradients(model, step)
                 counter.reset()
                 opt.step()
-        out[name] = {"collectives": counter.calls, "a2a_bytes_sent": counter.bytes_sent,
-                     "a2a_bytes_received": counter.bytes_received, **rehearsal.step_counts(opt)}
+        out[name] = {
+            "collectives": counter.calls,
+            "a2a_bytes_sent": counter.bytes_sent,
+            "a2a_bytes_received": counter.bytes_received,
+            **rehearsal.step_counts(opt),
+        }
     Path(os.environ[OUT_ENV], f"{rank}.json").write_text(json.dumps(out))
 
 
@@ -112,7 +128,7 @@ def test_rehearsal_at_64_ranks(_no_group_left):
     world, mesh = 64, (1, 64, 1)
     mirrored, ns = rehearsal.MirroredGroup(), rehearsal.StandinNewtonSchulz()
     plan = rehearsal.plan_row(FLAVOR, "FSDP 64", world - 1, mirrored, mesh=mesh)
-    assert plan["world"] == world and plan["owned_tflop"] == 0, plan       # 42 matrices, 64 ranks
+    assert plan["world"] == world and plan["owned_tflop"] == 0, plan  # 42 matrices, 64 ranks
     rows = {}
     for rank in (world - 1, plan["busiest_rank"]):
         rows[rank] = row = rehearsal.step_row(FLAVOR, "FSDP 64", rank, None, 2, mirrored, ns, mesh=mesh)

@@ -29,8 +29,10 @@ def _takes_rank_and_world(fn: ast.FunctionDef) -> bool:
 
 
 def _marked(fn: ast.FunctionDef) -> bool:
-    return any(isinstance(d, ast.Call) and "scenario" in (getattr(d.func, "id", None), getattr(d.func, "attr", None))
-               for d in fn.decorator_list)
+    return any(
+        isinstance(d, ast.Call) and "scenario" in (getattr(d.func, "id", None), getattr(d.func, "attr", None))
+        for d in fn.decorator_list
+    )
 
 
 def _scenario_modules() -> dict[str, list[str]]:
@@ -44,21 +46,26 @@ def _scenario_modules() -> dict[str, list[str]]:
 
 
 def test_every_rank_world_function_is_a_marked_scenario():
-    unmarked = [f"tests/{path.name}:{fn.lineno} {fn.name}" for path in sorted(TESTS.glob("*.py"))
-                for fn in _module_functions(path) if _takes_rank_and_world(fn) and not _marked(fn)]
-    assert not unmarked, ("functions that look like spawned scenarios but are not marked @scenario, so no test "
-                          f"runs them: {unmarked}")
+    unmarked = [
+        f"tests/{path.name}:{fn.lineno} {fn.name}"
+        for path in sorted(TESTS.glob("*.py"))
+        for fn in _module_functions(path)
+        if _takes_rank_and_world(fn) and not _marked(fn)
+    ]
+    assert not unmarked, (
+        f"functions that look like spawned scenarios but are not marked @scenario, so no test runs them: {unmarked}"
+    )
 
 
 def test_every_module_with_scenarios_lists_them_for_a_test():
     """Importing the test modules runs their scenario_cases() calls; each scenario module must have been listed."""
     modules = _scenario_modules()
-    assert {"test_distributed", "moe_scenarios"} <= set(modules), modules   # the scan finds what is there
+    assert {"test_distributed", "moe_scenarios"} <= set(modules), modules  # the scan finds what is there
     for path in sorted(TESTS.glob("test_*.py")):
         if "scenario_cases" in path.read_text():
             try:
                 importlib.import_module(path.stem)
-            except pytest.skip.Exception:   # e.g. torchtitan missing: its own scenarios are skipped with it
+            except pytest.skip.Exception:  # e.g. torchtitan missing: its own scenarios are skipped with it
                 modules.pop(path.stem, None)
     unlisted = []
     for stem in modules:
@@ -76,13 +83,17 @@ def _example_module(monkeypatch, source: str) -> types.ModuleType:
 
 
 def test_cases_are_grouped_by_world_and_a_late_scenario_is_refused(monkeypatch):
-    mod = _example_module(monkeypatch, (
-        "from _spawn import scenario, scenario_cases\n"
-        "@scenario(3, 2)\n"
-        "def first(rank, world): pass\n"
-        "@scenario(2)\n"
-        "def second(rank, world): pass\n"
-        "CASES = scenario_cases(__name__)\n"))
+    mod = _example_module(
+        monkeypatch,
+        (
+            "from _spawn import scenario, scenario_cases\n"
+            "@scenario(3, 2)\n"
+            "def first(rank, world): pass\n"
+            "@scenario(2)\n"
+            "def second(rank, world): pass\n"
+            "CASES = scenario_cases(__name__)\n"
+        ),
+    )
     assert mod.CASES == [(2, "first"), (2, "second"), (3, "first")]
     with pytest.raises(RuntimeError, match="below the module's scenario_cases"):
         exec("@scenario(2)\ndef late(rank, world): pass\n", mod.__dict__)  # noqa: S102
@@ -91,11 +102,10 @@ def test_cases_are_grouped_by_world_and_a_late_scenario_is_refused(monkeypatch):
 
 
 def test_unregistered_names_are_refused_before_spawning(monkeypatch):
-    mod = _example_module(monkeypatch, (
-        "from _spawn import scenario\n"
-        "@scenario(2)\n"
-        "def marked(rank, world): pass\n"
-        "def unmarked(rank, world): pass\n"))
+    mod = _example_module(
+        monkeypatch,
+        ("from _spawn import scenario\n@scenario(2)\ndef marked(rank, world): pass\ndef unmarked(rank, world): pass\n"),
+    )
     with pytest.raises(ValueError, match=r"\['unmarked'\] are not @scenario functions for world 2"):
         run_scenarios(mod.__name__, ["marked", "unmarked"], 2)
     with pytest.raises(ValueError, match=r"\['marked'\] are not @scenario functions for world 3"):

@@ -27,25 +27,27 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from slurm_cluster import _free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = "launch/slurm.sbatch"
 RECIPE = "recipes/debug_cpu.toml"
 
-STEPS = 6            # few steps: CI has 2 cores (2x2 runs use STEPS_2X2)
+STEPS = 6  # few steps: CI has 2 cores (2x2 runs use STEPS_2X2)
 STEPS_2X2 = 4
-CKPT_INTERVAL = 2    # checkpoints at steps 2, 4, 6
-LOSS_RTOL = 1e-5     # 2 nodes x N ranks vs 1 node x 2N ranks: same math, same gloo reductions
-RESUME_RTOL = 1e-6   # resumed vs uninterrupted: checkpoint restores the full state
+CKPT_INTERVAL = 2  # checkpoints at steps 2, 4, 6
+LOSS_RTOL = 1e-5  # 2 nodes x N ranks vs 1 node x 2N ranks: same math, same gloo reductions
+RESUME_RTOL = 1e-6  # resumed vs uninterrupted: checkpoint restores the full state
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def trainer_env(extra=None):
-    env = {"TORCHRUN": f"{sys.executable} -m torch.distributed.run", "OMP_NUM_THREADS": "1",
-           "RDZV_PORT": str(_free_ports(1)[0])}
+    env = {
+        "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+        "OMP_NUM_THREADS": "1",
+        "RDZV_PORT": str(_free_ports(1)[0]),
+    }
     env.update(extra or {})
     return env
 
@@ -59,9 +61,20 @@ def recipe() -> str:
 def overrides(dump: Path, steps: int = STEPS) -> list[str]:
     """The debug recipe shortened: a few steps, warm-up within them, checkpoints every CKPT_INTERVAL steps,
     FSDP over however many ranks the launcher starts."""
-    return ["--training.steps", str(steps), "--lr_scheduler.warmup_steps", "2", "--dump_folder", str(dump),
-            "--checkpoint.enable", "true", "--checkpoint.interval", str(CKPT_INTERVAL),
-            "--parallelism.data_parallel_shard_degree", "-1"]
+    return [
+        "--training.steps",
+        str(steps),
+        "--lr_scheduler.warmup_steps",
+        "2",
+        "--dump_folder",
+        str(dump),
+        "--checkpoint.enable",
+        "true",
+        "--checkpoint.interval",
+        str(CKPT_INTERVAL),
+        "--parallelism.data_parallel_shard_degree",
+        "-1",
+    ]
 
 
 def read_metrics(dump: Path) -> list[dict]:
@@ -97,8 +110,16 @@ def assert_mars_m_ran(records: list[dict]):
 def submit(cluster, tmp: Path, name: str, nodes: int, per_node: int, extra_sbatch=(), env=None, steps=STEPS):
     dump = tmp / name
     log = tmp / f"{name}-%j.log"
-    args = [f"--job-name={name}", f"--nodes={nodes}", f"--ntasks-per-node={per_node}", f"--output={log}",
-            *extra_sbatch, SBATCH, recipe(), *overrides(dump, steps)]
+    args = [
+        f"--job-name={name}",
+        f"--nodes={nodes}",
+        f"--ntasks-per-node={per_node}",
+        f"--output={log}",
+        *extra_sbatch,
+        SBATCH,
+        recipe(),
+        *overrides(dump, steps),
+    ]
     t0 = time.time()
     jobid = cluster.sbatch(args, cwd=REPO, env=trainer_env(env))
     return jobid, dump, Path(str(log).replace("%j", str(jobid))), t0
@@ -116,11 +137,13 @@ def finish(cluster, jobid, logf, t0, timeout=600):
 def assert_all_took_part(text: str, nodes: int, per_node: int, restart: int = 0):
     world = nodes * per_node
     for i, n in enumerate(("n1", "n2")[:nodes]):
-        assert re.search(rf"\[launch\] node={n} node_id={i} host=\S+ job=\d+ restart={restart}: starting", text), \
+        assert re.search(rf"\[launch\] node={n} node_id={i} host=\S+ job=\d+ restart={restart}: starting", text), (
             f"node {n} did not start (attempt {restart}):\n{text[-4000:]}"
+        )
     for r in range(world):
-        assert re.search(rf"dist_marsm.train: rank {r} of {world} on \S+", text), \
+        assert re.search(rf"dist_marsm.train: rank {r} of {world} on \S+", text), (
             f"no start line for rank {r} of {world}:\n{text[-4000:]}"
+        )
 
 
 def run_local(tmp: Path, name: str, nproc: int, steps: int = STEPS) -> tuple[dict[int, float], float]:
@@ -128,8 +151,14 @@ def run_local(tmp: Path, name: str, nproc: int, steps: int = STEPS) -> tuple[dic
     env = dict(os.environ, **trainer_env())
     env.pop("DRY_RUN", None)
     t0 = time.time()
-    r = subprocess.run(["bash", "launch/local.sh", str(nproc), recipe(), *overrides(dump, steps)], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        ["bash", "launch/local.sh", str(nproc), recipe(), *overrides(dump, steps)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     took = time.time() - t0
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     print(f"single-node {nproc} ranks: {took:.1f} s")
@@ -146,16 +175,20 @@ def two_by_one(slurm_cluster, tmp):
     """The uninterrupted 2 nodes x 1 rank job (reference for the requeue test too)."""
     jobid, dump, logf, t0 = submit(slurm_cluster, tmp, "two_by_one", 2, 1)
     info, text, took = finish(slurm_cluster, jobid, logf, t0)
-    return dict(jobid=jobid, info=info, log=text, records=read_metrics(dump), losses=losses(read_metrics(dump)),
-                took=took)
+    return dict(
+        jobid=jobid, info=info, log=text, records=read_metrics(dump), losses=losses(read_metrics(dump)), took=took
+    )
 
 
 def test_dry_run_sees_slurm_variables(slurm_cluster, tmp):
     """Under real SLURM the script reads the allocation it got: nodes, tasks per node, first node's address."""
     logf = tmp / "dry-%j.log"
     env = trainer_env({"DRY_RUN": "1", "RDZV_PORT": "29999"})
-    jobid = slurm_cluster.sbatch(["--nodes=2", "--ntasks-per-node=2", f"--output={logf}", SBATCH,
-                                  "recipes/x.toml", "--a.b", "c d"], cwd=REPO, env=env)
+    jobid = slurm_cluster.sbatch(
+        ["--nodes=2", "--ntasks-per-node=2", f"--output={logf}", SBATCH, "recipes/x.toml", "--a.b", "c d"],
+        cwd=REPO,
+        env=env,
+    )
     slurm_cluster.wait_job(jobid, timeout=120)
     out = Path(str(logf).replace("%j", str(jobid))).read_text()
     cmd = next(ln for ln in out.splitlines() if ln.startswith("CMD: "))
@@ -204,16 +237,19 @@ def test_requeue_resumes_from_checkpoint(slurm_cluster, tmp, two_by_one):
     before = losses(read_metrics(dump))
     assert max(before) < STEPS, f"the first attempt finished before the requeue took effect: {before}"
     # Checkpoints complete when the first attempt was stopped (DCP writes .metadata last).
-    complete = sorted(int(d.name.split("-")[1]) for d in (dump / "checkpoint").glob("step-*")
-                      if (d / ".metadata").exists())
+    complete = sorted(
+        int(d.name.split("-")[1]) for d in (dump / "checkpoint").glob("step-*") if (d / ".metadata").exists()
+    )
     assert complete, "no complete checkpoint before the requeue"
-    print(f"requeued after step {max(before)} (complete checkpoints {complete}): {info['JobState']} "
-          f"Reason={info.get('Reason')}")
+    print(
+        f"requeued after step {max(before)} (complete checkpoints {complete}): {info['JobState']} "
+        f"Reason={info.get('Reason')}"
+    )
     c.run(["scontrol", "update", f"jobid={jobid}", "starttime=now"])
     info, text, took = finish(c, jobid, logf, t0)
     assert info.get("Restarts") == "1", info
     assert "requeued attempt 1" in text
-    first, second = text.split("restart=1 nodes=", 1)   # the launcher's header of the second attempt
+    first, second = text.split("restart=1 nodes=", 1)  # the launcher's header of the second attempt
     assert_all_took_part(first, 2, 1, restart=0)
     assert_all_took_part(second, 2, 1, restart=1)
     # The second attempt loads the latest complete checkpoint and goes on from the step after it.
@@ -245,5 +281,6 @@ def test_cluster_helper_stops_only_what_it_started(slurm_cluster, tmp):
     assert all(p.poll() is None for _, p in slurm_cluster.procs), "the session cluster was hit"
     r = slurm_cluster.run(["sinfo", "-h", "-N", "-o", "%N %t"])
     states = dict(ln.split() for ln in r.stdout.splitlines())
-    assert sorted(states) == ["n1", "n2"] and not any(s.startswith(("down", "drain", "fail")) for s in
-                                                      states.values()), r.stdout
+    assert sorted(states) == ["n1", "n2"] and not any(
+        s.startswith(("down", "drain", "fail")) for s in states.values()
+    ), r.stdout

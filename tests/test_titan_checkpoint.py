@@ -58,7 +58,7 @@ def test_resume_equals_uninterrupted(reference, tmp_path):
     got = losses(dump)
     assert sorted(got) == [4, 5, 6]
     for step in (4, 5, 6):
-        assert got[step] == ref[step], (step, got[step], ref[step])   # bitwise
+        assert got[step] == ref[step], (step, got[step], ref[step])  # bitwise
     a, b = _final_state(ref_dump), _final_state(dump)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
@@ -86,13 +86,12 @@ def _zero_mars_state(src_step_dir: str, dst_step_dir: str) -> int:
 def test_negative_control_resume_without_momentum(reference, tmp_path):
     ref_dump, ref = reference
     dump = tmp_path / "zeroed"
-    zeroed = _zero_mars_state(str(os.path.join(ref_dump, "checkpoint", "step-3")),
-                              str(dump / "checkpoint" / "step-3"))
-    assert zeroed >= 2 * 30   # 6 layers x 5 matrices x (momentum, prev_grad)
+    zeroed = _zero_mars_state(str(os.path.join(ref_dump, "checkpoint", "step-3")), str(dump / "checkpoint" / "step-3"))
+    assert zeroed >= 2 * 30  # 6 layers x 5 matrices x (momentum, prev_grad)
     rc, log = run_job(str(dump), 2, STEPS)
     assert rc == 0, log[-4000:]
     got = losses(str(dump))
-    assert got[4] == ref[4]                       # weights were restored
+    assert got[4] == ref[4]  # weights were restored
     assert got[5] != ref[5] and got[6] != ref[6]  # the optimizer state matters
 
 
@@ -101,7 +100,7 @@ def test_checkpoint_holds_all_optimizer_state(reference):
     state = flat_full_state(read_checkpoint(os.path.join(ref_dump, "checkpoint", "step-3")))
     n_layers = len({k.split(".")[1] for k in state if k.startswith("layers.")})
     assert n_layers == 6
-    opt_params = {k[len("optimizer.state."):].rsplit(".", 1)[0] for k in state if k.startswith("optimizer.state.")}
+    opt_params = {k[len("optimizer.state.") :].rsplit(".", 1)[0] for k in state if k.startswith("optimizer.state.")}
     matrices, others = [], []
     for name in opt_params:
         shape = state.get(f"optimizer.state.{name}.momentum", state.get(f"optimizer.state.{name}.exp_avg")).shape
@@ -110,7 +109,7 @@ def test_checkpoint_holds_all_optimizer_state(reference):
     # Independent count: each llama3 block has a fused qkv, wo, w1, w2, w3 matrix.
     assert len(matrices) == 5 * n_layers, sorted(n for n, _ in matrices)
     assert {"tok_embeddings.weight", "lm_head.weight", "norm.weight"} <= {n for n, _ in others}
-    bound = 1 - BETA ** 3
+    bound = 1 - BETA**3
     for name, shape in matrices:
         m = state[f"optimizer.state.{name}.momentum"]
         g = state[f"optimizer.state.{name}.prev_grad"]
@@ -120,7 +119,7 @@ def test_checkpoint_holds_all_optimizer_state(reference):
         assert 0 < norm <= bound * (1 + 1e-5), (name, norm, bound)
         assert float(g.abs().max()) > 0 and torch.isfinite(g).all()
         assert f"optimizer.state.{name}.exp_avg" not in state
-    for name, shape in others:
+    for name, _shape in others:
         assert float(state[f"optimizer.state.{name}.step"]) == 3.0
         assert float(state[f"optimizer.state.{name}.exp_avg_sq"].min()) >= 0
         assert float(state[f"optimizer.state.{name}.exp_avg_sq"].max()) > 0
@@ -130,25 +129,29 @@ def test_checkpoint_holds_all_optimizer_state(reference):
 
 def test_save_at_4_ranks_resume_at_2(tmp_path):
     four = str(tmp_path / "four")
-    rc, log = run_job(four, 4, STEPS + ["--parallelism.data_parallel_shard_degree", "4",
-                                        "--training.local_batch_size", "1"])
+    rc, log = run_job(
+        four, 4, STEPS + ["--parallelism.data_parallel_shard_degree", "4", "--training.local_batch_size", "1"]
+    )
     assert rc == 0, log[-4000:]
     ref = losses(four)
     two = str(tmp_path / "two")
     copy_checkpoint(four, 3, two)
     verify = str(tmp_path / "verify.json")
     # torchtitan 0.3.0's dataloader cannot change its dp degree: its state is not loaded (data restarts).
-    rc, log = run_job(two, 2, STEPS + ["--parallelism.data_parallel_shard_degree", "2"],
-                      env={"DIST_MARSM_TEST_EXCLUDE_FROM_LOADING": "dataloader",
-                           "DIST_MARSM_TEST_VERIFY_LOAD": verify})
+    rc, log = run_job(
+        two,
+        2,
+        STEPS + ["--parallelism.data_parallel_shard_degree", "2"],
+        env={"DIST_MARSM_TEST_EXCLUDE_FROM_LOADING": "dataloader", "DIST_MARSM_TEST_VERIFY_LOAD": verify},
+    )
     assert rc == 0, log[-4000:]
     with open(verify) as f:
         check = json.load(f)
     print("4->2 reshard:", check, "losses 4 ranks", ref, "resumed at 2", losses(two))
     assert check["step_dir"].endswith("step-3")
     assert not check["missing"], check["missing"][:5]
-    assert check["compared"] >= 2 * 5 * 6 + 9       # every model tensor and optimizer state tensor
-    assert check["max_abs_diff"] == 0.0             # resharding moves bytes, it does not round
+    assert check["compared"] >= 2 * 5 * 6 + 9  # every model tensor and optimizer state tensor
+    assert check["max_abs_diff"] == 0.0  # resharding moves bytes, it does not round
     got = losses(two)
     assert sorted(got) == [4, 5, 6]
     # The losses cannot match the 4-rank run's: torchtitan 0.3.0 cannot reshard the dataloader, so the
@@ -173,9 +176,10 @@ def test_checkpoint_of_another_optimizer_is_refused_clearly(reference, tmp_path)
     assert rc != 0
     assert "Missing key in checkpoint state_dict" not in log, log[-3000:]
     errors = [line for line in log.splitlines() if "dist_marsm.train: error:" in line]
-    assert errors, log[-3000:]     # torchrun may stop the other rank before it prints its own line
-    assert all("[optimizer] name is 'AdamW'" in e and "was written by 'MARS-M'" in e and "step-3" in e
-               for e in errors), errors
+    assert errors, log[-3000:]  # torchrun may stop the other rank before it prints its own line
+    assert all(
+        "[optimizer] name is 'AdamW'" in e and "was written by 'MARS-M'" in e and "step-3" in e for e in errors
+    ), errors
     assert sorted(os.listdir(os.path.join(dump, "checkpoint"))) == ["step-3"]
     assert sorted(os.listdir(os.path.join(dump, "checkpoint", "step-3"))) == before
 
@@ -189,13 +193,12 @@ def test_resume_takes_the_recipes_settings(reference, tmp_path):
     copy_checkpoint(ref_dump, 3, dump)
     rc, log = run_job(dump, 2, STEPS + ["--optimizer.momentum", "0.5", "--optimizer.gamma", "0.5"])
     assert rc == 0, log[-4000:]
-    assert log.count("resume: momentum 0.95 -> 0.5") == 2 and log.count("resume: gamma 0.025 -> 0.5") == 2, \
-        log[-4000:]
+    assert log.count("resume: momentum 0.95 -> 0.5") == 2 and log.count("resume: gamma 0.025 -> 0.5") == 2, log[-4000:]
     saved = read_checkpoint(os.path.join(dump, "checkpoint", "step-6"))["optimizer"]
     groups = {k: v for k, v in saved.items() if k.startswith("param_groups.")}
     assert groups and all(v == 0.5 for k, v in groups.items() if k.endswith((".momentum", ".gamma")))
     before = read_checkpoint(os.path.join(ref_dump, "checkpoint", "step-6"))["optimizer"]
     lrs = [k for k in groups if k.endswith(".lr")]
-    assert lrs and all(groups[k] == before[k] for k in lrs)     # the same schedule, restored
-    assert losses(dump)[4] == ref[4]   # step 4 depends on the restored weights only; 5-6 on the new settings
+    assert lrs and all(groups[k] == before[k] for k in lrs)  # the same schedule, restored
+    assert losses(dump)[4] == ref[4]  # step 4 depends on the restored weights only; 5-6 on the new settings
     assert losses(dump)[6] != ref[6]

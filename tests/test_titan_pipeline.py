@@ -27,8 +27,18 @@ from tests._titan_jobs import copy_checkpoint, loaded_from, losses, run_job
 
 pytestmark = pytest.mark.slow
 
-PP = ["--training.steps", "4", "--checkpoint.interval", "2", "--parallelism.pipeline_parallel_degree", "2",
-      "--parallelism.data_parallel_shard_degree", "2", "--parallelism.pipeline_parallel_microbatch_size", "1"]
+PP = [
+    "--training.steps",
+    "4",
+    "--checkpoint.interval",
+    "2",
+    "--parallelism.pipeline_parallel_degree",
+    "2",
+    "--parallelism.data_parallel_shard_degree",
+    "2",
+    "--parallelism.pipeline_parallel_microbatch_size",
+    "1",
+]
 STAGE_RANKS = {0: [0, 1], 1: [2, 3]}
 N_LAYERS = 6
 
@@ -52,13 +62,13 @@ def test_pp2_fsdp2_each_stage_plans_its_own_parameters_and_resumes(tmp_path):
     per_stage_names, per_stage_owned = {0: set(), 1: set()}, {0: [], 1: []}
     for rank in range(4):
         with open(os.path.join(plans, f"plan_rank{rank}.json")) as f:
-            (info,) = json.load(f)   # one model part per rank, one MARSM
+            (info,) = json.load(f)  # one model part per rank, one MARSM
         stage = 0 if rank in STAGE_RANKS[0] else 1
         names = set(info["param_names"])
         assert {_stage_of(n) for n in names} == {stage}, (rank, sorted(names)[:5])
         assert all(info["dtensor"])
         if per_stage_names[stage]:
-            assert names == per_stage_names[stage]   # both FSDP ranks of a stage hold the same parameters
+            assert names == per_stage_names[stage]  # both FSDP ranks of a stage hold the same parameters
         per_stage_names[stage] = names
         assert len(info["mars_names"]) == 5 * N_LAYERS // 2
         for plan in info["plans"]:
@@ -70,7 +80,7 @@ def test_pp2_fsdp2_each_stage_plans_its_own_parameters_and_resumes(tmp_path):
     all_names = per_stage_names[0] | per_stage_names[1]
     assert {"tok_embeddings.weight", "norm.weight", "lm_head.weight"} <= all_names
     assert {n for n in all_names if n.startswith("layers.")} >= {f"layers.{i}.attention.wo.weight" for i in range(6)}
-    assert sum(per_stage_owned[0]) == sum(per_stage_owned[1]) == 5 * N_LAYERS // 2   # each matrix once
+    assert sum(per_stage_owned[0]) == sum(per_stage_owned[1]) == 5 * N_LAYERS // 2  # each matrix once
 
     resumed = str(tmp_path / "resumed")
     copy_checkpoint(dump, 2, resumed)

@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("torchtitan")
 
 from _spawn import scenario, scenario_cases, scenario_check  # noqa: E402
+
 from dist_marsm.settings import BY_NAME  # noqa: E402
 from dist_marsm.titan.recipe import RecipeError, load_recipe  # noqa: E402
 
@@ -56,10 +57,19 @@ def test_unknown_key_names_key_and_file(tmp_path):
     assert p in msg and "[optimizer] learning_rate" in msg and "unknown key" in msg
 
 
-@pytest.mark.parametrize("line,key", [('lr = "fast"', "[optimizer] lr"), ("ns_steps = 5.0", "[optimizer] ns_steps"),
-                                      ("clip = 1", "[optimizer] clip"), ("adamw_betas = 0.9", "[optimizer] adamw_betas"),
-                                      ("momentum = true", "[optimizer] momentum"), ('lr = "0.1"', "[optimizer] lr"),
-                                      ("variant = 1", "[optimizer] variant"), ("lr = [1, 2]", "[optimizer] lr")])
+@pytest.mark.parametrize(
+    "line,key",
+    [
+        ('lr = "fast"', "[optimizer] lr"),
+        ("ns_steps = 5.0", "[optimizer] ns_steps"),
+        ("clip = 1", "[optimizer] clip"),
+        ("adamw_betas = 0.9", "[optimizer] adamw_betas"),
+        ("momentum = true", "[optimizer] momentum"),
+        ('lr = "0.1"', "[optimizer] lr"),
+        ("variant = 1", "[optimizer] variant"),
+        ("lr = [1, 2]", "[optimizer] lr"),
+    ],
+)
 def test_wrong_type_names_key_and_file(tmp_path, line, key):
     """TOML's own types count: a string where a number belongs (or the reverse) is refused, not converted."""
     p = write(tmp_path, f"[optimizer]\n{line}\n")
@@ -67,18 +77,21 @@ def test_wrong_type_names_key_and_file(tmp_path, line, key):
     assert p in msg and key in msg and "must be" in msg
 
 
-@pytest.mark.parametrize("section,line,key", [
-    ("optimizer", "momentum = 1.5", "[optimizer] momentum"),
-    ("optimizer", "lr = 0", "[optimizer] lr"),
-    ("optimizer", 'variant = "exact"', "[optimizer] variant"),      # needs a closure torchtitan never gives
-    ("optimizer", 'name = "SGD"', "[optimizer] name"),
-    ("optimizer", "adamw_betas = [0.9, 1.0]", "[optimizer] adamw_betas"),
-    ("optimizer", 'adamw_patterns = ["(unclosed"]', "[optimizer] adamw_patterns"),
-    ("training", "steps = 0", "[training] steps"),
-    ("parallelism", "tensor_parallel_degree = 0", "[parallelism] tensor_parallel_degree"),
-    ("lr_scheduler", "min_lr_factor = 2.0", "[lr_scheduler] min_lr_factor"),
-    ("checkpoint", "keep_latest_k = 1", "[checkpoint] keep_latest_k"),
-])
+@pytest.mark.parametrize(
+    "section,line,key",
+    [
+        ("optimizer", "momentum = 1.5", "[optimizer] momentum"),
+        ("optimizer", "lr = 0", "[optimizer] lr"),
+        ("optimizer", 'variant = "exact"', "[optimizer] variant"),  # needs a closure torchtitan never gives
+        ("optimizer", 'name = "SGD"', "[optimizer] name"),
+        ("optimizer", "adamw_betas = [0.9, 1.0]", "[optimizer] adamw_betas"),
+        ("optimizer", 'adamw_patterns = ["(unclosed"]', "[optimizer] adamw_patterns"),
+        ("training", "steps = 0", "[training] steps"),
+        ("parallelism", "tensor_parallel_degree = 0", "[parallelism] tensor_parallel_degree"),
+        ("lr_scheduler", "min_lr_factor = 2.0", "[lr_scheduler] min_lr_factor"),
+        ("checkpoint", "keep_latest_k = 1", "[checkpoint] keep_latest_k"),
+    ],
+)
 def test_impossible_value_names_key_and_file(tmp_path, section, line, key):
     p = write(tmp_path, f"[{section}]\n{line}\n")
     msg = error_of(p)
@@ -97,8 +110,9 @@ def test_impossible_combinations(tmp_path):
 def test_nothing_starts_on_a_bad_recipe(tmp_path):
     """The entry point stops before launching anything: exit code 2, one error line naming key and file."""
     p = write(tmp_path, "dump_folder = " + repr(str(tmp_path / "out")) + "\n[optimizer]\nmomentum = 2.0\n")
-    out = subprocess.run([sys.executable, "-m", "dist_marsm.train", "--recipe", p], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "dist_marsm.train", "--recipe", p], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert out.returncode == 2
     assert "[optimizer] momentum" in out.stderr and p in out.stderr
     assert not (tmp_path / "out").exists()
@@ -107,54 +121,92 @@ def test_nothing_starts_on_a_bad_recipe(tmp_path):
 # ------------------------------------------------------------------ overrides
 def test_overrides_use_the_recipes_types(tmp_path):
     """Overrides go through tyro (torchtitan's CLI): typed by the config's annotations."""
-    p = write(tmp_path, "[optimizer]\nlr = 0.01\nadamw_lr = 0.02\n[training]\nsteps = 5\n[lr_scheduler]\n"
-                        "warmup_steps = 1\n[checkpoint]\ninitial_load_path = \"none\"\n")
+    p = write(
+        tmp_path,
+        "[optimizer]\nlr = 0.01\nadamw_lr = 0.02\n[training]\nsteps = 5\n[lr_scheduler]\n"
+        'warmup_steps = 1\n[checkpoint]\ninitial_load_path = "none"\n',
+    )
     r = load_recipe(p)
-    assert r.optimizer.adamw_lr == 0.02 and r.checkpoint.initial_load_path is None   # optional fields
-    r = load_recipe(p, ["--optimizer.lr", "1e-3", "--training.steps=7", "--optimizer.adamw_betas", "0.8", "0.9",
-                        "--checkpoint.enable", "false", "--optimizer.adamw_lr", "None", "--optimizer.clip=False",
-                        "--optimizer.adamw_patterns", r"^layers\.0\.,norm"])
+    assert r.optimizer.adamw_lr == 0.02 and r.checkpoint.initial_load_path is None  # optional fields
+    r = load_recipe(
+        p,
+        [
+            "--optimizer.lr",
+            "1e-3",
+            "--training.steps=7",
+            "--optimizer.adamw_betas",
+            "0.8",
+            "0.9",
+            "--checkpoint.enable",
+            "false",
+            "--optimizer.adamw_lr",
+            "None",
+            "--optimizer.clip=False",
+            "--optimizer.adamw_patterns",
+            r"^layers\.0\.,norm",
+        ],
+    )
     assert r.optimizer.lr == 1e-3 and isinstance(r.optimizer.lr, float)
     assert r.training.steps == 7 and isinstance(r.training.steps, int)
     assert r.optimizer.adamw_betas == (0.8, 0.9)
     assert r.checkpoint.enable is False and r.optimizer.clip is False
     assert r.optimizer.adamw_lr is None
     assert r.optimizer.adamw_patterns == [r"^layers\.0\.", "norm"]
-    r = load_recipe(p, ["--optimizer.adamw_betas", "0.85", "0.99", "--optimizer.lr", "2", "--job.dump_folder", "/x",
-                        "--parallelism.data_parallel_shard_degree", "-1"])
+    r = load_recipe(
+        p,
+        [
+            "--optimizer.adamw_betas",
+            "0.85",
+            "0.99",
+            "--optimizer.lr",
+            "2",
+            "--job.dump_folder",
+            "/x",
+            "--parallelism.data_parallel_shard_degree",
+            "-1",
+        ],
+    )
     assert r.optimizer.adamw_betas == (0.85, 0.99) and r.optimizer.lr == 2.0
-    assert r.dump_folder == "/x" and r.parallelism.data_parallel_shard_degree == -1   # the SLURM tests' spelling
+    assert r.dump_folder == "/x" and r.parallelism.data_parallel_shard_degree == -1  # the SLURM tests' spelling
     # Untouched keys keep the recipe's values or the declaration's defaults.
     assert r.training.steps == 5 and r.optimizer.gamma == BY_NAME["gamma"].default
 
 
 def test_recipe_lists_keep_their_items(tmp_path):
     """A TOML list is one value per item (a regex may hold a comma); an empty list is empty."""
-    p = write(tmp_path, '[optimizer]\nadamw_patterns = ["^x{1,2}$", "norm"]\n[checkpoint]\nexclude_from_loading = []\n'
-                        '[override]\nimports = ["os.path"]\n')
+    p = write(
+        tmp_path,
+        '[optimizer]\nadamw_patterns = ["^x{1,2}$", "norm"]\n[checkpoint]\nexclude_from_loading = []\n'
+        '[override]\nimports = ["os.path"]\n',
+    )
     r = load_recipe(p)
     assert r.optimizer.adamw_patterns == ["^x{1,2}$", "norm"] and r.checkpoint.exclude_from_loading == []
-    assert r.override.imports == ["os.path"]     # torchtitan's own tyro rule for it applies to recipes too
-    msg = error_of(write(tmp_path, '[optimizer]\nadamw_patterns = ["-x"]\n'))   # tyro would read it as a flag
+    assert r.override.imports == ["os.path"]  # torchtitan's own tyro rule for it applies to recipes too
+    msg = error_of(write(tmp_path, '[optimizer]\nadamw_patterns = ["-x"]\n'))  # tyro would read it as a flag
     assert "[optimizer] adamw_patterns" in msg and "'-x'" in msg
 
 
 def test_errors_name_the_key_at_fault(tmp_path):
     p = write(tmp_path, "[training]\nsteps = 5\n[lr_scheduler]\nwarmup_steps = 1\n")
-    msg = error_of(p, ["--training.steps", "6", "--training.stepz", "3"])   # tyro suggests --training.steps
+    msg = error_of(p, ["--training.steps", "6", "--training.stepz", "3"])  # tyro suggests --training.steps
     assert "override --training.stepz: [training] stepz: unknown --training.stepz;" in msg, msg
     assert "did you mean --training.steps" in msg
     msg = error_of(write(tmp_path, 'activation_checkpoint = "bogus"\n'))
     assert "activation_checkpoint:bogus" in msg and "activation-checkpoint:selective" in msg
     msg = error_of(write(tmp_path, "[parallelism]\ntensor_parallel_degree = 2\n"), world_size=1)
-    assert "[parallelism] the degrees do not fit (the job has 1 ranks)" in msg   # torchtitan's bare assert
+    assert "[parallelism] the degrees do not fit (the job has 1 ranks)" in msg  # torchtitan's bare assert
 
 
-@pytest.mark.parametrize("args,key", [(["--training.steps", "1.5"], "[training] steps"),
-                                      (["--optimizer.lr", "fast"], "[optimizer] lr"),
-                                      (["--optimizer.momentum", "1"], "[optimizer] momentum"),
-                                      (["--optimizer.nope", "1"], "[optimizer] nope"),
-                                      (["--nosection.lr", "1"], "[nosection]")])
+@pytest.mark.parametrize(
+    "args,key",
+    [
+        (["--training.steps", "1.5"], "[training] steps"),
+        (["--optimizer.lr", "fast"], "[optimizer] lr"),
+        (["--optimizer.momentum", "1"], "[optimizer] momentum"),
+        (["--optimizer.nope", "1"], "[optimizer] nope"),
+        (["--nosection.lr", "1"], "[nosection]"),
+    ],
+)
 def test_bad_overrides_name_the_override(tmp_path, args, key):
     p = write(tmp_path, "[optimizer]\nlr = 0.01\n")
     msg = error_of(p, args)
@@ -194,7 +246,7 @@ def test_shipped_recipe_translates(recipe):
     assert groups[0].optimizer_kwargs["lr"] == raw["optimizer"]["lr"]
     n_layers = len(config.model_spec.model.layers)
     assert n_layers == {"debugmodel": 6, "debugmodel_cpu": 3, "8B": 32, "70B": 80}[raw["model"]["flavor"]]
-    if cpu_shims.needs_cpu_shims():   # this machine: the CPU shims were applied to the config
+    if cpu_shims.needs_cpu_shims():  # this machine: the CPU shims were applied to the config
         assert not list(config.model_spec.model.traverse(FlexAttention.Config))
         assert len(list(config.model_spec.model.traverse(ScaledDotProductAttention.Config))) == n_layers
         assert config.parallelism.spmd_backend == "partial_dtensor"
@@ -234,9 +286,12 @@ def test_marsm_routing_in_container(ac):
     assert any("_checkpoint_wrapped_module" in n for n in raw_names) == ac
     # Independent facts from the model's structure: per layer wqkv, wo, w1, w2, w3 are matrices.
     n_layers = len(model.layers)
-    patterns = (*DEFAULT_ADAMW_PATTERNS, r"^layers\.0\.attention\.")   # adamw_patterns replace the defaults
-    configs = [ParamGroupConfig(pattern=".*", optimizer_name="MARS-M",
-                                optimizer_kwargs={"lr": 1e-3, "adamw_patterns": patterns})]
+    patterns = (*DEFAULT_ADAMW_PATTERNS, r"^layers\.0\.attention\.")  # adamw_patterns replace the defaults
+    configs = [
+        ParamGroupConfig(
+            pattern=".*", optimizer_name="MARS-M", optimizer_kwargs={"lr": 1e-3, "adamw_patterns": patterns}
+        )
+    ]
     groups, patterns = MARSMOptimizersContainer._build_param_groups(model, configs, {"fused": True, "foreach": False})
     mars = [g for g in groups["MARS-M"] if g["use_mars"]]
     rest = [g for g in groups["MARS-M"] if not g["use_mars"]]
@@ -250,7 +305,7 @@ def test_marsm_routing_in_container(ac):
     assert "layers.1.attention.qkv_linear.wqkv.weight" in mars_names
     assert all(p.ndim == 2 for p in mars[0]["params"])
     assert len(rest_names) == (2 * n_layers + 1) + 2 + 2
-    for g in groups["MARS-M"]:   # routing keys and torchtitan's fused/foreach flags never reach MARSM
+    for g in groups["MARS-M"]:  # routing keys and torchtitan's fused/foreach flags never reach MARSM
         assert not {"fused", "foreach", "adamw_patterns", "adamw_lr"} & set(g)
 
 
@@ -259,8 +314,9 @@ def test_distmuon_routing_from_recipe():
 
     r = load_recipe(str(ROOT / "recipes/debug_cpu_distmuon.toml"))
     model = _debug_model(False)
-    groups, _ = MARSMOptimizersContainer._build_param_groups(model, param_groups_of(r.optimizer)[0],
-                                                             {"fused": False, "foreach": True})
+    groups, _ = MARSMOptimizersContainer._build_param_groups(
+        model, param_groups_of(r.optimizer)[0], {"fused": False, "foreach": True}
+    )
     muon = [n for g in groups["DistMuon"] for n in g["param_names"]]
     adamw = [n for g in groups["AdamW"] for n in g["param_names"]]
     assert len(muon) == 30 and len(adamw) == 15 and not set(muon) & set(adamw)
@@ -296,7 +352,7 @@ def test_container_builds_marsm_and_checkpoint_state_is_harmless():
     assert routes[True] == ["proj.weight"]
     assert set(routes[False]) == {"tok_embeddings.weight", "norm.weight", "norm.bias", "lm_head.weight"}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    sd = container.state_dict()   # torchtitan materializes state with a zero-gradient, lr = 0 step
+    sd = container.state_dict()  # torchtitan materializes state with a zero-gradient, lr = 0 step
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     assert "state.proj.weight.momentum" in sd and "state.lm_head.weight.exp_avg" in sd
@@ -311,15 +367,17 @@ def test_container_resumes_a_checkpoint_without_a_new_group_key():
     model.lm_head(model.proj(model.norm(model.tok_embeddings(x)))).sum().backward()
     container.step()
     sd = container.state_dict()
-    old = {k: v for k, v in sd.items() if not k.endswith(".normuon_beta2")}   # "added later" hyperparameter
+    old = {k: v for k, v in sd.items() if not k.endswith(".normuon_beta2")}  # "added later" hyperparameter
     assert len(old) < len(sd)
-    with pytest.raises(KeyError):   # what torchtitan alone does
+    with pytest.raises(KeyError):  # what torchtitan alone does
         OptimizersContainer.load_state_dict(container, old)
     _, fresh = _tiny_container()
-    fresh.load_state_dict(old)      # ours keeps the live value
+    fresh.load_state_dict(old)  # ours keeps the live value
     assert fresh.optimizers[0].param_groups[0]["normuon_beta2"] == 0.95
-    assert torch.equal(fresh.optimizers[0].state[fresh.optimizers[0].param_groups[0]["params"][0]]["momentum"],
-                       sd["state.proj.weight.momentum"])
+    assert torch.equal(
+        fresh.optimizers[0].state[fresh.optimizers[0].param_groups[0]["params"][0]]["momentum"],
+        sd["state.proj.weight.momentum"],
+    )
 
 
 # ------------------------------------------------------------------ metrics
@@ -333,7 +391,7 @@ def test_rms_to_inf_norm_is_the_operator_norm():
     # attained: the best row, normalized to unit RMS norm
     i = int(w.norm(dim=1).argmax())
     x = w[i] / rms(w[i])
-    assert abs(float((w @ x).abs().max() / rms(x)) - value) < 1e-6 * value   # computed in float32
+    assert abs(float((w @ x).abs().max() / rms(x)) - value) < 1e-6 * value  # computed in float32
     # never exceeded by other inputs
     xs = torch.randn(2000, 7, dtype=torch.float64)
     ratios = (xs @ w.T).abs().max(dim=1).values / (xs.norm(dim=1) / math.sqrt(7))
@@ -351,9 +409,9 @@ def scenario_rms_to_inf_norm_of_dtensors(rank, world):
 
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)
-    for rows in (13, 2):     # 2 rows on 3 ranks: one rank holds none
+    for rows in (13, 2):  # 2 rows on 3 ranks: one rank holds none
         w = torch.randn(rows, 7, dtype=torch.float64)
-        expected = math.sqrt(7) * float(w.norm(dim=1).max())    # the plain tensor's value, float64
+        expected = math.sqrt(7) * float(w.norm(dim=1).max())  # the plain tensor's value, float64
         for placement in (Shard(0), Shard(1)):
             value = rms_to_inf_norm(distribute_tensor(w, mesh, [placement]))
             assert abs(value - expected) < 1e-6 * expected, (rows, placement, value, expected)  # float32 sums
@@ -384,6 +442,7 @@ def test_loss_plot(tmp_path):
 # ------------------------------------------------------------------ corpus and tokenizer
 def test_corpus_split_and_tokenizer():
     from pydoc_data.topics import topics
+
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
     from dist_marsm.titan import corpus
@@ -392,19 +451,21 @@ def test_corpus_split_and_tokenizer():
     assert len(train) + len(val) == len(topics) and not set(train) & set(val)
     assert 0.05 < sum(map(len, val)) / sum(map(len, train + val)) < 0.2
     d = corpus.tokenizer_dir(2048)
-    assert corpus.tokenizer_dir(2048) == d   # cached
+    assert corpus.tokenizer_dir(2048) == d  # cached
     tok = HuggingFaceTokenizer(tokenizer_path=d)
     assert tok.get_vocab_size() == 2048
     text = "The for statement is used to iterate over the elements of a sequence."
     ids = tok.encode(text, add_bos=True, add_eos=True)
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and max(ids) < 2048
     assert tok.decode(ids[1:-1]) == text
-    assert len(ids) < len(text) / 2   # a real BPE: well under one token per character on English
+    assert len(ids) < len(text) / 2  # a real BPE: well under one token per character on English
 
 
 def test_import_dist_marsm_does_not_import_torchtitan():
-    code = ("import sys, dist_marsm; bad = [m for m in sys.modules if m.startswith(('torchtitan', 'dist_marsm.titan',"
-            " 'matplotlib', 'tokenizers'))]; assert not bad, bad")
+    code = (
+        "import sys, dist_marsm; bad = [m for m in sys.modules if m.startswith(('torchtitan', 'dist_marsm.titan',"
+        " 'matplotlib', 'tokenizers'))]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 
 
@@ -428,7 +489,7 @@ def test_cpu_shims_are_idempotent_and_cpu_only():
     for fn in ("current_device", "reset_peak_memory_stats", "empty_cache", "synchronize", "get_device_name"):
         getattr(dm, fn)()
     dm.set_device(torch.device("cpu", 0))
-    os.environ["LOCAL_RANK"] = "1"   # rank 1 of a one-"device" CPU machine still gets cpu:0
+    os.environ["LOCAL_RANK"] = "1"  # rank 1 of a one-"device" CPU machine still gets cpu:0
     try:
         assert tt_utils.get_local_device() == torch.device("cpu", 0)
     finally:
@@ -472,14 +533,14 @@ def test_metrics_file_keeps_one_line_per_step_on_resume(tmp_path):
     for s in range(1, 7):
         first.log({"loss_metrics/global_avg_loss": 1.0 / s}, s)
     with open(path, "a") as f:
-        f.write('{"step": null}\n{"step": 2, "lo')     # a line without a step, and the crash
+        f.write('{"step": null}\n{"step": 2, "lo')  # a line without a step, and the crash
     resumed = JsonlLogger(str(path))
     resumed.log({"loss_metrics/global_avg_loss": 0.5}, 4)
-    resumed.log({"validation_metrics/loss": 0.7}, 4)     # a second line of the same step stays
+    resumed.log({"validation_metrics/loss": 0.7}, 4)  # a second line of the same step stays
     assert steps() == [1, 2, 3, 4, 4]
     assert json.loads(path.read_text().splitlines()[3])["loss"] == 0.5
     assert json.loads(path.read_text().splitlines()[4])["validation_loss"] == 0.7
-    JsonlLogger(str(path)).log({}, 1)     # a fresh run in an old folder starts the file again
+    JsonlLogger(str(path)).log({}, 1)  # a fresh run in an old folder starts the file again
     assert steps() == [1]
 
 
@@ -487,12 +548,14 @@ def test_metrics_file_keeps_one_line_per_step_on_resume(tmp_path):
 def test_steps_not_above_warmup_stops_before_training(tmp_path):
     """warm-up == steps used to crash inside torchtitan's scheduler at the last step."""
     recipe = str(ROOT / "recipes/debug_cpu.toml")
-    msg = error_of(recipe, ["--training.steps", "8"])     # the recipe's warmup_steps is 8
+    msg = error_of(recipe, ["--training.steps", "8"])  # the recipe's warmup_steps is 8
     assert recipe in msg and "[lr_scheduler] warmup_steps" in msg and "[training] steps" in msg
     p = write(tmp_path, "[training]\nsteps = 5\n[lr_scheduler]\nwarmup_steps = 5\n")
     msg = error_of(p)
     assert p in msg and "[lr_scheduler] warmup_steps (5)" in msg and "[training] steps (5)" in msg
-    load_recipe(write(tmp_path, "[training]\nsteps = 6\n[lr_scheduler]\nwarmup_steps = 5\n"))   # one step after is enough
+    load_recipe(
+        write(tmp_path, "[training]\nsteps = 6\n[lr_scheduler]\nwarmup_steps = 5\n")
+    )  # one step after is enough
 
 
 def test_directory_as_recipe(tmp_path):
@@ -518,20 +581,37 @@ def test_optimizer_name_change_at_resume_is_named(tmp_path):
         check_resume(config, recipe)
     msg = str(info.value)
     assert recipe in msg and "[optimizer] name" in msg and "'MARS-M'" in msg and "step-2" in msg
-    check_resume(load_recipe(recipe, ["--dump_folder", str(tmp_path)]), recipe)   # same optimizer: fine
-    check_resume(load_recipe(recipe, ["--dump_folder", str(tmp_path), "--optimizer.name", "AdamW",
-                                      "--checkpoint.exclude_from_loading", "optimizer"]), recipe)
+    check_resume(load_recipe(recipe, ["--dump_folder", str(tmp_path)]), recipe)  # same optimizer: fine
+    check_resume(
+        load_recipe(
+            recipe,
+            [
+                "--dump_folder",
+                str(tmp_path),
+                "--optimizer.name",
+                "AdamW",
+                "--checkpoint.exclude_from_loading",
+                "optimizer",
+            ],
+        ),
+        recipe,
+    )
 
 
 def test_entry_point_stops_on_a_directory_and_on_another_optimizers_checkpoint(tmp_path):
     """A short error and exit code 2, not a traceback (DCP printed ~200 lines for the second)."""
     dump = tmp_path / "dump"
     _fake_checkpoint(dump)
-    for args, words in [(["--recipe", str(tmp_path)], ["is a directory"]),
-                        (["--recipe", "recipes/debug_cpu.toml", "--dump_folder", str(dump), "--optimizer.name",
-                          "AdamW"], ["[optimizer] name", "recipes/debug_cpu.toml", "MARS-M"])]:
-        out = subprocess.run([sys.executable, "-m", "dist_marsm.train", *args], capture_output=True, text=True,
-                             cwd=ROOT, timeout=300)
+    for args, words in [
+        (["--recipe", str(tmp_path)], ["is a directory"]),
+        (
+            ["--recipe", "recipes/debug_cpu.toml", "--dump_folder", str(dump), "--optimizer.name", "AdamW"],
+            ["[optimizer] name", "recipes/debug_cpu.toml", "MARS-M"],
+        ),
+    ]:
+        out = subprocess.run(
+            [sys.executable, "-m", "dist_marsm.train", *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+        )
         assert out.returncode == 2, out.stderr[-3000:]
         error = [line for line in out.stderr.splitlines() if "dist_marsm.train: error" in line]
         assert len(error) == 1 and all(w in error[0] for w in words), out.stderr[-3000:]
@@ -546,7 +626,7 @@ def _step_once(model, container):
 
 
 def test_resume_recipe_settings_win_except_the_scheduled_lr(caplog):
-    def scheduled(container):   # torch LR schedulers add initial_lr (torchtitan's drive each optimizer)
+    def scheduled(container):  # torch LR schedulers add initial_lr (torchtitan's drive each optimizer)
         for optim in container.optimizers:
             torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1.0)
         return container
@@ -557,20 +637,20 @@ def test_resume_recipe_settings_win_except_the_scheduled_lr(caplog):
     sd = saved.state_dict()
     _, resumed = _tiny_container(momentum=0.5, gamma=0.5, lr=0.3)
     scheduled(resumed)
-    with caplog.at_level("INFO"):   # torchtitan's logger (the root logger)
+    with caplog.at_level("INFO"):  # torchtitan's logger (the root logger)
         resumed.load_state_dict(sd)
     opt = resumed.optimizers[0]
     for group in opt.param_groups:
-        assert group["momentum"] == 0.5 and group["gamma"] == 0.5   # the recipe's, not the checkpoint's
-        assert group["lr"] == group["initial_lr"] == 0.1             # the checkpoint's: the scheduler drives it
+        assert group["momentum"] == 0.5 and group["gamma"] == 0.5  # the recipe's, not the checkpoint's
+        assert group["lr"] == group["initial_lr"] == 0.1  # the checkpoint's: the scheduler drives it
     p = opt.param_groups[0]["params"][0]
     ref = saved.optimizers[0]
     assert torch.equal(opt.state[p]["momentum"], ref.state[ref.param_groups[0]["params"][0]]["momentum"])
     lines = [r.getMessage() for r in caplog.records]
-    assert sum("resume: momentum 0.95 -> 0.5" in m for m in lines) == 1, lines   # once, not once per group
+    assert sum("resume: momentum 0.95 -> 0.5" in m for m in lines) == 1, lines  # once, not once per group
     assert sum("resume: gamma 0.025 -> 0.5" in m for m in lines) == 1, lines
     assert sum("resume: peak lr (initial_lr) stays 0.1" in m and "0.3" in m for m in lines) == 1, lines
-    assert resumed.state_dict()["param_groups.proj.weight.momentum"] == 0.5   # and saved again as such
+    assert resumed.state_dict()["param_groups.proj.weight.momentum"] == 0.5  # and saved again as such
 
 
 def test_plain_marsm_load_state_dict_restores_the_saved_values():
@@ -602,10 +682,21 @@ def test_help_lists_every_marsm_setting_with_its_doc():
     from dist_marsm.titan.optimizer_container import CONFIG_SETTINGS
 
     assert {s.name for s in CONFIG_SETTINGS} >= {"momentum", "gamma", "variant", "wire_dtype", "nonfinite"}
-    ours = _help_text([sys.executable, "-m", "dist_marsm.train", "--recipe", "recipes/debug_cpu.toml",
-                       "--optimizer.gamma", "0", "--help"])
-    theirs = _help_text([sys.executable, "-m", "torchtitan.train", "--module", "dist_marsm.titan", "--config",
-                         "debug_cpu", "--help"])
+    ours = _help_text(
+        [
+            sys.executable,
+            "-m",
+            "dist_marsm.train",
+            "--recipe",
+            "recipes/debug_cpu.toml",
+            "--optimizer.gamma",
+            "0",
+            "--help",
+        ]
+    )
+    theirs = _help_text(
+        [sys.executable, "-m", "torchtitan.train", "--module", "dist_marsm.titan", "--config", "debug_cpu", "--help"]
+    )
     for text in (ours, theirs):
         for s in CONFIG_SETTINGS:
             flag = f"--optimizer.{s.name.replace('_', '-')}"
@@ -626,27 +717,46 @@ def test_a_new_setting_reaches_the_typed_config_and_the_loader(tmp_path, monkeyp
     from dist_marsm.titan import recipe
 
     r = load_recipe(str(ROOT / "recipes/debug_cpu.toml"), ["--optimizer.ns_head_dim", "64"])
-    assert r.optimizer.ns_head_dim == 64   # a setting with a None default, settable
-    extra = (settings.Setting("future_method", "quintic", "which iteration", "one of ('quintic', 'polar')",
-                              lambda x: x in ("quintic", "polar"), ("quintic", "polar")),
-             settings.Setting("future_coefficients", (3.4445, -4.775, 2.0315), "iteration coefficients",
-                              "three numbers", lambda x: isinstance(x, tuple) and len(x) == 3),
-             settings.Setting("future_rows", None, "rows per block", "None or an int >= 1",
-                              lambda x: x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1),
-                              kind=typing.Optional[int]))
+    assert r.optimizer.ns_head_dim == 64  # a setting with a None default, settable
+    extra = (
+        settings.Setting(
+            "future_method",
+            "quintic",
+            "which iteration",
+            "one of ('quintic', 'polar')",
+            lambda x: x in ("quintic", "polar"),
+            ("quintic", "polar"),
+        ),
+        settings.Setting(
+            "future_coefficients",
+            (3.4445, -4.775, 2.0315),
+            "iteration coefficients",
+            "three numbers",
+            lambda x: isinstance(x, tuple) and len(x) == 3,
+        ),
+        settings.Setting(
+            "future_rows",
+            None,
+            "rows per block",
+            "None or an int >= 1",
+            lambda x: x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1),
+            kind=typing.Optional[int],
+        ),
+    )
     monkeypatch.setattr(oc, "CONFIG_SETTINGS", oc.CONFIG_SETTINGS + extra)
     fields = oc._config_fields()
     hints = {name: typing.get_args(ann)[0] for name, ann, _ in fields}
     assert hints["future_method"] == typing.Literal["quintic", "polar"]
     assert hints["future_coefficients"] == tuple[float, ...]
-    assert hints["future_rows"] == typing.Optional[int]   # a None default: the declared kind
+    assert hints["future_rows"] == typing.Optional[int]  # a None default: the declared kind
     # The TOML loader (tyro under the annotations) takes and checks them with no change of its own.
     config_cls = dataclasses.make_dataclass("Config", fields, kw_only=True)
 
     def load(table):
         options, subcommands = recipe._recipe_args(config_cls(), table, "r.toml", ("optimizer",))
-        return recipe._parse(config_cls(), [a.replace("--optimizer.", "--") for a in options], "r.toml", "t",
-                             overrides=False)
+        return recipe._parse(
+            config_cls(), [a.replace("--optimizer.", "--") for a in options], "r.toml", "t", overrides=False
+        )
 
     c = load({"future_method": "polar", "future_coefficients": [1, 2.5, 3], "future_rows": 64})
     assert (c.future_method, c.future_coefficients, c.future_rows) == ("polar", (1.0, 2.5, 3.0), 64)
@@ -661,8 +771,11 @@ def test_unfused_qkv_has_the_fused_rows_as_three_matrices():
         config = load_recipe(str(ROOT / "recipes/debug_cpu.toml"), overrides)
         with torch.device("meta"):
             model = config.model_spec.model.build()
-        return {n.rsplit(".", 2)[-2]: tuple(p.shape) for n, p in model.named_parameters()
-                if n.startswith("layers.0.attention.qkv_linear")}
+        return {
+            n.rsplit(".", 2)[-2]: tuple(p.shape)
+            for n, p in model.named_parameters()
+            if n.startswith("layers.0.attention.qkv_linear")
+        }
 
     fused, unfused = attention_shapes([]), attention_shapes(["--model.fuse_qkv", "false"])
     assert set(fused) == {"wqkv"} and set(unfused) == {"wq", "wk", "wv"}

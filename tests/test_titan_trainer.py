@@ -34,9 +34,23 @@ def _env(tmp_path):
 @pytest.mark.slow
 def test_main_job_trains_with_marsm(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dist_marsm.train", "--recipe", "recipes/debug_cpu.toml",
-           "--training.steps", "8", "--lr_scheduler.warmup_steps", "2", "--checkpoint.interval", "4",
-           "--validator.freq", "4", "--dump_folder", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dist_marsm.train",
+        "--recipe",
+        "recipes/debug_cpu.toml",
+        "--training.steps",
+        "8",
+        "--lr_scheduler.warmup_steps",
+        "2",
+        "--checkpoint.interval",
+        "4",
+        "--validator.freq",
+        "4",
+        "--dump_folder",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
@@ -59,15 +73,16 @@ def test_main_job_trains_with_marsm(tmp_path):
     for r in rows:
         # every step: each MARS-M matrix orthogonalized exactly once across the 2 ranks
         assert r["ns_matrices_total"] == N_MARS_MATRICES
-        assert 0 < r["ns_matrices"] < N_MARS_MATRICES      # and the work is split between the ranks
+        assert 0 < r["ns_matrices"] < N_MARS_MATRICES  # and the work is split between the ranks
         assert r["marsm_step_time_s"] > 0 and r["optimizer_time_s"] >= r["marsm_step_time_s"]
         assert r["bytes_sent"] > 0
         assert "lr/MARSM/0" in r and "lr/MARSM/1" in r
     # lm_head init: truncated normal, std dim^-1/2 -> rows of l2 norm ~1 -> norm ~ sqrt(256) x (max row ~1.1)
     assert 12 < rows[0]["output_rms_inf_norm"] < 30
 
-    plot = subprocess.run([sys.executable, "-m", "dist_marsm.plot", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    plot = subprocess.run(
+        [sys.executable, "-m", "dist_marsm.plot", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert plot.returncode == 0, plot.stderr
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     val = [r for r in records if "validation_loss" in r]
@@ -80,10 +95,30 @@ def test_main_job_trains_with_marsm(tmp_path):
 def test_torchtitan_train_module_entry(tmp_path):
     """``python -m torchtitan.train --module dist_marsm.titan --config debug_cpu`` runs MARS-M too."""
     out = tmp_path / "tt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "torchtitan.train", "--module", "dist_marsm.titan", "--config", "debug_cpu",
-           "--training.steps", "2", "--lr_scheduler.warmup_steps", "1", "--optimizer.gamma", "0", "--dump_folder",
-           str(out), "--checkpoint.no-enable", "--validator.no-enable"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "torchtitan.train",
+        "--module",
+        "dist_marsm.titan",
+        "--config",
+        "debug_cpu",
+        "--training.steps",
+        "2",
+        "--lr_scheduler.warmup_steps",
+        "1",
+        "--optimizer.gamma",
+        "0",
+        "--dump_folder",
+        str(out),
+        "--checkpoint.no-enable",
+        "--validator.no-enable",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]

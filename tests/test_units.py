@@ -42,7 +42,7 @@ def test_per_head_view_orthogonalizes_each_heads_rows(shape, head_dim):
     expected = before - 0.1 * first_step_update(grad, head_dim)
     assert torch.allclose(w.double(), expected, atol=1e-5 * expected.abs().max())
     whole = before - 0.1 * first_step_update(grad, None)
-    if head_dim != shape[0]:   # negative control: per head is not the whole-matrix result
+    if head_dim != shape[0]:  # negative control: per head is not the whole-matrix result
         assert not torch.allclose(w.double(), whole, atol=1e-3)
 
 
@@ -65,18 +65,25 @@ def test_units_of_row_sharded_heads():
 
 
 def test_units_of_experts_held_whole():
-    layout = Layout((0, 1, 2), ((slice(0, 2), slice(0, 4), slice(0, 5)), (slice(2, 3), slice(0, 4), slice(0, 5)),
-                                (slice(3, 3), slice(0, 4), slice(0, 5))), ((), (), ()))
+    layout = Layout(
+        (0, 1, 2),
+        (
+            (slice(0, 2), slice(0, 4), slice(0, 5)),
+            (slice(2, 3), slice(0, 4), slice(0, 5)),
+            (slice(3, 3), slice(0, 4), slice(0, 5)),
+        ),
+        ((), (), ()),
+    )
     units = split_units((3, 4, 5), layout, 1)
     assert [(u.shape, u.holder) for u in units] == [((2, 4, 5), 0), ((1, 4, 5), 1)]
-    assert units[1].lead_pos is None   # rank 1's unit is its whole local block: no gather, no copy
+    assert units[1].lead_pos is None  # rank 1's unit is its whole local block: no gather, no copy
 
 
 # ---------------------------------------------------------------- distributed
 class Attn(nn.Module):
     def __init__(self):
         super().__init__()
-        self.wq = nn.Linear(6, 10, bias=False)    # 5 heads of 2 rows: uneven shards split some heads
+        self.wq = nn.Linear(6, 10, bias=False)  # 5 heads of 2 rows: uneven shards split some heads
         self.experts = nn.Parameter(torch.randn(5, 4, 6) * 0.3)
 
     def forward(self, x):
@@ -95,8 +102,10 @@ def per_head_fsdp_equals_single_process(rank, world):
     model, ref = Attn(), Attn()
     ref.load_state_dict(model.state_dict())
     fully_shard(model, mesh=_mesh_1d(world))
-    groups = lambda m: [{"params": [m.wq.weight], "use_mars": True, "ns_head_dim": 2},  # noqa: E731
-                        {"params": [m.experts], "use_mars": True}]
+    groups = lambda m: [
+        {"params": [m.wq.weight], "use_mars": True, "ns_head_dim": 2},  # noqa: E731
+        {"params": [m.experts], "use_mars": True},
+    ]
     opt = MARSM(groups(model), lr=0.05, ns_dtype="float32", wire_dtype="float32")
     ref_opt = MARSM(groups(ref), lr=0.05, ns_dtype="float32", process_group=None)
     for step in range(5):

@@ -33,11 +33,14 @@ def _plan_dump(folder: str) -> None:
             return
         names = [n for g in opt.param_groups for n in (g.get("param_names") or [])]
         mars = [n for g in opt.param_groups if g["use_mars"] for n in (g.get("param_names") or [])]
-        seen[id(opt)] = {"param_names": names, "mars_names": mars,
-                         "dtensor": [hasattr(p, "placements") for g in opt.param_groups for p in g["params"]],
-                         "plans": [{"ranks": list(r["ranks"]), "owners": r["owners"]} for r in opt.plan_report()],
-                         "ns_matrices": opt.last_step_stats.get("ns_matrices"),
-                         "world_rank": torch.distributed.get_rank()}
+        seen[id(opt)] = {
+            "param_names": names,
+            "mars_names": mars,
+            "dtensor": [hasattr(p, "placements") for g in opt.param_groups for p in g["params"]],
+            "plans": [{"ranks": list(r["ranks"]), "owners": r["owners"]} for r in opt.plan_report()],
+            "ns_matrices": opt.last_step_stats.get("ns_matrices"),
+            "world_rank": torch.distributed.get_rank(),
+        }
         with open(os.path.join(folder, f"plan_rank{rank}.json"), "w") as f:
             json.dump(list(seen.values()), f)
 
@@ -86,8 +89,15 @@ def _checkpoint_test_hooks(exclude: str, verify_path: str) -> None:
                     continue
                 diffs.append(float((v.double() - ref.double()).abs().max()) if v.numel() else 0.0)
             with open(verify_path, "w") as f:
-                json.dump({"compared": len(diffs), "max_abs_diff": max(diffs, default=float("nan")),
-                           "missing": missing, "step_dir": step_dir}, f)
+                json.dump(
+                    {
+                        "compared": len(diffs),
+                        "max_abs_diff": max(diffs, default=float("nan")),
+                        "missing": missing,
+                        "step_dir": step_dir,
+                    },
+                    f,
+                )
         return loaded
 
     CheckpointManager.__init__ = __init__

@@ -36,7 +36,7 @@ class VerifiedCheckpointManager(CheckpointManager):
         saved = super()._save(curr_step, last_step)
         if saved:
             self._unfinished = (curr_step, begin)
-            if self.save_future is None:   # synchronous: DCP has finished
+            if self.save_future is None:  # synchronous: DCP has finished
                 self._finish()
         return saved
 
@@ -48,23 +48,28 @@ class VerifiedCheckpointManager(CheckpointManager):
         step, begin = self._unfinished
         self._unfinished, step_dir = None, self._create_checkpoint_id(step)
         if not os.path.isfile(os.path.join(step_dir, manifest.METADATA_NAME)):
-            return   # not a DCP folder (a Hugging Face export): nothing the manifest covers
+            return  # not a DCP folder (a Hugging Face export): nothing the manifest covers
         if self.verify:
-            self._wait_for_checksums()   # at most one in flight (an async save's, then the final one's)
-            self._checksums = threading.Thread(target=self._write_checksums, args=(step_dir, step), daemon=True,
-                                               name="dist_marsm-checksums")
+            self._wait_for_checksums()  # at most one in flight (an async save's, then the final one's)
+            self._checksums = threading.Thread(
+                target=self._write_checksums, args=(step_dir, step), daemon=True, name="dist_marsm-checksums"
+            )
             self._checksums.start()
-        elif dist.get_rank() == 0:   # parts from an earlier save of this step no longer describe the files
+        elif dist.get_rank() == 0:  # parts from an earlier save of this step no longer describe the files
             shutil.rmtree(os.path.join(step_dir, manifest.MANIFEST_NAME), ignore_errors=True)
-        logger.info(f"checkpoint step-{step}: saved in {time.monotonic() - begin:.3f} s, "
-                    + ("checksums in the background" if self.verify else "without checksums"))
+        logger.info(
+            f"checkpoint step-{step}: saved in {time.monotonic() - begin:.3f} s, "
+            + ("checksums in the background" if self.verify else "without checksums")
+        )
 
     def _write_checksums(self, step_dir: str, step: int) -> None:
         try:
             done = manifest.write_rank_manifest(step_dir, step, dist.get_rank(), dist.get_world_size())
-            logger.info(f"checkpoint step-{step}: crc32 of {done['files']} file{'s' * (done['files'] != 1)} "
-                        f"({done['bytes'] / 2**20:.1f} MiB) written by this rank in {done['seconds']:.3f} s")
-        except OSError as e:   # the step then loads with this rank's files unverified, after a warning
+            logger.info(
+                f"checkpoint step-{step}: crc32 of {done['files']} file{'s' * (done['files'] != 1)} "
+                f"({done['bytes'] / 2**20:.1f} MiB) written by this rank in {done['seconds']:.3f} s"
+            )
+        except OSError as e:  # the step then loads with this rank's files unverified, after a warning
             logger.error(f"checkpoint step-{step}: this rank's checksums were not written: {e}")
 
     def _wait_for_checksums(self) -> None:
@@ -83,9 +88,15 @@ class VerifiedCheckpointManager(CheckpointManager):
 
     def _load(self, step: int = -1) -> bool:
         step_dir = self._create_checkpoint_id(step)
-        if self.verify and step != -1 and os.path.isdir(step_dir) and (verdict := manifest.verify(step_dir)) \
-                and verdict[0]:
+        if (
+            self.verify
+            and step != -1
+            and os.path.isdir(step_dir)
+            and (verdict := manifest.verify(step_dir))
+            and verdict[0]
+        ):
             raise manifest.CheckpointIntegrityError(
                 f"checkpoint step {step} ({step_dir}), named by [checkpoint] load_step, fails verification: "
-                + "; ".join(verdict[0]))
+                + "; ".join(verdict[0])
+            )
         return super()._load(step)

@@ -41,7 +41,7 @@ def tokenizer_dir(vocab_size: int = 2048) -> str:
     os.makedirs(root, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".building-", dir=root, ignore_cleanup_errors=True) as tmp:
         _train_tokenizer(tmp, vocab_size)
-        with contextlib.suppress(OSError):   # another rank's build is already in place
+        with contextlib.suppress(OSError):  # another rank's build is already in place
             os.rename(tmp, final)
     if not os.path.exists(os.path.join(final, "tokenizer_config.json")):
         raise RuntimeError(f"could not place the embedded tokenizer in {final}")
@@ -54,13 +54,23 @@ def _train_tokenizer(out_dir: str, vocab_size: int) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS_TOKEN, EOS_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(documents("train"), trainer=trainer)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
-    config = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "add_bos_token": True, "add_eos_token": False,
-              "model_max_length": 1 << 20, "tokenizer_class": "PreTrainedTokenizerFast",
-              "dist_marsm": {"corpus": "pydoc_data.topics", "digest": corpus_digest(), "vocab_size": vocab_size}}
+    config = {
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": 1 << 20,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "dist_marsm": {"corpus": "pydoc_data.topics", "digest": corpus_digest(), "vocab_size": vocab_size},
+    }
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=1)
 
@@ -74,5 +84,7 @@ def register_datasets() -> None:
     for name, split in ((TRAIN_DATASET, "train"), (VALIDATION_DATASET, "validation")):
         if name not in DATASETS:
             DATASETS[name] = DatasetConfig(
-                path=f"pydoc_data.topics:{split}", sample_processor=lambda sample: sample["text"],
-                loader=lambda path, split=split: Dataset.from_dict({"text": documents(split)}))
+                path=f"pydoc_data.topics:{split}",
+                sample_processor=lambda sample: sample["text"],
+                loader=lambda path, split=split: Dataset.from_dict({"text": documents(split)}),
+            )

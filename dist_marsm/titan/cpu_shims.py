@@ -20,19 +20,31 @@ def needs_cpu_shims() -> bool:
     return _get_available_device_type() is None
 
 
-_PROPERTIES = types.SimpleNamespace(name=platform.processor() or platform.machine() or "cpu",
-                                    total_memory=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-                                    multi_processor_count=os.cpu_count() or 1)
+_PROPERTIES = types.SimpleNamespace(
+    name=platform.processor() or platform.machine() or "cpu",
+    total_memory=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+    multi_processor_count=os.cpu_count() or 1,
+)
 CPU_DEVICE_MODULE = types.ModuleType("dist_marsm_cpu_device_module", "torch.cuda as torchtitan uses it, for CPUs")
 CPU_DEVICE_MODULE.__dict__.update(
-    is_available=lambda: True, device_count=lambda: 1,   # torchtitan then picks device index 0 on every rank
-    current_device=lambda: 0, set_device=lambda device: None, synchronize=lambda device=None: None,
-    empty_cache=lambda: None, reset_peak_memory_stats=lambda device=None: None,
-    get_device_name=lambda device=None: f"CPU ({_PROPERTIES.name})", get_device_properties=lambda d=None: _PROPERTIES,
-    memory_stats=lambda device=None: {   # the process's peak resident set size stands in for the allocator's
-        **dict.fromkeys(("active_bytes.all.peak", "reserved_bytes.all.peak"),
-                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
-        "num_alloc_retries": 0, "num_ooms": 0})
+    is_available=lambda: True,
+    device_count=lambda: 1,  # torchtitan then picks device index 0 on every rank
+    current_device=lambda: 0,
+    set_device=lambda device: None,
+    synchronize=lambda device=None: None,
+    empty_cache=lambda: None,
+    reset_peak_memory_stats=lambda device=None: None,
+    get_device_name=lambda device=None: f"CPU ({_PROPERTIES.name})",
+    get_device_properties=lambda d=None: _PROPERTIES,
+    memory_stats=lambda device=None: {  # the process's peak resident set size stands in for the allocator's
+        **dict.fromkeys(
+            ("active_bytes.all.peak", "reserved_bytes.all.peak"),
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        ),
+        "num_alloc_retries": 0,
+        "num_ooms": 0,
+    },
+)
 CPU_DEVICE_MODULE.memory = types.SimpleNamespace(memory_stats=CPU_DEVICE_MODULE.memory_stats)
 
 
@@ -53,6 +65,7 @@ def apply_cpu_device_module() -> bool:
 
 def _wrap_parallelize_fn(parallelize_fn):
     """Obstacle 3: every FSDP module of the parallelized model reduces with a plain SUM."""
+
     @functools.wraps(parallelize_fn)
     def parallelize_with_sum_reduction(model, *args, **kwargs):
         model = parallelize_fn(model, *args, **kwargs)
@@ -82,6 +95,6 @@ def adapt_trainer_config(config) -> bool:
     if config.model_spec is not None:
         use_causal_sdpa(config.model_spec.model)
         config.model_spec.parallelize_fn = _wrap_parallelize_fn(config.model_spec.parallelize_fn)
-    config.parallelism.spmd_backend = "partial_dtensor"   # obstacle 4
+    config.parallelism.spmd_backend = "partial_dtensor"  # obstacle 4
     config.training.disable_cuda_graphs = True
     return True

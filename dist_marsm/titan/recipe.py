@@ -42,9 +42,19 @@ moe.register_flavors()
 # torchtitan's tyro rules for the recipe's values, but a TOML list of strings: one argument per item (last rule first)
 _RECIPE_RULES = ConstructorRegistry()
 ConfigManager.register_tyro_rules(_RECIPE_RULES)
-_RECIPE_RULES.primitive_rule(lambda info: None if info.type != list[str] else PrimitiveConstructorSpec(
-    nargs="*", metavar="STR ...", instance_from_str=list, is_instance=lambda x: isinstance(x, list),
-    str_from_instance=list))
+_RECIPE_RULES.primitive_rule(
+    lambda info: (
+        None
+        if info.type != list[str]
+        else PrimitiveConstructorSpec(
+            nargs="*",
+            metavar="STR ...",
+            instance_from_str=list,
+            is_instance=lambda x: isinstance(x, list),
+            str_from_instance=list,
+        )
+    )
+)
 
 
 class RecipeError(ValueError):
@@ -83,10 +93,16 @@ class ModelConfig:
 
 def unfuse_qkv(model_config) -> None:
     """llama3's fused wqkv projection configs -> separate wq, wk, wv (same blocks, same init)."""
-    def separate(cfg):   # QKVLinear builds both wk and wv from the one wkv config
+
+    def separate(cfg):  # QKVLinear builds both wk and wv from the one wkv config
         rows = {"wq": cfg.n_heads * cfg.head_dim, "wkv": cfg.n_kv_heads * cfg.head_dim}
-        return QKVLinear.Config(head_dim=cfg.head_dim, **{key: Linear.Config(
-            in_features=cfg.wqkv.in_features, out_features=n, param_init=_LINEAR_INIT) for key, n in rows.items()})
+        return QKVLinear.Config(
+            head_dim=cfg.head_dim,
+            **{
+                key: Linear.Config(in_features=cfg.wqkv.in_features, out_features=n, param_init=_LINEAR_INIT)
+                for key, n in rows.items()
+            },
+        )
 
     return cpu_shims.replace_configs(model_config, FusedQKVLinear.Config, separate)
 
@@ -101,8 +117,10 @@ LIMITS = {
     ("training", "seq_len"): (lambda v: v >= 2, ">= 2"),
     ("training", "global_batch_size"): (lambda v: v == -1 or v > 0, "-1 or > 0"),
     ("parallelism", "data_parallel_shard_degree"): (lambda v: v == -1 or v >= 1, "-1 or >= 1"),
-    **{("parallelism", f"{k}_degree"): (lambda v: v >= 1, ">= 1")
-       for k in ("data_parallel_replicate", "tensor_parallel", "pipeline_parallel", "context_parallel")},
+    **{
+        ("parallelism", f"{k}_degree"): (lambda v: v >= 1, ">= 1")
+        for k in ("data_parallel_replicate", "tensor_parallel", "pipeline_parallel", "context_parallel")
+    },
     ("lr_scheduler", "warmup_steps"): (lambda v: v >= 0, ">= 0"),
     ("lr_scheduler", "min_lr_factor"): (lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("lr_scheduler", "decay_ratio"): (lambda v: v is None or 0 <= v <= 1, "in [0, 1] or none"),
@@ -124,30 +142,39 @@ class MARSMTrainerConfig(Trainer.Config):
     optimizer: MARSMOptimizersContainer.Config = field(default_factory=MARSMOptimizersContainer.Config)
     metrics: MARSMMetricsProcessor.Config = field(default_factory=MARSMMetricsProcessor.Config)
     dataloader: HuggingFaceTextDataLoader.Config = field(
-        default_factory=lambda: HuggingFaceTextDataLoader.Config(dataset=corpus.TRAIN_DATASET))
-    validator: Validator.Config = field(default_factory=lambda: Validator.Config(
-        enable=False, steps=4, dataloader=HuggingFaceTextDataLoader.Config(dataset=corpus.VALIDATION_DATASET)))
+        default_factory=lambda: HuggingFaceTextDataLoader.Config(dataset=corpus.TRAIN_DATASET)
+    )
+    validator: Validator.Config = field(
+        default_factory=lambda: Validator.Config(
+            enable=False, steps=4, dataloader=HuggingFaceTextDataLoader.Config(dataset=corpus.VALIDATION_DATASET)
+        )
+    )
     activation_checkpoint: _AC = None
-    checkpoint: VerifiedCheckpointManager.Config = field(default_factory=lambda: VerifiedCheckpointManager.Config(
-        last_save_model_only=False))
+    checkpoint: VerifiedCheckpointManager.Config = field(
+        default_factory=lambda: VerifiedCheckpointManager.Config(last_save_model_only=False)
+    )
 
     def __post_init__(self):
         for (section, key), (ok, expect) in LIMITS.items():
             if not ok(value := getattr(getattr(self, section), key)):
                 raise ValueError(f"[{section}] {key} must be {expect}, got {value!r}")
         warmup, total = self.lr_scheduler.warmup_steps, self.lr_scheduler.total_steps or self.training.steps
-        if warmup >= total:   # torchtitan's scheduler fails a step after warm-up == steps
-            raise ValueError(f"[lr_scheduler] warmup_steps ({warmup}) must be < [training] steps ({total}): the "
-                             "schedule needs at least one step after warm-up")
+        if warmup >= total:  # torchtitan's scheduler fails a step after warm-up == steps
+            raise ValueError(
+                f"[lr_scheduler] warmup_steps ({warmup}) must be < [training] steps ({total}): the "
+                "schedule needs at least one step after warm-up"
+            )
         for name, loader in (("[dataloader]", self.dataloader), ("[validator.dataloader]", self.validator.dataloader)):
             if (name == "[dataloader]" or self.validator.enable) and loader.dataset not in DATASETS:
                 raise ValueError(f"{name} dataset must be one of {sorted(DATASETS)}, got {loader.dataset!r}")
         if self.validator.enable and self.validator.dataloader.dataset == self.dataloader.dataset:
-            raise ValueError(f"[validator.dataloader] dataset must differ from [dataloader] dataset "
-                             f"({self.dataloader.dataset!r})")
+            raise ValueError(
+                f"[validator.dataloader] dataset must differ from [dataloader] dataset ({self.dataloader.dataset!r})"
+            )
         self.model_spec = self.model.spec()
         self.loss = ChunkedLossWrapper.Config(
-            loss_fn=CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(self.model_spec)))
+            loss_fn=CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(self.model_spec))
+        )
         on_cpu = cpu_shims.needs_cpu_shims()
         # torchtitan rejects pipeline parallelism with CUDA graphs when the config is built; CPUs have none.
         self.training.disable_cuda_graphs |= self.parallelism.pipeline_parallel_degree > 1 or on_cpu
@@ -162,7 +189,7 @@ def _label(flag: str) -> str:
     return f"[{'.'.join(section)}] {key}" if section else key
 
 
-def _bare(ann):   # without Annotated's metadata
+def _bare(ann):  # without Annotated's metadata
     return _bare(typing.get_args(ann)[0]) if typing.get_origin(ann) is Annotated else ann
 
 
@@ -181,26 +208,33 @@ def _recipe_args(config, table: dict, where: str, path: tuple = ()) -> tuple[lis
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
             name = f"section [{key}]" if not path and isinstance(raw, dict) else f"key {_label(flag)}"
-            raise RecipeError(f"{where}: unknown {name}" + (f"; did you mean {', '.join(close)}?" if close
-                                                             else f"; known: {known}"))
+            raise RecipeError(
+                f"{where}: unknown {name}" + (f"; did you mean {', '.join(close)}?" if close else f"; known: {known}")
+            )
         current, members = getattr(config, key), [_bare(m) for m in typing.get_args(_bare(hints[key]))]
         named_config = isinstance(raw, str) and any(map(dataclasses.is_dataclass, members))  # activation_checkpoint
         if isinstance(raw, dict) != dataclasses.is_dataclass(current) and not named_config:
-            raise RecipeError(f"{where}: {_label(flag)} must be " + ("a table" if dataclasses.is_dataclass(current)
-                                                                  else "a value, not a table"))
+            raise RecipeError(
+                f"{where}: {_label(flag)} must be "
+                + ("a table" if dataclasses.is_dataclass(current) else "a value, not a table")
+            )
         if isinstance(raw, dict):
             more, subs = _recipe_args(current, raw, where, (*path, key))
             options, subcommands = options + more, subcommands + subs
         elif named_config:
             subcommands.append(f"{flag}:{raw}")
-        elif raw == "none" and type(None) in members:   # TOML has no null
+        elif raw == "none" and type(None) in members:  # TOML has no null
             options.append(f"--{flag}=None")
-        elif current is not None and (isinstance(raw, list) != isinstance(current, (list, tuple))
-                                      or isinstance(raw, str) != isinstance(current, str)):
+        elif current is not None and (
+            isinstance(raw, list) != isinstance(current, (list, tuple))
+            or isinstance(raw, str) != isinstance(current, str)
+        ):
             raise RecipeError(f"{where}: {_label(flag)} must be {type(current).__name__}, got {raw!r}")
         else:
-            tokens = [str(x).capitalize() if isinstance(x, bool) else str(x) for x in (raw if isinstance(raw, list)
-                                                                                       else [raw])]
+            tokens = [
+                str(x).capitalize() if isinstance(x, bool) else str(x)
+                for x in (raw if isinstance(raw, list) else [raw])
+            ]
             if isinstance(raw, list) and any(re.match(r"-(?![\d.])", t) for t in tokens):
                 raise RecipeError(f"{where}: {_label(flag)}: a list item may not start with '-', got {raw!r}")
             options += [f"--{flag}", *tokens] if isinstance(raw, list) else [f"--{flag}={tokens[0]}"]
@@ -209,22 +243,30 @@ def _recipe_args(config, table: dict, where: str, path: tuple = ()) -> tuple[lis
 
 def _parse(default, args: list[str], where: str, prog: str, overrides: bool):
     """``tyro.cli`` over ``default``; a failure raises one RecipeError naming the key (and the override)."""
-    if overrides:   # torchtitan's CLI rules (comma lists); booleans as in TOML
+    if overrides:  # torchtitan's CLI rules (comma lists); booleans as in TOML
         ConfigManager()
         args = [re.sub(r"(^|=)(true|false)$", lambda m: m[1] + m[2].capitalize(), a) for a in args]
-    cli = {"args": args, "default": default, "prog": prog, "config": (tyro.conf.FlagConversionOff,),
-           "registry": custom_registry if overrides else _RECIPE_RULES}
+    cli = {
+        "args": args,
+        "default": default,
+        "prog": prog,
+        "config": (tyro.conf.FlagConversionOff,),
+        "registry": custom_registry if overrides else _RECIPE_RULES,
+    }
     if "--help" in args or "-h" in args:
         return tyro.cli(type(default), **cli)
-    text, failures = io.StringIO(), []   # tyro's events, each with the exception tyro was handling when it failed
+    text, failures = io.StringIO(), []  # tyro's events, each with the exception tyro was handling when it failed
     given = {a[2:].split("=")[0].replace("-", "_"): a.split("=")[0] for a in args if a.startswith("--")}
     try:
-        with tyro_errors.on_parse_error(lambda event: failures.append((event, sys.exc_info()[1]))), \
-                contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
+        with (
+            tyro_errors.on_parse_error(lambda event: failures.append((event, sys.exc_info()[1]))),
+            contextlib.redirect_stderr(text),
+            contextlib.redirect_stdout(text),
+        ):
             config = tyro.cli(type(default), **cli)
-        sys.stderr.write(text.getvalue())   # what torchtitan's configs printed while being built
+        sys.stderr.write(text.getvalue())  # what torchtitan's configs printed while being built
         return config
-    except SystemExit:   # tyro told the hook, then printed its box into text (the argparse backend: only that)
+    except SystemExit:  # tyro told the hook, then printed its box into text (the argparse backend: only that)
         key, reason = _reason(*failures[-1], default, given) if failures else (None, " ".join(text.getvalue().split()))
     except (ValueError, TypeError) as e:
         key, reason = None, str(e)
@@ -242,15 +284,16 @@ def _reason(event, handling, config, given: dict) -> tuple[str | None, str]:
     if isinstance(event, tyro_errors.InvalidChoice):
         return key, f"{_label(key)} must be one of {tuple(arg.lowered.choices)}, got {event.value!r}"
     if isinstance(event, tyro_errors.BadValue):
-        return key, f"{_label(key)}: " + ("takes no value" if event.reason == "fixed" else
-                                         f"needs {arg.lowered.nargs} value(s)")
-    if key:   # a value tyro could not convert; the metavar is the type it wanted
+        return key, f"{_label(key)}: " + (
+            "takes no value" if event.reason == "fixed" else f"needs {arg.lowered.nargs} value(s)"
+        )
+    if key:  # a value tyro could not convert; the metavar is the type it wanted
         return key, f"{_label(key)} must be {arg.lowered.metavar}: {message}"
     # A section's own check (__post_init__): tyro was handling an exception whose ``arg`` is the section; the
     # root config's check names its keys itself.
     if not isinstance(section := getattr(handling, "arg", None), str):
         return None, message
-    keys = [k for k in given if k.rpartition(".")[0] == section]   # the key the check names, else the keys set there
+    keys = [k for k in given if k.rpartition(".")[0] == section]  # the key the check names, else the keys set there
     key = next((k for k in keys if message.startswith(k.rpartition(".")[2] + " ")), None)
     names = "" if key or not keys else ", ".join(k.rpartition(".")[2] for k in keys) + ": "
     return key or (keys or [None])[0], f"[{section}] {names}{message}"
@@ -266,18 +309,25 @@ def _unknown(config, tokens: list[str]) -> tuple[str | None, str]:
         hints, known = _fields(config)
         if part not in known or not dataclasses.is_dataclass(config := getattr(config, part)):
             break
-    if ":" in token:   # tyro spells a named config (a subcommand) field-with-dashes:name
-        return None, f"unknown {token}; choices: " + ", ".join(f"{part.replace('_', '-')}:{m.name}" for a in
-                                                              typing.get_args(_bare(hints.get(part)))
-                                                              for m in typing.get_args(a)[1:] if hasattr(m, "name"))
+    if ":" in token:  # tyro spells a named config (a subcommand) field-with-dashes:name
+        return None, f"unknown {token}; choices: " + ", ".join(
+            f"{part.replace('_', '-')}:{m.name}"
+            for a in typing.get_args(_bare(hints.get(part)))
+            for m in typing.get_args(a)[1:]
+            if hasattr(m, "name")
+        )
     close = ", ".join("--" + ".".join((*path[:depth], c)) for c in difflib.get_close_matches(part, known, cutoff=0.6))
     key = ".".join(path)
     return key, f"{_label(key)}: unknown {token}; " + (f"did you mean {close}?" if close else f"known: {known}")
 
 
 # ----------------------------------------------------------------------------- entry
-def load_recipe(path: str, overrides: list[str] | None = None, world_size: int | None = None,
-                prog: str = "python -m dist_marsm.train") -> MARSMTrainerConfig:
+def load_recipe(
+    path: str,
+    overrides: list[str] | None = None,
+    world_size: int | None = None,
+    prog: str = "python -m dist_marsm.train",
+) -> MARSMTrainerConfig:
     """Read a recipe, apply CLI overrides and check it. Raises :class:`RecipeError` naming key and file."""
     try:
         with open(path, "rb") as f:
@@ -304,5 +354,6 @@ def check_world_size(config, world: int, where: str) -> None:
     try:
         ParallelDims.from_config(config.parallelism, world)
     except AssertionError as e:
-        raise RecipeError(f"{where}: [parallelism] {str(e) or 'the degrees do not fit'} (the job has {world} ranks)") \
-            from None
+        raise RecipeError(
+            f"{where}: [parallelism] {str(e) or 'the degrees do not fit'} (the job has {world} ranks)"
+        ) from None
