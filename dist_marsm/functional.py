@@ -410,33 +410,3 @@ def _row_state_like(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         shape=shape,
         stride=torch.empty(shape, device="meta").stride(),
     )
-
-
-# ------------------------------------------------------------------ exact variant
-def exact_gradients(optimizer, closure, prev_grads: dict):
-    """Gradients at x_{t-1} on the current batch (into ``prev_grads``), then at x_t; returns the loss.
-
-    Every parameter that has a previous iterate is rewound (the AdamW-routed ones too), so the
-    correction's gradient is taken at the whole model's x_{t-1}, not at a mix of old and new values.
-    Gradients are cleared before each closure call, so a closure that does not zero them is correct too.
-    """
-    state = optimizer.state
-    groups = optimizer.param_groups
-    exact = [
-        p for g in groups if g["use_mars"] and g["variant"] == "exact" for p in g["params"] if "prev_param" in state[p]
-    ]
-    rewound = [p for g in groups for p in g["params"] if "prev_param" in state[p]]
-    if exact:
-        current = [local(p).clone() for p in rewound]
-        for p in rewound:
-            local(p).copy_(local(state[p]["prev_param"]))
-        optimizer.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            closure()
-        for p in exact:
-            prev_grads[p] = local(p.grad).clone() if p.grad is not None else torch.zeros_like(local(p))
-        for p, saved in zip(rewound, current):
-            local(p).copy_(saved)
-    optimizer.zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        return closure()

@@ -336,22 +336,7 @@ def split_units(view: tuple[int, ...], layout: Layout, my_rank: int, head_rows: 
             for r in first_replica
             if sig[r] is not None and len(sig[r]) == chunk and index_len(layout.blocks[r][-1]) == cols
         ]
-        lead_pos = row_pos = None
-        if sig[my_rank] is not None:
-            local_lead = {g: i for i, g in enumerate(lead_sets[my_rank])}
-            row_index = layout.blocks[my_rank][-2]
-            global_rows = (
-                list(range(row_index.start, row_index.stop)) if isinstance(row_index, slice) else row_index.tolist()
-            )
-            local_row = {g: i for i, g in enumerate(global_rows)}
-            lead_list = [local_lead[e] for e, _ in items]
-            row_lists = [[local_row[h * chunk + q] for q in sig[my_rank]] for _, h in items]
-            whole = lead_list == list(range(len(lead_sets[my_rank]))) and all(
-                rl == list(range(len(global_rows))) for rl in row_lists
-            )
-            if not whole:
-                lead_pos = torch.tensor(lead_list, dtype=torch.long)
-                row_pos = torch.tensor(row_lists, dtype=torch.long)
+        lead_pos, row_pos = _local_positions(layout, my_rank, lead_sets[my_rank], sig[my_rank], items, chunk)
         units.append(
             Unit(
                 (n, chunk, cols),
@@ -363,6 +348,23 @@ def split_units(view: tuple[int, ...], layout: Layout, my_rank: int, head_rows: 
             )
         )
     return units
+
+
+def _local_positions(layout: Layout, my_rank: int, my_lead: list[int], my_rows, items, chunk: int):
+    """Where a unit's items sit in this rank's local tensor viewed as [leading, rows, cols]: (leading
+    positions, row positions), or (None, None) where the unit is the whole local tensor as it is."""
+    if my_rows is None:
+        return None, None
+    local_lead = {g: i for i, g in enumerate(my_lead)}
+    row_index = layout.blocks[my_rank][-2]
+    global_rows = list(range(row_index.start, row_index.stop)) if isinstance(row_index, slice) else row_index.tolist()
+    local_row = {g: i for i, g in enumerate(global_rows)}
+    lead_list = [local_lead[e] for e, _ in items]
+    row_lists = [[local_row[h * chunk + q] for q in my_rows] for _, h in items]
+    whole = lead_list == list(range(len(my_lead))) and all(rl == list(range(len(global_rows))) for rl in row_lists)
+    if whole:
+        return None, None
+    return torch.tensor(lead_list, dtype=torch.long), torch.tensor(row_lists, dtype=torch.long)
 
 
 def _items_label(items: list[tuple[int, int]], by_head: bool) -> str:

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from dist_marsm import functional, guard, settings
+from dist_marsm import functional, gradients, guard, settings
 from dist_marsm.guard import Header, NonFiniteGradientError
 from dist_marsm.newton_schulz import resolve_dtype
-from dist_marsm.step_plan import FlatGroup, StepPlan, build_step_plan, plan_key
+from dist_marsm.step_plan import FlatGroup, StepPlan, build_step_plan, plan_key, plan_report
 
 __all__ = ["MARSM", "NonFiniteGradientError"]
 
@@ -156,7 +156,7 @@ class MARSM(torch.optim.Optimizer):
         except ValueError as error:
             self._fail_together(error)
         prev_grads: dict = {}
-        loss = self._gradients(closure, prev_grads)
+        loss = gradients.closure_gradients(self, closure, prev_grads)
         plan_start = time.perf_counter()
         plan = self._current_plan()
         plan_s = time.perf_counter() - plan_start
@@ -175,19 +175,6 @@ class MARSM(torch.optim.Optimizer):
             stats["phase_s"] = timer.phases
         self.last_step_stats = stats
         return loss
-
-    def _gradients(self, closure, prev_grads: dict):
-        if any(g["use_mars"] and g["variant"] == "exact" for g in self.param_groups):
-            if closure is None:
-                raise ValueError(
-                    "MARSM: variant='exact' needs step(closure): the closure recomputes the loss "
-                    "and gradients of the current batch at the previous iterate"
-                )
-            return functional.exact_gradients(self, closure, prev_grads)
-        if closure is None:
-            return None
-        with torch.enable_grad():
-            return closure()
 
     def _stage(self, fg: FlatGroup, prev_grads: dict, stats: dict, timer) -> functional.Staged | None:
         """Corrected gradients and the step's one all-reduce under the guard; None when the step is skipped."""
@@ -330,14 +317,7 @@ class MARSM(torch.optim.Optimizer):
         """Per flat group: who owns which matrix, Newton-Schulz FLOPs and bytes per rank (after one step)."""
         if self.step_plan is None:
             raise RuntimeError("MARSM.plan_report: the plan is built at the first step")
-        return [
-            {
-                "ranks": fg.ranks,
-                "owners": {e.name: fg.ranks[e.owner] for e in fg.owner_plan.entries},
-                "per_rank": fg.owner_plan.report(),
-            }
-            for fg in self.step_plan.flat_groups
-        ]
+        return plan_report(self.step_plan)
 
 
 # ---------------------------------------------------------------------- helpers

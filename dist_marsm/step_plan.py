@@ -339,3 +339,15 @@ def _leading_indices(layout: Layout, rank: int, view: tuple[int, ...], device: t
         return torch.zeros(1, dtype=torch.long, device=device)
     grid = torch.arange(math.prod(lead), device=device).view(lead)
     return take_block(grid, layout.blocks[rank][:-2]).reshape(-1)
+
+
+def plan_report(plan: StepPlan) -> list[dict]:
+    """Per flat group: who owns which matrix, Newton-Schulz FLOPs and bytes per rank."""
+    return [
+        {
+            "ranks": fg.ranks,
+            "owners": {e.name: fg.ranks[e.owner] for e in fg.owner_plan.entries},
+            "per_rank": fg.owner_plan.report(),
+        }
+        for fg in plan.flat_groups
+    ]
