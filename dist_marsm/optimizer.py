@@ -216,6 +216,7 @@ class MARSM(torch.optim.Optimizer):
         """Re-validate whatever changed since the last check; a change that moves work rebuilds the plan."""
         options = tuple(self.options.values())
         if options != self._checked_options:
+            self._settings_version += 1  # before the check: a rank whose new value fails still sends its digest
             settings.canonicalize(self.options)
             settings.validate(self.options, "MARSM.options", scope="optimizer")
             old = dict(zip(self.options, self._checked_options))
@@ -223,12 +224,12 @@ class MARSM(torch.optim.Optimizer):
                 old, "optimizer"
             )
             self._checked_options = tuple(self.options.values())
-            self._settings_version += 1
         if len(self._checked) != len(self.param_groups):
             raise ValueError("MARSM: param_groups was changed by hand; use add_param_group")
         for i, group in enumerate(self.param_groups):
             if _group_values(group) == self._checked[i]:
                 continue
+            self._settings_version += 1
             where = f"MARSM: param group {i}"
             settings.canonicalize(group)
             settings.validate(group, where)
@@ -243,7 +244,6 @@ class MARSM(torch.optim.Optimizer):
                 )
             self._replan |= settings.replan_values(old) != settings.replan_values(group)
             self._checked[i] = _group_values(group)
-            self._settings_version += 1
 
     def _current_plan(self) -> StepPlan:
         """The step plan, rebuilt when this rank's parameters or a setting that moves work changed.
