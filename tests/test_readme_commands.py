@@ -172,7 +172,9 @@ def test_gpu_commands_recipe_validates_for_its_ranks(cache, tmp_path):
 
 def test_make_run_is_the_documented_commands(tmp_path):
     """`make run` = install, the CPU debug recipe in full (the 10-step README lines run the same code), the plot."""
-    out = subprocess.run(["make", "-n", "run"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["make", "-n", "--no-print-directory", "run"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     lines = [line.strip() for line in out.splitlines() if line.strip() and not line.strip().startswith("#")]
     assert lines[-2:] == [
         "python3 -m dist_marsm.train --recipe recipes/debug_cpu.toml",
