@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from dist_marsm import settings
-from dist_marsm.step_plan import FlatGroup, ReduceLayout, local
+from dist_marsm.step_plan import FlatGroup, ParamRecord, PlanRecord, ReduceLayout, local
 
 DIGEST_BITS = 20
 # Replicas synchronised by an all-reduce or a broadcast hold bitwise-equal gradients, so their float64
@@ -54,12 +55,28 @@ def digests_agree(sums: list[float], world: int) -> bool:
     return all(world * int(q) == int(s) ** 2 for s, q in zip(sums[:2], sums[2:]))
 
 
-def settings_record(options: dict, param_groups: list[dict], group_indices: tuple[int, ...]) -> tuple:
+class SettingsRecord(NamedTuple):
     """Everything the ranks of a flat group must share: the optimizer's options and its groups' settings."""
-    return (
+
+    options: tuple  # ((name, value), ...)
+    groups: tuple  # ((group index, ((name, value), ...)), ...)
+
+
+def settings_record(options: dict, param_groups: list[dict], group_indices: tuple[int, ...]) -> SettingsRecord:
+    return SettingsRecord(
         settings.agreed_values(options, "optimizer"),
         tuple((gi, settings.agreed_values(param_groups[gi])) for gi in group_indices),
     )
+
+
+@dataclass(frozen=True)
+class RankRecord:
+    """One rank's records, exchanged only when a check fails, to name what differs."""
+
+    plan: PlanRecord
+    settings: SettingsRecord
+    replanned: bool = False
+    changed: str | None = None  # the first parameter that changed on a rank that rebuilt its plan
 
 
 @dataclass(frozen=True)
@@ -150,8 +167,8 @@ def name_difference(fg: FlatGroup, mine: dict) -> str:
         message = _describe(fg.ranks[0], fg.ranks[rank], ref, theirs)
         if message:
             return message
-    changed = [(fg.ranks[r], rec["changed"]) for r, rec in enumerate(everyone) if rec["replanned"]]
-    still = [fg.ranks[r] for r, rec in enumerate(everyone) if not rec["replanned"]]
+    changed = [(fg.ranks[r], rec.changed) for r, rec in enumerate(everyone) if rec.replanned]
+    still = [fg.ranks[r] for r, rec in enumerate(everyone) if not rec.replanned]
     if changed:
         first = next((name for _, name in changed if name), "a parameter")
         return (
@@ -162,10 +179,10 @@ def name_difference(fg: FlatGroup, mine: dict) -> str:
     return "MARSM: the ranks' settings or plan digests differ but their records compare equal"
 
 
-def _describe(rank_a: int, rank_b: int, a: dict, b: dict) -> str | None:
-    params_a, params_b = a["plan"][0], b["plan"][0]
+def _describe(rank_a: int, rank_b: int, a: RankRecord, b: RankRecord) -> str | None:
+    params_a, params_b = a.plan.params, b.plan.params
     if len(params_a) != len(params_b):
-        names = {t[0] for t in params_a} ^ {t[0] for t in params_b}
+        names = {p.name for p in params_a} ^ {p.name for p in params_b}
         return (
             f"MARSM: rank {rank_b} has {len(params_b)} parameters, rank {rank_a} has {len(params_a)}; "
             f"differing: {sorted(map(str, names))[:5]}"
@@ -173,38 +190,41 @@ def _describe(rank_a: int, rank_b: int, a: dict, b: dict) -> str | None:
     for pa, pb in zip(params_a, params_b):
         if pa != pb:
             return (
-                f"MARSM: parameter {pa[0]} differs between rank {rank_a} and rank {rank_b}: {_field_difference(pa, pb)}"
+                f"MARSM: parameter {pa.name} differs between rank {rank_a} and rank {rank_b}: "
+                f"{_field_difference(pa, pb)}"
             )
-    if a["settings"] != b["settings"]:
-        groups_a, groups_b = a["settings"][1], b["settings"][1]
-        differing = [gi for (gi, ga), (_, gb) in zip(groups_a, groups_b) if ga != gb]
-        first = next((p[0] for p in params_a if differing and p[4] == differing[0]), None)
+    if a.settings != b.settings:
+        differing = [gi for (gi, ga), (_, gb) in zip(a.settings.groups, b.settings.groups) if ga != gb]
+        first = next((p.name for p in params_a if differing and p.group == differing[0]), None)
         subject = f"parameter {first} differs" if first else "settings differ"
         return (
             f"MARSM: {subject} between rank {rank_a} and rank {rank_b}: settings differ: "
-            f"{_settings_difference(a['settings'], b['settings'])}"
+            f"{_settings_difference(a.settings, b.settings)}"
         )
-    if a["plan"][1] != b["plan"][1]:
+    if a.plan.replan_settings != b.plan.replan_settings:
         return (
-            f"MARSM: the plan settings differ between rank {rank_a} and rank {rank_b}: {a['plan'][1]} vs {b['plan'][1]}"
+            f"MARSM: the plan settings differ between rank {rank_a} and rank {rank_b}: "
+            f"{a.plan.replan_settings} vs {b.plan.replan_settings}"
         )
     return None
 
 
-def _field_difference(a: tuple, b: tuple) -> str:
-    """What differs between two ranks' (name, shape, dtype, placements, group) records of a parameter."""
-    if a[0] != b[0]:
-        return f"the parameter at this position is {b[0]} on the other rank (different parameter sets or order)"
-    what = ("name", "shape", "dtype", "placements", "param group")
-    return "; ".join(f"{w} {x} vs {y}" for w, x, y in zip(what, a, b) if x != y)
+def _field_difference(a: ParamRecord, b: ParamRecord) -> str:
+    """What differs between two ranks' records of a parameter."""
+    if a.name != b.name:
+        return f"the parameter at this position is {b.name} on the other rank (different parameter sets or order)"
+    return "; ".join(
+        f"{field.replace('group', 'param group')} {x} vs {y}"
+        for field, x, y in zip(ParamRecord._fields, a, b)
+        if x != y
+    )
 
 
-def _settings_difference(a: tuple, b: tuple) -> str:
-    (opt_a, groups_a), (opt_b, groups_b) = a, b
-    diffs = [f"{k} {va!r} vs {vb!r}" for (k, va), (_, vb) in zip(opt_a, opt_b) if va != vb]
-    for (gi, ga), (_, gb) in zip(groups_a, groups_b):
+def _settings_difference(a: SettingsRecord, b: SettingsRecord) -> str:
+    diffs = [f"{k} {va!r} vs {vb!r}" for (k, va), (_, vb) in zip(a.options, b.options) if va != vb]
+    for (gi, ga), (_, gb) in zip(a.groups, b.groups):
         diffs += [f"param group {gi} {k} {va!r} vs {vb!r}" for (k, va), (_, vb) in zip(ga, gb) if va != vb]
-    return "; ".join(diffs) or f"{len(groups_a)} vs {len(groups_b)} param groups"
+    return "; ".join(diffs) or f"{len(a.groups)} vs {len(b.groups)} param groups"
 
 
 def agree_on_plan(fg: FlatGroup, header: Header, mine: dict) -> None:

@@ -302,13 +302,9 @@ class MARSM(torch.optim.Optimizer):
         header = self._header(fg)
         return header.settings_digest + header.plan_digest + [0.0]
 
-    def _record(self, fg: FlatGroup, replanned: bool = False, changed: str | None = None) -> dict:
-        return {
-            "plan": fg.plan_record,
-            "replanned": replanned,
-            "changed": changed,
-            "settings": guard.settings_record(self.options, self.param_groups, fg.group_indices),
-        }
+    def _record(self, fg: FlatGroup, replanned: bool = False, changed: str | None = None) -> guard.RankRecord:
+        record = guard.settings_record(self.options, self.param_groups, fg.group_indices)
+        return guard.RankRecord(fg.plan_record, record, replanned, changed)
 
     def _step_count(self, fg: FlatGroup) -> int:
         return max((int(self.state[p]["step"]) for p in fg.params if "step" in self.state[p]), default=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -147,7 +148,7 @@ class FlatGroup:
     all_slots: torch.Tensor | None = None  # every local matrix's slot, in view order
     view_params: torch.Tensor | None = None  # per gradient view (matrix views, then AdamW): its parameter
     replica_views: torch.Tensor | None = None  # positions of replicated parameters' views among all views
-    plan_record: tuple = ()  # what the plan is built from, comparable across ranks
+    plan_record: PlanRecord | None = None  # what the plan is built from, comparable across ranks
     plan_digest: list[float] = field(default_factory=list)  # the guard's digest of plan_record
     settings_digest: tuple[int, list[float]] = (-1, [])  # (settings version, the guard's digest of them)
 
@@ -229,15 +230,33 @@ def collect_flat_groups(param_groups: list[dict], process_group) -> list[FlatGro
     return [by_ranks[k] for k in sorted(by_ranks)]
 
 
-def plan_record(fg: FlatGroup, param_groups: list[dict], replan_values) -> tuple:
-    """What the plan of ``fg`` is built from: every rank of the flat group must hold the same."""
+class ParamRecord(NamedTuple):
+    """One parameter as the plan sees it; ranks compare these to name what differs."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    placements: str
+    group: int
+
+
+class PlanRecord(NamedTuple):
+    """What the plan of a flat group is built from: every rank of the flat group must hold the same."""
+
+    params: tuple[ParamRecord, ...]
+    replan_settings: tuple  # per param group: (index, the values of its settings that move work)
+
+
+def plan_record(fg: FlatGroup, param_groups: list[dict], replan_values) -> PlanRecord:
     params = tuple(
-        (m.name, tuple(m.param.shape), str(m.param.dtype), m.layout.placements, m.group_index) for m in fg.matrices
+        ParamRecord(m.name, tuple(m.param.shape), str(m.param.dtype), m.layout.placements, m.group_index)
+        for m in fg.matrices
     )
     params += tuple(
-        (a.name, tuple(a.param.shape), str(a.param.dtype), _placements(a.param), a.group_index) for a in fg.adamw
+        ParamRecord(a.name, tuple(a.param.shape), str(a.param.dtype), _placements(a.param), a.group_index)
+        for a in fg.adamw
     )
-    return params, tuple((gi, replan_values(param_groups[gi])) for gi in fg.group_indices)
+    return PlanRecord(params, tuple((gi, replan_values(param_groups[gi])) for gi in fg.group_indices))
 
 
 def _placements(p: torch.Tensor) -> str:
