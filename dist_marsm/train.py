@@ -191,6 +191,9 @@ def _run_rank(config, recipe: str) -> int:
         raise
     trainer.close()
     if torch.distributed.is_initialized():
+        # Every rank done before any tears down its connections: a gloo peer that closes while another still
+        # uses them can abort that rank at exit after a run that succeeded.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
 

@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
             dist.all_reduce(p.grad)
         opt.step()
         opt.zero_grad()
-    print("rank", rank, "trained", flush=True)
+    open(os.path.join(sys.argv[2], "rank%d.trained" % rank), "w").close()
     dist.destroy_process_group()
 """)
 
@@ -46,7 +46,17 @@ def _run(tmp_path, lr: str) -> tuple[int, str, float]:
     script.write_text(SCRIPT.format(timeout=PG_TIMEOUT_S))
     start = time.monotonic()
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), lr],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            lr,
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=2 * PG_TIMEOUT_S,
@@ -64,4 +74,4 @@ def test_invalid_setting_on_one_rank_ends_the_job_naming_it(tmp_path):
 def test_control_valid_settings_train(tmp_path):
     rc, log, _ = _run(tmp_path, "0.01")
     assert rc == 0, log[-3000:]
-    assert "rank 0 trained" in log and "rank 1 trained" in log
+    assert (tmp_path / "rank0.trained").exists() and (tmp_path / "rank1.trained").exists(), log[-3000:]
