@@ -26,12 +26,7 @@ from torch.optim.adamw import adamw as functional_adamw
 
 from dist_marsm import mars_math
 from dist_marsm.layouts import index_len
-from dist_marsm.step_plan import AdamWParam, FlatGroup, is_dtensor, local
-
-
-def state_dtype(param: torch.Tensor) -> torch.dtype:
-    """Optimizer state is kept in float32 for low-precision parameters (fp32 master state)."""
-    return torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
+from dist_marsm.step_plan import AdamWParam, FlatGroup, is_dtensor, local, state_dtype
 
 
 class PhaseTimer:
@@ -86,8 +81,7 @@ def corrected_gradients(fg: FlatGroup, param_groups: list[dict], state, prev_gra
         present.append(pos)
         st = states[pos] = state[m.param]
         group = param_groups[m.group_index]
-        if grad.shape != m.block_shape or grad.dtype != m.state_dtype:
-            grad = grad.reshape(m.block_shape).to(m.state_dtype)
+        grad = _block(grad, m.block_shape, m.state_dtype)
         if group["variant"] == "efficient" or group["gamma"] == 0:
             corrected[pos] = grad
             continue

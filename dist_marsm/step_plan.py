@@ -43,6 +43,11 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """Optimizer state is kept in float32 for low-precision parameters (fp32 master state)."""
+    return torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
+
+
 @dataclass(frozen=True)
 class UnitSlot:
     """One plan unit of a parameter: its entry in the owner plan, and, where this rank holds none of it,
@@ -73,8 +78,7 @@ class MatrixParam:
 
     @property
     def state_dtype(self) -> torch.dtype:
-        """Optimizer state is kept in float32 for low-precision parameters (fp32 master state)."""
-        return torch.float32 if self.param.dtype in (torch.bfloat16, torch.float16) else self.param.dtype
+        return state_dtype(self.param)
 
     @property
     def num_local_matrices(self) -> int:
