@@ -814,8 +814,12 @@ def main():
     )
     ap.add_argument("--kernel-reps", type=int, default=12)
     ap.add_argument("--pg-timeout", type=float, default=1800)
-    ap.add_argument("--name", default="bench_peers", help="results file stem")
+    ap.add_argument(
+        "--name", default=None, help="results file stem (default bench_peers; bench_peers_tiny with --only-tiny)"
+    )
     args = ap.parse_args()
+    # A partial run must not overwrite the full run's results, which the docs cite.
+    args.name = args.name or ("bench_peers_tiny" if args.only_tiny else "bench_peers")
     args.models = args.models.split(",")
     args.kinds = args.kinds.split(",")
     unknown = [m for m in args.models if m not in MODELS] + [k for k in args.kinds if k not in bench_distributed.KINDS]

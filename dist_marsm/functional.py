@@ -71,6 +71,11 @@ def corrected_gradients(fg: FlatGroup, param_groups: list[dict], state, prev_gra
     """c = g + gamma * beta / (1 - beta) * (g - g_prev) per matrix with a gradient, one foreach call per
     setting; returns (positions with a gradient, their states, their corrected gradients)."""
     present, states, corrected, batches = [], {}, {}, defaultdict(list)
+    # Settings are per param group: read once per step, not once per matrix.
+    correction = {
+        gi: (g["gamma"], g["momentum"]) if g["variant"] != "efficient" and g["gamma"] != 0 else None
+        for gi, g in enumerate(param_groups)
+    }
     for pos, m in enumerate(fg.matrices):
         grad = m.param.grad
         if grad is None:
@@ -80,15 +85,20 @@ def corrected_gradients(fg: FlatGroup, param_groups: list[dict], state, prev_gra
             raise ValueError(f"MARSM: parameter {m.name} has a sparse gradient; MARSM needs dense gradients")
         present.append(pos)
         st = states[pos] = state[m.param]
-        group = param_groups[m.group_index]
-        grad = _block(grad, m.block_shape, m.state_dtype)
-        if group["variant"] == "efficient" or group["gamma"] == 0:
+        if m.reshaped or grad.dtype != m.state_dtype:
+            grad = _block(grad, m.block_shape, m.state_dtype)
+        key = correction[m.group_index]
+        if key is None:
             corrected[pos] = grad
             continue
         prev = prev_grads.get(m.param) if prev_grads else None
-        prev = st.get("prev_grad") if prev is None else prev
-        prev = None if prev is None else _block(prev, m.block_shape, m.state_dtype)
-        batches[(group["gamma"], group["momentum"], prev is not None)].append((pos, grad, prev))
+        if prev is None:
+            prev = st.get("prev_grad")
+        if prev is not None:
+            prev = local(prev)
+            if m.reshaped or prev.dtype != m.state_dtype:
+                prev = _block(prev, m.block_shape, m.state_dtype)
+        batches[(*key, prev is not None)].append((pos, grad, prev))
     for (gamma, beta, has_prev), items in batches.items():
         out = mars_math.mars_corrections(
             [g for _, g, _ in items], [p for _, _, p in items] if has_prev else None, gamma, beta
@@ -121,10 +131,29 @@ def stage_gradients(fg: FlatGroup, param_groups: list[dict], state, prev_grads: 
         adamw_present,
         sparse,
         view_owner,
-        torch._foreach_norm(dense, 2, dtype=torch.float64) if dense else [],
+        frobenius_norms(dense),
         header,
     )
     return Staged(present, states, corrected, adamw_present)
+
+
+def frobenius_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's Frobenius norm, in one float64 vector, finite for every finite tensor.
+
+    On CPU, foreach runs one kernel per tensor and a float64 result costs twice a float32 one, so float32
+    and lower tensors are normed in float32 and only a norm that overflowed (a finite tensor whose norm
+    exceeds float32's range) is recomputed in float64; reading that flag back is free on CPU. Elsewhere
+    the foreach kernel is fused and float64 directly costs nothing extra.
+    """
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    if tensors[0].device.type != "cpu" or any(t.dtype == torch.float64 for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).double()
+    overflowed = torch.isinf(norms).nonzero().flatten().tolist()
+    for i in overflowed:
+        norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+    return norms
 
 
 def _write_gradient_numbers(fg: FlatGroup, present, adamw_present, sparse, view_owner, norms, header) -> None:
@@ -141,9 +170,9 @@ def _write_gradient_numbers(fg: FlatGroup, present, adamw_present, sparse, view_
     for k in sparse:
         host[2 * n_params + n_mats + k] = 1.0
     values[layout.has_grad.start :].copy_(torch.tensor(host + header, dtype=torch.float64))
-    if not norms:
+    if not len(norms):
         return
-    stacked = torch.stack(norms)
+    stacked = norms
     mat_norms = stacked[: len(view_owner)]
     counted = [i for i, pos in enumerate(view_owner) if fg.matrices[pos].first_replica]
     if counted:
@@ -172,10 +201,17 @@ def _write_gradient_numbers(fg: FlatGroup, present, adamw_present, sparse, view_
 
 # ------------------------------------------------------------------ momentum and Newton-Schulz
 def clip_gradients(fg: FlatGroup, staged: Staged, param_groups: list[dict], sq_norms: list[float]) -> None:
-    """Scale each corrected gradient (each matrix of a batch) to Frobenius norm <= 1, one foreach call."""
+    """Scale each corrected gradient (each matrix of a batch) to Frobenius norm <= 1, one foreach call.
+
+    Only matrices with a squared norm above 1 are touched; on most steps that is none of them."""
+    over = {s for s, sq in enumerate(sq_norms) if sq > 1.0}
+    if not over:
+        return
     tensors, scales = [], []
     for pos in staged.present:
         m = fg.matrices[pos]
+        if over.isdisjoint(m.slot_list):
+            continue
         group = param_groups[m.group_index]
         if not group["clip"] or group["variant"] == "efficient":
             continue
@@ -184,10 +220,9 @@ def clip_gradients(fg: FlatGroup, staged: Staged, param_groups: list[dict], sq_n
             c = staged.corrected[pos] = c.clone()  # never scale the gradient itself
         mats = [c] if c.ndim == 2 else c.reshape(-1, *c.shape[-2:]).unbind(0)
         for mat, s in zip(mats, m.slot_list):
-            factor = mars_math.unit_clip_factor(sq_norms[s])
-            if factor != 1.0:
+            if s in over:
                 tensors.append(mat)
-                scales.append(factor)
+                scales.append(mars_math.unit_clip_factor(sq_norms[s]))
     if tensors:
         torch._foreach_mul_(tensors, scales)
 
@@ -209,11 +244,14 @@ def update_momentum(fg: FlatGroup, staged: Staged, param_groups: list[dict]) -> 
     inputs, lerps, efficient = {}, defaultdict(list), defaultdict(list)
     for pos, c in staged.corrected.items():
         m = fg.matrices[pos]
-        group, st = param_groups[m.group_index], staged.states[pos]
-        if "step" not in st:
+        st = staged.states[pos]
+        group = param_groups[m.group_index]
+        momentum = st.get("momentum")
+        if momentum is None:
             init_mars_state(m.param, group, st)
-        momentum = local(st["momentum"])
-        if momentum.shape != c.shape:
+            momentum = st["momentum"]
+        momentum = local(momentum)
+        if m.reshaped:
             momentum = momentum.view(c.shape)
         if group["variant"] == "efficient":
             efficient[(group["momentum"], group["gamma"])].append((pos, momentum, c))
@@ -310,30 +348,40 @@ def apply_updates(fg: FlatGroup, staged: Staged, outputs: dict, param_groups: li
     """Keep what the next step reads, then W *= 1 - lr * wd; W -= lr * scale * update, grouped by value."""
     prev_dst, prev_src, param_dst, param_src, steps = [], [], [], [], []
     update = defaultdict(lambda: ([], []))
+    # Settings are per param group: read once per step, not once per matrix.
+    keeps = {
+        gi: (g["variant"] == "approx" and g["gamma"] != 0, g["variant"] == "exact") for gi, g in enumerate(param_groups)
+    }
     for pos, u in outputs.items():
         m = fg.matrices[pos]
-        group, st, local_p = param_groups[m.group_index], staged.states[pos], local(m.param)
-        if group["variant"] == "approx" and group["gamma"] != 0:
-            if "prev_grad" not in st:  # gamma raised from 0 mid-run: the correction starts now
-                st["prev_grad"] = torch.zeros_like(m.param, dtype=state_dtype(m.param))
-            prev_dst.append(local(st["prev_grad"]))
+        st, local_p = staged.states[pos], local(m.param)
+        keep_grad, keep_param = keeps[m.group_index]
+        if keep_grad:
+            prev = st.get("prev_grad")
+            if prev is None:  # gamma raised from 0 mid-run: the correction starts now
+                prev = st["prev_grad"] = torch.zeros_like(m.param, dtype=m.state_dtype)
+            prev_dst.append(local(prev))
             prev_src.append(local(m.param.grad))
-        if group["variant"] == "exact":
+        if keep_param:
             if "prev_param" not in st:  # switched to exact mid-run
                 st["prev_param"] = m.param.detach().clone()
             param_dst.append(local(st["prev_param"]))
             param_src.append(local_p)
         steps.append(st["step"])
-        u = u if u.shape == local_p.shape else u.reshape(local_p.shape)
-        key = (group["lr"], group["weight_decay"], m.lr_scale, u.dtype)
+        if u.shape != local_p.shape:  # a unit's result may carry a leading dim the parameter lacks
+            u = u.reshape(local_p.shape)
+        key = (m.group_index, m.lr_scale, u.dtype)
         update[key][0].append(local_p)
         update[key][1].append(u)
     foreach_copy(prev_dst, prev_src)
     foreach_copy(param_dst, param_src)
-    for (lr, wd, scale, _), (params, updates) in update.items():
-        mars_math.apply_updates(params, updates, lr, wd, scale)
+    for (group_index, scale, _), (params, updates) in update.items():
+        group = param_groups[group_index]
+        mars_math.apply_updates(params, updates, group["lr"], group["weight_decay"], scale)
     if steps:
-        torch._foreach_add_(steps, 1.0)
+        # 1 is exact in every dtype: a float32 0-dim tensor serves them all (see mars_math.foreach_scalar).
+        one = torch.tensor(1.0) if steps[0].device.type == "cpu" else 1.0
+        torch._foreach_add_(steps, one, alpha=1.0)
 
 
 def adamw_route(items: list[AdamWParam], param_groups: list[dict], state, exact: bool) -> None:

@@ -13,6 +13,23 @@ import torch
 LR_ADJUST_MODES = ("moonlight", "original", "none")
 
 
+def foreach_scalar(tensors: list[torch.Tensor], value: float) -> float | torch.Tensor:
+    """``value`` as a foreach op over ``tensors`` takes it fastest, with the same result as the scalar.
+
+    On CPU, foreach runs one kernel per tensor and wraps a Python scalar into a tensor for each; a 0-dim
+    tensor made once is passed instead (as torch.optim's AdamW does for its step counters). Its dtype is
+    the tensors' own where they share float32 or float64 (the kernels' fast path), else float32: CPU
+    kernels read a 0-dim operand at their compute precision and it does not change the result's dtype, so
+    results are bitwise those of the scalar. Elsewhere, the scalar itself.
+    """
+    if not tensors or tensors[0].device.type != "cpu":
+        return value
+    dtype = tensors[0].dtype
+    if dtype not in (torch.float32, torch.float64) or any(t.dtype != dtype for t in tensors):
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.tensor(value, dtype=dtype)
+
+
 def mars_corrections(
     grads: list[torch.Tensor], prev_grads: list[torch.Tensor] | None, gamma: float, beta: float
 ) -> list[torch.Tensor]:
@@ -89,7 +106,7 @@ def apply_updates(
 ) -> None:
     """W = W * (1 - lr * wd); W = W - lr * scale * update (decay uses the unscaled lr), in place."""
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_mul_(params, foreach_scalar(params, 1.0 - lr * weight_decay))
     torch._foreach_add_(params, updates, alpha=-lr * scale)
 
 

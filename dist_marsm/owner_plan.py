@@ -7,6 +7,7 @@ owner gathers a matrix from the ranks of its own replica and scatters the result
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class MatrixEntry:
     flops: int = 0
     _tilings: dict = field(default_factory=dict, repr=False, compare=False)
 
-    @property
+    @functools.cached_property
     def num_matrices(self) -> int:
         return math.prod(self.shape[:-2])
 

@@ -75,10 +75,14 @@ class MatrixParam:
     first_replica: bool = True  # this rank's block counts towards the global norms
     units: list[UnitSlot] = field(default_factory=list)
     whole_unit: int | None = None  # the entry of the one unit that is this rank's whole block, as it is
+    # Read for every matrix at every step, so fixed when the plan is built, as block_shape is. A later
+    # change of the parameter's dtype leaves state_dtype valid: it only tells float32 master state apart.
+    state_dtype: torch.dtype = field(init=False)
+    reshaped: bool = field(init=False)  # this rank's tensors have another shape than block_shape
 
-    @property
-    def state_dtype(self) -> torch.dtype:
-        return state_dtype(self.param)
+    def __post_init__(self):
+        self.state_dtype = state_dtype(self.param)
+        self.reshaped = tuple(local(self.param).shape) != self.block_shape
 
     @property
     def num_local_matrices(self) -> int:
