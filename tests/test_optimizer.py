@@ -83,6 +83,60 @@ def test_approx_matches_reference(big, lr_adjust):
         assert torch.allclose(p.double(), q, atol=1e-5), (p.double() - q).abs().max()
 
 
+def test_clipping_acts_only_on_the_matrices_over_the_unit_norm():
+    """In one step, some matrices (and one matrix of a batch) need clipping and the others must be left
+    alone: the step clips per slot. Same reference and tolerance as above."""
+    params = make_params()
+    opt = MARSM([{"params": params, "use_mars": True}], lr=0.02, ns_dtype="float32")
+    ref = MarsmReference(make_params(), lr=0.02)
+    big = {0: True, 1: False, 2: True}  # wide, tall, square; the batch: only its middle matrix
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        grads = [torch.randn(p.shape, generator=g) * (3.0 if big.get(i) else 0.01) for i, p in enumerate(params)]
+        grads[3][1] *= 300.0
+        if step == 0:  # the premise: norms on both sides of 1, within the batch too
+            norms = [grads[0].norm(), grads[1].norm(), *grads[3].flatten(1).norm(dim=1)]
+            assert norms[0] > 1 and norms[1] < 1 and norms[3] > 1 and norms[2] < 1 and norms[4] < 1, norms
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        opt.step()
+        ref.step(grads)
+    for p, q in zip(params, ref.params):
+        assert torch.allclose(p.double(), q, atol=1e-5), (p.double() - q).abs().max()
+
+
+def test_foreach_scalar_gives_the_scalars_result_bitwise():
+    """On CPU the step passes foreach ops a 0-dim tensor instead of a Python scalar (faster); the results
+    must be bitwise those of the scalar for every dtype, mixed lists included (a float32 operand would
+    round a float64 parameter's decay factor)."""
+    factor = 1.0 - 3e-4 * 0.1 - 1.234e-9
+    for dtypes in ([torch.bfloat16], [torch.float16], [torch.float32], [torch.float64], [torch.float32, torch.float64]):
+        g = torch.Generator().manual_seed(0)
+        tensors = [torch.randn(5, 7, generator=g).to(d) for d in dtypes]
+        want = [t.clone() for t in tensors]
+        torch._foreach_mul_(tensors, mars_math.foreach_scalar(tensors, factor))
+        torch._foreach_mul_(want, factor)
+        for got, w in zip(tensors, want):
+            assert got.dtype == w.dtype and torch.equal(got, w), dtypes
+
+
+def test_gradient_norms_stay_finite_for_finite_gradients_beyond_float32_range():
+    """Norms are taken in float32 on CPU; a finite float32 gradient whose norm exceeds float32's range
+    (3.4e38) must still get its true float64 norm (else the guard calls it non-finite), and a NaN stays
+    NaN. Others agree with the float64 norm to float32 rounding (1e-6 relative)."""
+    from dist_marsm.functional import frobenius_norms
+
+    g = torch.Generator().manual_seed(0)
+    small = torch.randn(16, 16, generator=g)
+    huge = torch.full((4, 4), 2e38)  # norm 8e38
+    nan = torch.tensor([[1.0, float("nan")]])
+    norms = frobenius_norms([small, huge, nan])
+    assert norms.dtype == torch.float64
+    assert norms[0].item() == pytest.approx(small.double().norm().item(), rel=1e-6)
+    assert norms[1].item() == pytest.approx(8e38, rel=1e-6)
+    assert math.isnan(norms[2].item())
+
+
 def test_clip_switch_off_matches_reference():
     params = make_params()
     opt = MARSM([{"params": params, "use_mars": True}], lr=0.02, ns_dtype="float32", clip=False)
