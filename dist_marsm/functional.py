@@ -246,11 +246,9 @@ def update_momentum(fg: FlatGroup, staged: Staged, param_groups: list[dict]) -> 
         m = fg.matrices[pos]
         st = staged.states[pos]
         group = param_groups[m.group_index]
-        momentum = st.get("momentum")
-        if momentum is None:
+        if "step" not in st:
             init_mars_state(m.param, group, st)
-            momentum = st["momentum"]
-        momentum = local(momentum)
+        momentum = local(st["momentum"])
         if m.reshaped:
             momentum = momentum.view(c.shape)
         if group["variant"] == "efficient":

@@ -164,7 +164,13 @@ def _launch_local(config, recipe: str, argv: list[str]) -> int:
 
 
 def _run_rank(config, recipe: str) -> int:
+    import faulthandler
+
     import torch
+
+    # A rank killed by a C++ abort or a segfault raises no Python exception, so torchrun's error file stays
+    # empty; this prints every thread's Python stack to the rank's stderr first.
+    faulthandler.enable(all_threads=True)
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     print(

@@ -88,6 +88,7 @@ def test_installed_wheel_trains_a_shipped_recipe_by_name_outside_the_repository(
         DIST_MARSM_CACHE=str(tmp_path / "cache"),
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
+        LOG_RANK="0,1",  # a failure shows every rank's output (and its faulthandler stack), not rank 0's only
     )
     _run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path, env=env)
     away = tmp_path / "away"  # no recipes/, no launch/, no dist_marsm/ here or above
