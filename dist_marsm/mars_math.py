@@ -18,9 +18,9 @@ def foreach_scalar(tensors: list[torch.Tensor], value: float) -> float | torch.T
 
     On CPU, foreach runs one kernel per tensor and wraps a Python scalar into a tensor for each; a 0-dim
     tensor made once is passed instead (as torch.optim's AdamW does for its step counters). Its dtype is
-    the tensors' own where they share float32 or float64 (the kernels' fast path), else float32: CPU
-    kernels read a 0-dim operand at their compute precision and it does not change the result's dtype, so
-    results are bitwise those of the scalar. Elsewhere, the scalar itself.
+    the tensors' own where they share float32 or float64 (the kernels' fast path), else float32, or float64
+    if any tensor is float64: CPU kernels read a 0-dim operand at their compute precision and it does not
+    change the result's dtype, so results are bitwise those of the scalar. Elsewhere, the scalar itself.
     """
     if not tensors or tensors[0].device.type != "cpu":
         return value
