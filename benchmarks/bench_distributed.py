@@ -403,7 +403,8 @@ def run_one(kind, config, mesh, device, args, world):
     return rec
 
 
-def rank_main(rank, world, port, args, queue):
+def init_rank(rank: int, world: int, port: int, args):
+    """This spawned rank's process group (NCCL on CUDA, else gloo), device and 1-D "fsdp" mesh."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
@@ -416,6 +417,11 @@ def rank_main(rank, world, port, args, queue):
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
+    return device, mesh
+
+
+def rank_main(rank, world, port, args, queue):
+    device, mesh = init_rank(rank, world, port, args)
     out = {}
     for config in args.models:
         shapes = matrix_shapes(make_model(config))

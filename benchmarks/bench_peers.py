@@ -49,12 +49,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import datetime
 import functools
 import gc
 import io
 import math
-import os
 import pstats
 import random
 import sys
@@ -438,18 +436,7 @@ def measure_model(model_name, mesh, device, args, rank, world) -> dict:
 
 
 def rank_main(rank, world, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group(
-        "nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=args.pg_timeout)
-    )
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
+    device, mesh = bench_distributed.init_rank(rank, world, port, args)
     out = {}
     for repeat in range(args.repeat):
         for model_name in args.models:

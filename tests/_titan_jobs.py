@@ -41,8 +41,11 @@ def run_job(
     env: dict | None = None,
     max_restarts: int = 0,
     timeout: float = 420,
+    recipe: str = RECIPE,
+    base: list[str] | None = None,
 ) -> tuple[int, str]:
-    """torchrun (standalone) of the driver; returns (exit code, combined log)."""
+    """torchrun (standalone) of the driver on ``recipe`` with ``base`` (default SMALL), then ``overrides``;
+    returns (exit code, combined log)."""
     cmd = [
         sys.executable,
         "-m",
@@ -58,10 +61,10 @@ def run_job(
         "0.5",
         DRIVER,
         "--recipe",
-        RECIPE,
+        recipe,
         "--dump_folder",
         dump,
-        *SMALL,
+        *(SMALL if base is None else base),
         *(overrides or []),
     ]
     full_env = {

@@ -18,15 +18,13 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 pytest.importorskip("torchtitan")
 
 from tests._spawn import run_scenarios, scenario_cases  # noqa: E402
-from tests._titan_jobs import DRIVER, ROOT, copy_checkpoint, losses  # noqa: E402
+from tests._titan_jobs import ROOT, copy_checkpoint, losses, run_job  # noqa: E402
 
 RECIPE = os.path.join(ROOT, "recipes", "moe_debug_cpu.toml")
 # Independent count of the model's MARS-M matrices: 3 layers x 5 MLA projections (wq_a, wq_b, wkv_a, wkv_b,
@@ -77,46 +75,28 @@ def test_moe_parallel_equals_one_process(world, scenario, tmp_path, monkeypatch)
     assert max(row["ns_flops"] for row in per_rank) < 0.51 * single_flops  # and the work is split
 
 
+# The MoE recipe's own dtypes (bf16 Newton-Schulz and wire), unlike the float32 SMALL of _titan_jobs.
+MOE_SMALL = [
+    "--training.steps",
+    "8",
+    "--training.seq_len",
+    "64",
+    "--training.local_batch_size",
+    "2",
+    "--lr_scheduler.warmup_steps",
+    "1",
+    "--validator.enable",
+    "false",
+    "--checkpoint.interval",
+    "4",
+    "--checkpoint.keep_latest_k",
+    "0",
+]
+
+
 def _trainer(dump: str, nproc: int, extra: list[str], env: dict | None = None) -> str:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        str(nproc),
-        DRIVER,
-        "--recipe",
-        RECIPE,
-        "--dump_folder",
-        dump,
-        "--training.steps",
-        "8",
-        "--training.seq_len",
-        "64",
-        "--training.local_batch_size",
-        "2",
-        "--lr_scheduler.warmup_steps",
-        "1",
-        "--validator.enable",
-        "false",
-        "--checkpoint.interval",
-        "4",
-        "--checkpoint.keep_latest_k",
-        "0",
-        *extra,
-    ]
-    full_env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        **(env or {}),
-    }
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=420)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:]
+    code, log = run_job(dump, nproc, extra, env, recipe=RECIPE, base=MOE_SMALL)
+    assert code == 0, log[-5000:]
     return log
 
 
