@@ -575,7 +575,8 @@ def main(argv=None) -> dict:
             # The stepped model's own busiest owner (its plan has only the first layers).
             step_first = step_row(flavor, mesh_name, 0, args.step_layers, args.steps, mirrored, ns)
             probe = build_optimizer(build_model(flavor, args.step_layers, MESHES[mesh_name], 0))
-            report = next(g for g in build_plan(probe) if g.matrices).owner_plan.report()
+            with mirrored.active():  # the plan's agreement all-reduce must see W mirrored ranks
+                report = next(g for g in build_plan(probe) if g.matrices).owner_plan.report()
             busiest = max(report, key=lambda r: (r["ns_flops"], -r["rank"]))["rank"]
             del probe
             for rank in pick_ranks(world, busiest):

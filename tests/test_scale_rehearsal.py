@@ -146,3 +146,21 @@ def test_rehearsal_at_64_ranks(_no_group_left):
     busiest = rows[plan["busiest_rank"]]
     assert busiest["ns_tflop_this_rank"] > 0 and busiest["peak_transient_bytes"] > 0
     assert math.isclose(busiest["ns_tflop_this_rank"], busiest["owned_ns_flops"] / 1e12, rel_tol=1e-12)
+
+
+def test_rehearsal_entry_point_runs_end_to_end(monkeypatch, _no_group_left):
+    """``python benchmarks/scale_rehearsal.py`` itself (here on the debug model at 64 ranks, results kept in
+    memory): every plan it builds, the probe for the stepped model's busiest owner included, must pass the
+    plan agreement under the mirrored group, and the rows must name that owner."""
+    saved = {}
+    import _common  # the benchmarks' own helpers (benchmarks/ is on sys.path, as for scale_rehearsal)
+
+    monkeypatch.setattr(_common, "save", lambda name, data, md: saved.update(name=name, data=data))
+    # plan_balance.py knows the Llama 3 8B / 70B shapes only; its cross-check is not what this test is about.
+    monkeypatch.setattr(rehearsal, "plan_balance_busiest_tflop", lambda flavor, world: 0.0)
+    data = rehearsal.main(["--models", FLAVOR, "--meshes", "FSDP 64", "--steps", "2", "--out", "unused"])
+    assert saved["name"] == "unused" and saved["data"] is data
+    assert {r["rank"] for r in data["plan"]} >= {0, 63} and all(r["world"] == 64 for r in data["plan"])
+    busiest = [r for r in data["steps"] if r["busiest"]]
+    assert len(busiest) == 1 and busiest[0]["ns_tflop_this_rank"] > 0, data["steps"]
+    assert any(r["rank"] == 63 and r["ns_tflop_this_rank"] == 0 for r in data["steps"]), data["steps"]
