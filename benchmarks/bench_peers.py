@@ -28,8 +28,9 @@ Floors, timed as entries of the same interleaving (so they see the same load as 
 
 Statistics: per round i and pair (ours, peer), r_i = t_ours,i / t_peer,i. Reported: the geometric mean of r_i
 and a 95% bootstrap percentile interval of it (10,000 resamples of the rounds with replacement, fixed seed 0),
-after ``--warmup-rounds`` discarded rounds. With ``--repeat 2`` (default) the whole measurement (fresh models
-and optimizers) runs twice back to back, and the table says whether the two intervals overlap.
+after ``--warmup-rounds`` discarded rounds. With ``--repeat 2`` (default) the whole measurement runs twice back to
+back, each model of each repetition in freshly spawned ranks, and the table says whether the two intervals
+overlap.
 
 Alongside, a CPU-time ratio of the same pairs: per round, the step's process CPU time (``time.process_time``,
 gloo's threads included) summed over ranks. Other processes' load barely moves it, but it leaves out time spent
@@ -50,7 +51,6 @@ import argparse
 import contextlib
 import cProfile
 import functools
-import gc
 import io
 import math
 import pstats
@@ -435,24 +435,21 @@ def measure_model(model_name, mesh, device, args, rank, world) -> dict:
     return everyone
 
 
-def rank_main(rank, world, port, args, queue):
+def rank_main(rank, world, port, args, queue, repeat, model_name):
     device, mesh = bench_distributed.init_rank(rank, world, port, args)
-    out = {}
-    for repeat in range(args.repeat):
-        for model_name in args.models:
-            t = time.perf_counter()
-            res = measure_model(model_name, mesh, device, args, rank, world)
-            gc.collect()  # the models and optimizers of this measurement are garbage now
-            if rank == 0:
-                out[(repeat, model_name)] = res
-                print(f"[run {repeat + 1}] {model_name}, {world} ranks: {time.perf_counter() - t:.0f}s", flush=True)
+    t = time.perf_counter()
+    res = measure_model(model_name, mesh, device, args, rank, world)
     if rank == 0:
-        queue.put(out)
+        queue.put(res)
+        print(f"[run {repeat + 1}] {model_name}, {world} ranks: {time.perf_counter() - t:.0f}s", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def spawn(world: int, args) -> dict:
+def spawn(world: int, args, repeat: int, model_name: str) -> list:
+    """One measurement (one model, one repetition) in freshly spawned ranks: no measurement inherits the
+    allocator and cache state another left behind, which moved short steps such as AdamW's between
+    back-to-back repetitions in one process (docs/peers.md)."""
     import queue as queue_mod
 
     import torch.multiprocessing as mp
@@ -461,7 +458,9 @@ def spawn(world: int, args) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = get_free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, world, port, args, queue)) for r in range(world)]
+    procs = [
+        ctx.Process(target=rank_main, args=(r, world, port, args, queue, repeat, model_name)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     try:
@@ -818,8 +817,9 @@ def main():
             if torch.cuda.is_available() and world > torch.cuda.device_count():
                 print(f"skipping {world} ranks: {torch.cuda.device_count()} GPUs")
                 continue
-            for (repeat, model), per_rank in spawn(world, args).items():
-                results[(world, repeat, model)] = per_rank
+            for repeat in range(args.repeat):
+                for model in args.models:
+                    results[(world, repeat, model)] = spawn(world, args, repeat, model)
     tiny = measure_tiny(args) if args.tiny else None
     kernels = measure_kernels(args) if args.kernels else None
     data, md = report(results, tiny, args, kernels)
