@@ -26,7 +26,7 @@ from torch.optim.adamw import adamw as functional_adamw
 
 from dist_marsm import mars_math
 from dist_marsm.layouts import index_len
-from dist_marsm.step_plan import AdamWParam, FlatGroup, is_dtensor, local, state_dtype
+from dist_marsm.step_plan import AdamWParam, FlatGroup, MatrixParam, is_dtensor, local, state_dtype
 
 
 class PhaseTimer:
@@ -60,11 +60,12 @@ class Staged:
 
 
 # ------------------------------------------------------------------ stage
-def _block(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    t = local(t)
-    if t.shape != shape:
-        t = t.reshape(shape)
-    return t if t.dtype == dtype else t.to(dtype)
+def _as_block(t: torch.Tensor, m: MatrixParam) -> torch.Tensor:
+    """This rank's tensor of ``m``'s parameter (a gradient, a previous gradient) as ``m``'s block, in its
+    state dtype: a view of ``t`` where nothing is to change."""
+    if m.reshaped:
+        t = t.reshape(m.block_shape)
+    return t if t.dtype == m.state_dtype else t.to(m.state_dtype)
 
 
 def corrected_gradients(fg: FlatGroup, param_groups: list[dict], state, prev_grads: dict):
@@ -85,8 +86,7 @@ def corrected_gradients(fg: FlatGroup, param_groups: list[dict], state, prev_gra
             raise ValueError(f"MARSM: parameter {m.name} has a sparse gradient; MARSM needs dense gradients")
         present.append(pos)
         st = states[pos] = state[m.param]
-        if m.reshaped or grad.dtype != m.state_dtype:
-            grad = _block(grad, m.block_shape, m.state_dtype)
+        grad = _as_block(grad, m)
         key = correction[m.group_index]
         if key is None:
             corrected[pos] = grad
@@ -95,9 +95,7 @@ def corrected_gradients(fg: FlatGroup, param_groups: list[dict], state, prev_gra
         if prev is None:
             prev = st.get("prev_grad")
         if prev is not None:
-            prev = local(prev)
-            if m.reshaped or prev.dtype != m.state_dtype:
-                prev = _block(prev, m.block_shape, m.state_dtype)
+            prev = _as_block(local(prev), m)
         batches[(*key, prev is not None)].append((pos, grad, prev))
     for (gamma, beta, has_prev), items in batches.items():
         out = mars_math.mars_corrections(
