@@ -15,8 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "titan_driver.py")
 RECIPE = os.path.join(ROOT, "recipes", "debug_cpu.toml")
 
-# Tiny and fast: llama3 debugmodel, 2 sequences of 64 tokens per rank, float32 everywhere.
-SMALL = [
+# Tiny and fast: 2 sequences of 64 tokens per rank, no validation, every checkpoint kept.
+TINY = [
     "--training.seq_len",
     "64",
     "--training.local_batch_size",
@@ -27,6 +27,10 @@ SMALL = [
     "false",
     "--checkpoint.keep_latest_k",
     "0",
+]
+# TINY with float32 Newton-Schulz and wire.
+SMALL = [
+    *TINY,
     "--optimizer.ns_dtype",
     "float32",
     "--optimizer.wire_dtype",

@@ -24,7 +24,7 @@ import pytest
 pytest.importorskip("torchtitan")
 
 from tests._spawn import run_scenarios, scenario_cases  # noqa: E402
-from tests._titan_jobs import ROOT, copy_checkpoint, losses, run_job  # noqa: E402
+from tests._titan_jobs import ROOT, TINY, copy_checkpoint, losses, run_job  # noqa: E402
 
 RECIPE = os.path.join(ROOT, "recipes", "moe_debug_cpu.toml")
 # Independent count of the model's MARS-M matrices: 3 layers x 5 MLA projections (wq_a, wq_b, wkv_a, wkv_b,
@@ -76,22 +76,7 @@ def test_moe_parallel_equals_one_process(world, scenario, tmp_path, monkeypatch)
 
 
 # The MoE recipe's own dtypes (bf16 Newton-Schulz and wire), unlike the float32 SMALL of _titan_jobs.
-MOE_SMALL = [
-    "--training.steps",
-    "8",
-    "--training.seq_len",
-    "64",
-    "--training.local_batch_size",
-    "2",
-    "--lr_scheduler.warmup_steps",
-    "1",
-    "--validator.enable",
-    "false",
-    "--checkpoint.interval",
-    "4",
-    "--checkpoint.keep_latest_k",
-    "0",
-]
+MOE_SMALL = [*TINY, "--training.steps", "8", "--checkpoint.interval", "4"]
 
 
 def _trainer(dump: str, nproc: int, extra: list[str], env: dict | None = None) -> str:
